@@ -1,0 +1,112 @@
+"""Face alignment: a similarity transform from detected landmarks to the model's template.
+
+The training stack imports this exact module, so the crops a model is trained on and the
+crops it sees on the device are made by the same pure function of
+(image, detection, output size, border).
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from .detect import Detection
+
+# Canonical landmark positions, as fractions of the output width/height, in the order of
+# Detection.landmarks: image-left eye, image-right eye, nose tip, mouth centre.
+# From the widely used ArcFace 112x112 five-point template (mouth corners averaged),
+# which keeps the whole face from brow to chin inside a square crop.
+TEMPLATES: dict[str, np.ndarray] = {
+    "facenet96": np.array(
+        [
+            [38.2946 / 112, 51.6963 / 112],
+            [73.5318 / 112, 51.5014 / 112],
+            [56.0252 / 112, 71.7366 / 112],
+            [56.1396 / 112, 92.2848 / 112],
+        ],
+        dtype=np.float64,
+    ),
+}
+
+# Where those landmarks sit inside a detector's box (fractions of box width/height) on
+# average: used when a detector gives a box but no landmarks (the Haar cascade), so a
+# box-only detection still gets a defined crop from the same code path.
+BOX_LANDMARK_FRACTIONS = np.array(
+    [[0.31, 0.40], [0.69, 0.40], [0.50, 0.60], [0.50, 0.80]], dtype=np.float64
+)
+
+
+def box_landmarks(box: np.ndarray, fractions: np.ndarray = BOX_LANDMARK_FRACTIONS) -> np.ndarray:
+    """Landmark estimates for a box ``(x1, y1, x2, y2)``."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return np.stack([x1 + fractions[:, 0] * (x2 - x1), y1 + fractions[:, 1] * (y2 - y1)], axis=1)
+
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares similarity (rotation, uniform scale, translation) mapping src to dst.
+
+    Closed form (Umeyama 1991). OpenCV's estimateAffinePartial2D is a robust estimator that
+    may drop one of our four points as an outlier, which would make crops jitter.
+    """
+    src = np.asarray(src, dtype=np.float64)
+    dst = np.asarray(dst, dtype=np.float64)
+    src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
+    src_c, dst_c = src - src_mean, dst - dst_mean
+    cov = dst_c.T @ src_c / len(src)
+    u, s, vt = np.linalg.svd(cov)
+    d = np.ones(2)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:
+        d[-1] = -1
+    rotation = u @ np.diag(d) @ vt
+    var_src = (src_c**2).sum() / len(src)
+    scale = (s * d).sum() / var_src if var_src > 0 else 1.0
+    matrix = np.zeros((2, 3), dtype=np.float64)
+    matrix[:, :2] = scale * rotation
+    matrix[:, 2] = dst_mean - scale * rotation @ src_mean
+    return matrix
+
+
+def alignment_matrix(
+    detection: Detection,
+    size: tuple[int, int],
+    border: int = 0,
+    template: str = "facenet96",
+) -> np.ndarray:
+    """2x3 matrix taking image coordinates to the aligned crop of ``size`` (height, width),
+    grown by ``border`` pixels on every side (training caches a border for random crops;
+    the centre ``size`` of a bordered crop is exactly the unbordered crop)."""
+    height, width = size
+    points = detection.landmarks if detection.landmarks is not None else box_landmarks(detection.box)
+    points = np.asarray(points, dtype=np.float64)[:4]
+    dst = TEMPLATES[template] * np.array([width, height]) + border
+    return similarity_transform(points, dst)
+
+
+def align(
+    image: np.ndarray,
+    detection: Detection,
+    size: tuple[int, int],
+    border: int = 0,
+    template: str = "facenet96",
+) -> np.ndarray:
+    """Crop and align one face. ``image`` is H x W x 3 uint8 (any channel order: it is
+    only resampled). Returns (height + 2*border) x (width + 2*border) x 3 uint8."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"align expects an H x W x 3 image, got shape {image.shape}")
+    height, width = size
+    matrix = alignment_matrix(detection, size, border, template)
+    # Area-averaging before the warp keeps large faces from aliasing when shrunk a lot.
+    scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
+    if scale < 0.5:
+        factor = 1.0 / scale / 1.5
+        small = cv2.resize(image, None, fx=1 / factor, fy=1 / factor, interpolation=cv2.INTER_AREA)
+        matrix = matrix.copy()
+        matrix[:, :2] *= factor  # the translation is in output space, so it is unchanged
+        image = small
+    return cv2.warpAffine(
+        image,
+        matrix,
+        (width + 2 * border, height + 2 * border),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
