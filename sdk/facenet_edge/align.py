@@ -74,7 +74,8 @@ def alignment_matrix(
 ) -> np.ndarray:
     """2x3 matrix taking image coordinates to the aligned crop of ``size`` (height, width),
     grown by ``border`` pixels on every side (training caches a border for random crops;
-    the centre ``size`` of a bordered crop is exactly the unbordered crop)."""
+    the centre ``size`` of a bordered crop is the unbordered crop, up to OpenCV's 1/32-pixel
+    warp precision: a few grey levels on under 1% of pixels)."""
     height, width = size
     points = detection.landmarks if detection.landmarks is not None else box_landmarks(detection.box)
     points = np.asarray(points, dtype=np.float64)[:4]

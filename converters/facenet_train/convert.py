@@ -1,0 +1,396 @@
+"""``facenet-train convert``: a trained Keras model -> a TFLite model with its model card.
+
+Targets:
+
+- ``float32``: the reference; any CPU.
+- ``float16``: weights stored as float16 (half the file), computed in float32 on the CPU.
+- ``int8``: full-integer: per-channel int8 weights, int8 activations, int8 input and
+  output, calibrated on aligned faces preprocessed exactly like the runtime does. The
+  fast one on a Raspberry Pi CPU and the only one the Coral Edge TPU runs.
+
+Dynamic-range quantization (int8 weights, float activations) is refused: tflite-runtime
+2.14, still the newest wheel for some Pi OS images, cannot run those models.
+
+Every model has a fixed batch of 1: the Edge TPU needs static shapes, and with a dynamic
+batch Keras' Flatten converts to SHAPE/STRIDED_SLICE/PACK/RESHAPE instead of folding
+away. The runtime still feeds larger batches (it resizes the input tensor).
+
+With TF 2.21 and Keras 3, ``TFLiteConverter.from_keras_model`` works (it exports a
+SavedModel internally). ``from_concrete_functions`` on a Keras 3 model does not: the
+variables stay resource variables (VAR_HANDLE/READ_VARIABLE ops) and int8 calibration
+fails in READ_VARIABLE. A fixed batch is therefore set by calling the model on a new
+``keras.Input(batch_shape=(1, h, w, 3))``, not by a concrete function's signature.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from facenet_edge.card import ModelCard, Thresholds, card_path_for
+
+from .faces import FaceSet, load_faces
+from .tflite_graph import embed_metadata, read_graph, read_metadata
+
+TARGETS = ("float32", "float16", "int8")
+DYNAMIC_RANGE_NAMES = ("dynamic", "dynamic-range", "dynamic_range", "drq", "hybrid")
+DYNAMIC_RANGE_REFUSAL = (
+    "dynamic-range quantization is not produced: tflite-runtime 2.14 (the newest wheel on some "
+    "Raspberry Pi OS images) cannot run such models; use --to int8 with --calibration (full "
+    "integer) or --to float16"
+)
+CARD_METADATA_NAME = "facenet_edge_card"
+CHECKPOINT_NAMES = ("best.keras", "final.keras", "model.keras")
+DEFAULT_CALIBRATION_FACES = 300
+DEFAULT_VERIFY_FACES = 200
+# Crop-cache source keys (facenet_train.data) -> the dataset each comes from.
+DATASET_NAMES = {
+    "celeba_aligned": "CelebA (aligned)",
+    "celeba_wild": "CelebA (in the wild)",
+    "pins": "Pins Face Recognition",
+    "glint24": "Glint360K (24-identity sample)",
+    "utkface": "UTKFace",
+    "extyaleb": "Extended Yale B",
+}
+# Every dataset the project trains on is licensed for non-commercial research only, so
+# every model trained on them inherits that restriction.
+TERMS = (
+    "non-commercial research only: facenet-edge models are trained on datasets licensed for "
+    "non-commercial research (CelebA, Pins, Glint360K sample, UTKFace, Extended Yale B)"
+)
+
+
+class ConversionError(RuntimeError):
+    """The model cannot be converted as asked (bad target, float ops left in an int8 model, ...)."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A ``.keras`` file and, when it sits in a training run folder, that run's config."""
+
+    path: Path
+    run_config: dict[str, Any] | None = None
+
+
+def find_checkpoint(path: str | Path) -> Checkpoint:
+    """``path``: a ``.keras`` file, or a run folder holding one (``best``, ``final`` or
+    ``model.keras``, else its single ``.keras``). A ``config.json`` beside it (written
+    by ``facenet-train train``) is read for the architecture and the training data."""
+    path = Path(path)
+    if path.is_dir():
+        named = [path / n for n in CHECKPOINT_NAMES if (path / n).is_file()]
+        found = named[:1] or sorted(path.glob("*.keras"))
+        if len(found) != 1:
+            listing = ", ".join(p.name for p in found) or "none"
+            raise ConversionError(f"{path}: expected one .keras checkpoint (or {'/'.join(CHECKPOINT_NAMES)}), found {listing}")
+        path = found[0]
+    elif not path.is_file():
+        raise ConversionError(f"checkpoint not found: {path}")
+    elif path.suffix != ".keras":
+        raise ConversionError(f"{path}: expected a .keras file or a run folder")
+    config_path = path.parent / "config.json"
+    run_config = json.loads(config_path.read_text()) if config_path.is_file() else None
+    return Checkpoint(path, run_config)
+
+
+def load_keras(path: Path):
+    """Load a ``.keras`` model. Importing ``models`` registers its custom layers."""
+    import keras
+
+    from . import models  # noqa: F401  (registers L2Normalize for deserialisation)
+
+    return keras.models.load_model(path, compile=False)
+
+
+def with_batch_one(model):
+    """The same model (shared weights) with a static batch of 1 (see the module docstring)."""
+    import keras
+
+    inputs = keras.Input(batch_shape=(1, *model.input_shape[1:]), name="image")
+    return keras.Model(inputs, model(inputs), name=model.name)
+
+
+def normalise(crops: np.ndarray, card: ModelCard) -> np.ndarray:
+    """Crops -> model input exactly as the runtime's Embedder does before quantizing:
+    channel order from the card, then (pixel - mean) / std."""
+    if card.color_order == "BGR":
+        crops = crops[..., ::-1]
+    return (crops.astype(np.float32) - card.mean) / card.std
+
+
+def make_converter(model, target: str, calibration: np.ndarray | None = None):
+    """A configured ``TFLiteConverter`` for a batch-1 Keras model. ``calibration``: the
+    representative set for int8, already normalised, shape (N, H, W, 3)."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if target == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif target == "int8":
+        if calibration is None or not len(calibration):
+            raise ConversionError(
+                "int8 needs a representative set: pass --calibration (a crop cache or a folder of aligned faces); "
+                + DYNAMIC_RANGE_REFUSAL
+            )
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([sample[None]] for sample in calibration)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+        # Per-channel weights are the default (_experimental_disable_per_channel is False).
+    elif target != "float32":
+        raise ConversionError(f"unknown target {target!r}: choose {', '.join(TARGETS)}")
+    return converter
+
+
+def run_converter(converter) -> bytes:
+    # Keras' SavedModel export prints its endpoint listing to stdout: noise here.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        # Raised for every int8-input conversion: the input scale comes from calibration.
+        warnings.filterwarnings("ignore", "Statistics for quantized inputs")
+        return converter.convert()
+
+
+def check_full_integer(model: bytes) -> None:
+    """Refuse an "int8" model in which some op still computes in float.
+
+    With ``supported_ops=[TFLITE_BUILTINS_INT8]`` TF 2.21 does not fail on an op that has
+    no int8 kernel: it wraps it in DEQUANTIZE/QUANTIZE and leaves it float (seen with
+    SIN), which is slow on a Pi and splits the graph on the Edge TPU."""
+    bad = read_graph(model).float_ops()
+    if bad:
+        detail = "; ".join(
+            f"{op.describe()} ({', '.join(f'{t.name or t.index}: {t.dtype}' for t in op.float_tensors)})" for op in bad
+        )
+        names = sorted({op.name for op in bad} - {"QUANTIZE", "DEQUANTIZE"}) or sorted({op.name for op in bad})
+        raise ConversionError(
+            f"int8 model is not full-integer: op(s) {', '.join(names)} run in float; float tensors at {detail}"
+        )
+
+
+def convert_model(model, target: str, calibration: np.ndarray | None = None) -> bytes:
+    """Convert a batch-1 Keras model; int8 models are checked to be full-integer."""
+    if target in DYNAMIC_RANGE_NAMES:
+        raise ConversionError(DYNAMIC_RANGE_REFUSAL)
+    tflite = run_converter(make_converter(model, target, calibration))
+    if target == "int8":
+        check_full_integer(tflite)
+    return tflite
+
+
+def quantization_params(model: bytes, target: str, calibration: FaceSet | None) -> dict[str, Any]:
+    """The card's ``quantization`` entry: what the target is and the I/O tensors' parameters."""
+    graph = read_graph(model)
+
+    def io(tensor) -> dict[str, Any]:
+        entry: dict[str, Any] = {"dtype": tensor.dtype}
+        if tensor.scales:
+            entry.update(scale=tensor.scales[0], zero_point=tensor.zero_points[0])
+        return entry
+
+    params: dict[str, Any] = {"target": target, "input": io(graph.inputs[0]), "output": io(graph.outputs[0])}
+    if target == "int8":
+        params["weights"] = "int8, per channel"
+        params["activations"] = "int8"
+        if calibration is not None:
+            params["calibration"] = {
+                "faces": len(calibration),
+                "identities": calibration.identity_count,
+                "source": calibration.source,
+            }
+    elif target == "float16":
+        params["weights"] = "float16"
+        params["activations"] = "float32"
+    return params
+
+
+def cost_of(model) -> tuple[int | None, dict[str, Any]]:
+    """(FLOPs, notes) from ``flops.count_flops``; FLOPs None when a layer has no counting rule."""
+    from .flops import count_flops
+
+    try:
+        report = count_flops(model)
+    except ValueError as exc:
+        return None, {"flops_note": f"not counted: {exc}"}
+    return report.flops, {"macs": report.macs}
+
+
+def training_data(run_config: dict[str, Any] | None) -> list[str]:
+    """The datasets a run trained on, from its config (``data.sources``; empty there means
+    every source of its crop cache). Empty when unknown."""
+    if not run_config:
+        return []
+    data = run_config.get("data", {})
+    sources = list(data.get("sources") or [])
+    manifest = Path(data.get("cache", "")) / "manifest.json"
+    if not sources and manifest.is_file():
+        sources = sorted(json.loads(manifest.read_text()).get("sources", {}))
+    return [f"{DATASET_NAMES[s]} [{s}]" if s in DATASET_NAMES else s for s in sources]
+
+
+def save_model(path: Path, model: bytes, card: ModelCard, embed_card: bool = True) -> tuple[bytes, ModelCard]:
+    """Write ``path`` and its card beside it. With ``embed_card`` the card JSON is also
+    stored in the model as metadata ``facenet_edge_card``. The card records the final
+    file size, which embedding changes, so the two are settled together."""
+    final, final_card = model, replace(card, size_bytes=len(model))
+    for _ in range(8):
+        if not embed_card:
+            break
+        final = embed_metadata(model, CARD_METADATA_NAME, card_json(final_card).encode())
+        if final_card.size_bytes == len(final):
+            break
+        final_card = replace(final_card, size_bytes=len(final))
+    else:
+        raise ConversionError(f"could not settle the size of {path} with its embedded card")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(final)
+    final_card.save(card_path_for(path))
+    return final, final_card
+
+
+def card_json(card: ModelCard) -> str:
+    """The card as ``ModelCard.save`` writes it."""
+    return json.dumps(card.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+def embedded_card(model: bytes) -> ModelCard | None:
+    """The card stored in a model's metadata, if any."""
+    raw = read_metadata(model, CARD_METADATA_NAME)
+    return None if raw is None else ModelCard.from_dict(json.loads(raw))
+
+
+def tf_version() -> str:
+    import tensorflow as tf
+
+    return tf.__version__
+
+
+def default_output(checkpoint: Path, name: str, target: str) -> Path:
+    return checkpoint.parent / f"{name}_{target}.tflite"
+
+
+def parse_target(value: str) -> str:
+    if value.lower() in DYNAMIC_RANGE_NAMES:
+        raise argparse.ArgumentTypeError(DYNAMIC_RANGE_REFUSAL)
+    if value not in TARGETS:
+        raise argparse.ArgumentTypeError(f"unknown target {value!r}: choose {', '.join(TARGETS)}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, help="a .keras file or a training run folder")
+    parser.add_argument("--to", dest="target", required=True, type=parse_target, metavar="|".join(TARGETS),
+                        help="float32, float16 or int8 (full integer)")
+    parser.add_argument("--edgetpu", action="store_true",
+                        help="int8 only: check every op against the Edge TPU's list and run edgetpu_compiler if installed")
+    parser.add_argument("--calibration", type=Path,
+                        help="aligned faces (a crop cache or a folder of aligned crops): the int8 representative set, "
+                             "and the faces the TFLite model is verified on")
+    parser.add_argument("--calibration-faces", type=int, default=DEFAULT_CALIBRATION_FACES,
+                        help=f"faces for int8 calibration, spread across identities (default {DEFAULT_CALIBRATION_FACES})")
+    parser.add_argument("--verify-faces", type=int, default=DEFAULT_VERIFY_FACES,
+                        help=f"other faces to compare Keras and TFLite embeddings on (default {DEFAULT_VERIFY_FACES})")
+    parser.add_argument("--lfw", type=Path, help="LFW folder (pairs.txt): 10-fold accuracy and thresholds for the card")
+    parser.add_argument("--lfw-cache", type=Path, help="its `facenet-train preprocess-lfw` crop cache")
+    parser.add_argument("--out", type=Path, help="output .tflite (default: NAME_TARGET.tflite beside the checkpoint)")
+    parser.add_argument("--name", help="model name for the card (default: the run folder's or checkpoint's name)")
+    parser.add_argument("--version", default="1", help="model version for the card (default 1)")
+    parser.add_argument("--compatibility-group", help="shared by models trained to give comparable embeddings (harmonic)")
+    parser.add_argument("--training-data", help="datasets the model was trained on, comma-separated "
+                                                "(default: from the run folder's config.json)")
+    parser.add_argument("--mean", type=float, default=ModelCard.mean, help="input normalisation: (pixel - mean) / std")
+    parser.add_argument("--std", type=float, default=ModelCard.std)
+    parser.add_argument("--no-embed-card", dest="embed_card", action="store_false",
+                        help="do not store the card inside the .tflite as metadata")
+    parser.add_argument("--seed", type=int, default=0, help="face selection seed")
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import edgetpu, verify
+
+    if args.edgetpu and args.target != "int8":
+        raise ConversionError("--edgetpu needs --to int8: the Edge TPU runs only full-integer models")
+    checkpoint = find_checkpoint(args.checkpoint)
+    keras_model = load_keras(checkpoint.path)
+    model = with_batch_one(keras_model)
+    height, width = (int(d) for d in model.input_shape[1:3])
+    name = args.name or (checkpoint.path.parent.name if checkpoint.run_config else checkpoint.path.stem)
+    out = args.out or default_output(checkpoint.path, name, args.target)
+    flops, cost_notes = cost_of(keras_model)
+    card = ModelCard(
+        name=name,
+        version=args.version,
+        architecture=keras_model.name,
+        input_height=height,
+        input_width=width,
+        embedding_size=int(model.output_shape[-1]),
+        mean=args.mean,
+        std=args.std,
+        compatibility_group=args.compatibility_group,
+        flops=flops,
+        parameters=int(keras_model.count_params()),
+        training_data=args.training_data.split(",") if args.training_data else training_data(checkpoint.run_config),
+        terms=TERMS,
+        extra={
+            "converter": {"tensorflow": tf_version(), "target": args.target, "checkpoint": str(checkpoint.path)},
+            **cost_notes,
+        },
+    )
+
+    faces = calibration = verification = None
+    if args.calibration is not None:
+        faces = load_faces(args.calibration, (height, width), args.calibration_faces + args.verify_faces, args.seed)
+        n_cal = min(args.calibration_faces, len(faces) // 2) if args.target == "int8" else 0
+        calibration = faces.take(np.arange(n_cal)) if n_cal else None
+        verification = faces.take(np.arange(n_cal, len(faces)))
+        print(f"faces: {len(faces)} from {faces.source} ({faces.identity_count} identities); "
+              f"{n_cal} for calibration, {len(verification)} for verification")
+    calibration_inputs = normalise(calibration.crops, card) if calibration is not None else None
+
+    print(f"converting {checkpoint.path} to {args.target} ...")
+    tflite = convert_model(model, args.target, calibration_inputs)
+    card = replace(card, quantization=quantization_params(tflite, args.target, calibration))
+
+    report: dict[str, Any] = {}
+    if args.edgetpu:
+        tpu = edgetpu.check_model(tflite)
+        print("\n".join(tpu.lines()))
+        report["edgetpu_check"] = tpu.to_dict()
+
+    # Written once now so the runtime's Embedder can load it for verification; rewritten
+    # below when verification adds LFW results to the card.
+    tflite, card = save_model(out, tflite, card, args.embed_card)
+    result = verify.verify_model(
+        out, card, keras_model, verification, lfw=args.lfw, lfw_cache=args.lfw_cache,
+        converter=(lambda: make_converter(model, "int8", calibration_inputs)) if args.target == "int8" else None,
+    )  # fmt: skip
+    print(verify.format_report(result))
+    if result.lfw is not None:
+        card = replace(card, thresholds=Thresholds(**result.lfw.thresholds), lfw=result.lfw.card_entry())
+    else:
+        card = replace(card, extra={**card.extra, "thresholds_note": verify.NO_LFW_NOTE})
+        print(f"thresholds: {verify.NO_LFW_NOTE}")
+    tflite, card = save_model(out, tflite, card, args.embed_card)
+    verify.save_report(result, verify.report_path_for(out))
+    print(f"wrote {out} ({card.size_bytes} bytes), {card_path_for(out)}, {verify.report_path_for(out)}")
+
+    if args.edgetpu:
+        compiled = edgetpu.compile_model(out)
+        print(compiled.message)
+        if compiled.status == "compiled" and compiled.output_model:
+            compiled_path = Path(compiled.output_model)
+            compiled_card = replace(card, size_bytes=compiled_path.stat().st_size,
+                                    extra={**card.extra, "edgetpu": compiled.to_dict()})
+            compiled_card.save(card_path_for(compiled_path))
+        elif compiled.status == "failed":
+            return 1
+    return 0

@@ -1,0 +1,354 @@
+"""Training data: dataset readers, the aligned-crop cache, and the P x K batch sampler.
+
+Readers turn a dataset folder into ``Sample`` records. ``preprocess`` turns samples into
+the crop cache (sharded ``.npz`` + ``manifest.json``); training loads the whole cache into
+memory (80k faces at 112x112x3 are about 3 GB) and draws batches from it with
+``PKSampler``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp"})
+
+CACHE_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+FAILURES_NAME = "failures.tsv"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image file. ``identity`` is namespaced by source (``pins/pins_Adriana Lima``);
+    None for unlabeled images (a flat folder)."""
+
+    path: str
+    identity: str | None
+    source: str
+
+
+@dataclass(frozen=True)
+class SourceLayout:
+    """What we know about a dataset's identities beyond its folder names.
+
+    ``people``: sources with the same value name the same people, so their identities are
+    merged into one label (CelebA's numbers in celeba_aligned and celeba_wild; celebrity
+    names in pins and glint24). ``name_prefix`` is dropped from a folder to get the name.
+    ``unique_file_names``: a file name names one photo across the whole ``people`` group,
+    so a second copy (another crop of the same photo) is a duplicate.
+    """
+
+    people: str
+    name_prefix: str = ""
+    unique_file_names: bool = False
+
+
+KNOWN_SOURCES: dict[str, SourceLayout] = {
+    "celeba_aligned": SourceLayout("celeba", unique_file_names=True),
+    "celeba_wild": SourceLayout("celeba", unique_file_names=True),
+    "pins": SourceLayout("names", name_prefix="pins_"),
+    "glint24": SourceLayout("names"),
+}
+
+
+def source_layout(source: str) -> SourceLayout:
+    """Layout of a known source; any other source is its own people group."""
+    return KNOWN_SOURCES.get(source, SourceLayout(source))
+
+
+def person_key(identity: str) -> str:
+    """The label key of a namespaced identity: identities of the same person in different
+    sources map to the same key (``pins/pins_Barack Obama`` and ``glint24/Barack Obama``
+    -> ``names/barack_obama``)."""
+    source, folder = identity.split("/", 1)
+    layout = source_layout(source)
+    name = folder[len(layout.name_prefix):] if folder.startswith(layout.name_prefix) else folder
+    return f"{layout.people}/{name.strip().replace(' ', '_').lower()}"
+
+
+def _is_image(entry: os.DirEntry) -> bool:
+    return entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def read_source(root: str | Path, source: str) -> list[Sample]:
+    """All images under ``root``: each sub-folder is one identity (``source/folder``);
+    images directly in ``root`` are unlabeled. Sorted, so shard contents are reproducible."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {root}")
+    samples: list[Sample] = []
+    with os.scandir(root) as entries:
+        entries = sorted(entries, key=lambda e: e.name)
+    for entry in entries:
+        if entry.is_dir():
+            with os.scandir(entry.path) as files:
+                names = sorted(f.name for f in files if _is_image(f))
+            identity = f"{source}/{entry.name}"
+            samples.extend(Sample(os.path.join(entry.path, n), identity, source) for n in names)
+        elif _is_image(entry):
+            samples.append(Sample(entry.path, None, source))
+    return samples
+
+
+def read_overlap(path: str | Path) -> set[str]:
+    """Identities listed in an overlap file (``datasets.py lfw-overlap``: tab-separated
+    ``source, folder, LFW name`` per line) as namespaced identities ``source/folder``."""
+    excluded = set()
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2:
+            raise ValueError(f"{path}:{number}: expected 'source<TAB>folder<TAB>name', got {line!r}")
+        excluded.add(f"{fields[0]}/{fields[1]}")
+    return excluded
+
+
+def exclude_identities(samples: Iterable[Sample], excluded: set[str]) -> list[Sample]:
+    """Drop every sample of an excluded person, in every source where that person appears
+    (the overlap file lists folders; the same person may sit under another source)."""
+    people = {person_key(i) for i in excluded}
+    return [s for s in samples if s.identity is None or person_key(s.identity) not in people]
+
+
+def drop_duplicate_photos(samples: Iterable[Sample]) -> tuple[list[Sample], list[Sample]]:
+    """(kept, dropped): second copies of one photo (same person, same file name, in a
+    people group whose file names are photo ids). The first source listed wins."""
+    seen: set[tuple[str, str]] = set()
+    kept, dropped = [], []
+    for s in samples:
+        if s.identity is not None and source_layout(s.source).unique_file_names:
+            key = (person_key(s.identity), os.path.basename(s.path))
+            if key in seen:
+                dropped.append(s)
+                continue
+            seen.add(key)
+        kept.append(s)
+    return kept, dropped
+
+
+def label_table(samples: Iterable[Sample]) -> list[str]:
+    """Sorted person keys: a sample's int label is its person's index here."""
+    return sorted({person_key(s.identity) for s in samples if s.identity is not None})
+
+
+# ---------------------------------------------------------------- the crop cache
+
+
+@dataclass
+class CacheManifest:
+    """``manifest.json`` of a crop cache. ``plan`` fingerprints the inputs so a resumed
+    preprocess refuses to mix shards from different sample lists or settings."""
+
+    crop_size: int
+    border: int
+    template: str
+    detector: str
+    aligner: str
+    shard_size: int
+    plan: str
+    people: list[str]
+    shards: list[str]
+    sources: dict[str, dict[str, int]] = field(default_factory=dict)
+    excluded_identities: list[str] = field(default_factory=list)
+    complete: bool = False
+    version: int = CACHE_VERSION
+
+    @property
+    def full_size(self) -> int:
+        """Side of the stored (bordered) crops."""
+        return self.crop_size + 2 * self.border
+
+    def save(self, cache_dir: str | Path) -> None:
+        path = Path(cache_dir) / MANIFEST_NAME
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.__dict__, indent=1) + "\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, cache_dir: str | Path) -> CacheManifest:
+        path = Path(cache_dir) / MANIFEST_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no crop cache at {cache_dir} (missing {MANIFEST_NAME}); run `facenet-train preprocess`")
+        data = json.loads(path.read_text())
+        if data.get("version") != CACHE_VERSION:
+            raise ValueError(f"{path}: cache version {data.get('version')}, this code reads {CACHE_VERSION}")
+        return cls(**data)
+
+
+SHARD_ARRAYS = ("crops", "labels", "identities", "sources", "paths", "boxes", "landmarks", "scores", "pads")
+
+
+@dataclass
+class FaceCache:
+    """A crop cache in memory. Arrays are aligned on the first axis: ``crops`` uint8
+    (N, S, S, 3) with S = crop_size + 2 * border; ``labels`` int32 (-1 = unlabeled);
+    ``boxes``/``landmarks`` the detection in original-image pixels (landmarks NaN for
+    box-only detectors); ``pads``: pixels of black padding the detector needed (0: none,
+    -1: a centre box stood in);
+    ``teacher``: (N, 128) float32 dlib descriptors (NaN rows: none) or None."""
+
+    manifest: CacheManifest
+    crops: np.ndarray
+    labels: np.ndarray
+    identities: np.ndarray
+    sources: np.ndarray
+    paths: np.ndarray
+    boxes: np.ndarray
+    landmarks: np.ndarray
+    scores: np.ndarray
+    pads: np.ndarray
+    teacher: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, keep: np.ndarray) -> FaceCache:
+        arrays = {name: getattr(self, name)[keep] for name in SHARD_ARRAYS}
+        teacher = None if self.teacher is None else self.teacher[keep]
+        return FaceCache(self.manifest, teacher=teacher, **arrays)
+
+    def without_identities(self, excluded: set[str]) -> FaceCache:
+        """Drop excluded people (see ``exclude_identities``), e.g. LFW people before a model
+        is scored on LFW."""
+        people = {person_key(i) for i in excluded}
+        keep = np.array([not i or person_key(i) not in people for i in self.identities], dtype=bool)
+        return self.subset(keep)
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.npz"
+
+
+def teacher_name(shard: str) -> str:
+    return shard.replace("shard-", "teacher-").replace(".npz", ".npy")
+
+
+def write_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    """Write then rename, so a stopped run never leaves a half shard that looks complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def read_shard(path: str | Path, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """A shard's arrays (only ``names`` when given: an npz member is read only on access)."""
+    with np.load(path) as data:
+        return {name: data[name] for name in (names or data.files)}
+
+
+def load_cache(cache_dir: str | Path, with_teacher: bool = False, sources: Sequence[str] | None = None) -> FaceCache:
+    """Load every shard of a complete cache into memory (optionally the teacher
+    descriptors, and only some sources)."""
+    cache_dir = Path(cache_dir)
+    manifest = CacheManifest.load(cache_dir)
+    if not manifest.complete:
+        raise ValueError(f"crop cache {cache_dir} is incomplete; rerun `facenet-train preprocess` with the same arguments to finish it")
+    parts: dict[str, list[np.ndarray]] = defaultdict(list)
+    teacher_parts = []
+    for shard in manifest.shards:
+        arrays = read_shard(cache_dir / shard)
+        keep = np.ones(len(arrays["labels"]), dtype=bool) if sources is None else np.isin(arrays["sources"], list(sources))
+        for name in SHARD_ARRAYS:
+            parts[name].append(arrays[name][keep])
+        if with_teacher:
+            path = cache_dir / teacher_name(shard)
+            if not path.is_file():
+                raise FileNotFoundError(f"teacher descriptors missing: {path}; run `facenet-train teacher --cache {cache_dir}`")
+            teacher_parts.append(np.load(path)[keep])
+    size = manifest.full_size
+    empty = {
+        "crops": np.zeros((0, size, size, 3), np.uint8),
+        "boxes": np.zeros((0, 4), np.float32),
+        "landmarks": np.zeros((0, 4, 2), np.float32),
+    }
+    arrays = {
+        name: np.concatenate(parts[name]) if parts[name] else empty.get(name, np.zeros(0))
+        for name in SHARD_ARRAYS
+    }
+    teacher = np.concatenate(teacher_parts).astype(np.float32) if teacher_parts else None
+    return FaceCache(manifest, teacher=teacher, **arrays)
+
+
+# ---------------------------------------------------------------- batch sampling
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """``p`` identities x ``k`` faces per batch, plus ``unlabeled`` faces that only the
+    distillation loss sees. ``identity_power``: identities are drawn with probability
+    proportional to (faces)^power: 0 = uniform over identities, 1 = uniform over faces."""
+
+    p: int = 30
+    k: int = 4
+    unlabeled: int = 0
+    identity_power: float = 0.5
+    seed: int = 0
+
+
+class PKSampler:
+    """Batches of cache indices as a pure function of (seed, step): a resumed run draws
+    exactly the batches the stopped run would have, with no sampler state to save.
+
+    ``batch(step)`` returns (replicas, p/replicas * k + unlabeled/replicas) indices; each
+    replica's row holds whole identities (k faces each, then its unlabeled faces), so
+    triplets are mined inside one replica's slice.
+    """
+
+    def __init__(self, labels: np.ndarray, config: SamplerConfig, replicas: int = 1,
+                 unlabeled_pool: np.ndarray | None = None):
+        if config.p % replicas or config.unlabeled % replicas:
+            raise ValueError(f"p={config.p} and unlabeled={config.unlabeled} must divide by the {replicas} replicas")
+        if config.k < 2 or config.p < 2:
+            raise ValueError(f"need p >= 2 identities and k >= 2 faces for triplets, got p={config.p}, k={config.k}")
+        self.config = config
+        self.replicas = replicas
+        labels = np.asarray(labels)
+        order = np.argsort(labels, kind="stable")
+        values, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
+        usable = (values >= 0) & (counts >= 2)
+        self.groups = [order[s:s + c] for s, c in zip(starts[usable], counts[usable])]
+        if len(self.groups) < config.p:
+            raise ValueError(f"only {len(self.groups)} identities have 2 or more faces; p={config.p} needs that many")
+        weights = counts[usable].astype(np.float64) ** config.identity_power
+        self.weights = weights / weights.sum()
+        if unlabeled_pool is None:
+            # Unlabeled faces and faces of one-face identities: no triplet use, but a teacher target.
+            singles = np.isin(labels, values[(values >= 0) & (counts < 2)])
+            unlabeled_pool = np.flatnonzero((labels < 0) | singles)
+        self.unlabeled_pool = np.asarray(unlabeled_pool)
+        if config.unlabeled and not len(self.unlabeled_pool):
+            raise ValueError("unlabeled > 0 but the cache has no unlabeled faces")
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.p * self.config.k + self.config.unlabeled
+
+    @property
+    def identities(self) -> int:
+        return len(self.groups)
+
+    def batch(self, step: int) -> np.ndarray:
+        cfg = self.config
+        rng = np.random.default_rng([cfg.seed, step])
+        chosen = rng.choice(len(self.groups), size=cfg.p, replace=False, p=self.weights)
+        faces = []
+        for g in chosen:
+            group = self.groups[g]
+            if len(group) >= cfg.k:
+                faces.append(rng.choice(group, cfg.k, replace=False))
+            else:  # every face once, then repeats (augmentation makes the repeats differ)
+                faces.append(np.concatenate([rng.permutation(group), rng.choice(group, cfg.k - len(group))]))
+        labeled = np.stack(faces).reshape(self.replicas, -1)
+        if not cfg.unlabeled:
+            return labeled
+        extra = rng.choice(self.unlabeled_pool, cfg.unlabeled).reshape(self.replicas, -1)
+        return np.concatenate([labeled, extra], axis=1)

@@ -1,0 +1,170 @@
+"""Triplet, distillation and harmonic losses as pure TensorFlow functions.
+
+Every distance is a squared L2 distance (the FaceNet paper's convention), so no square root is
+ever taken and the gradient stays finite when two embeddings coincide. The functions work eagerly
+and inside ``tf.function`` with a dynamic batch size.
+
+Semi-hard mining (:func:`semihard_triplets`), following the paper and TF-Addons'
+``triplet_semihard_loss``:
+
+- every ordered anchor-positive pair in the batch is used (each image is the anchor of each of
+  its positives);
+- its negative is the closest negative farther from the anchor than the positive,
+  ``d(a,p) < d(a,n)``. When that one lies within the margin it is the hardest semi-hard negative;
+  when it lies beyond, the triplet is inactive (zero loss) — no semi-hard negative exists;
+- when no negative is farther than the positive, the farthest negative is taken (the easiest of
+  the hard ones), as TF-Addons does, so the pair still pulls the positive in;
+- anchors without any negative in the batch (a single identity) form no triplet.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import tensorflow as tf
+
+
+class TripletLoss(NamedTuple):
+    """A triplet loss and the fraction of its triplets with a positive loss."""
+
+    loss: tf.Tensor
+    fraction_active: tf.Tensor
+
+
+class Triplets(NamedTuple):
+    """Row indices of mined triplets (int64 vectors of one length)."""
+
+    anchor: tf.Tensor
+    positive: tf.Tensor
+    negative: tf.Tensor
+
+
+def pairwise_squared_distances(x: tf.Tensor, y: tf.Tensor | None = None) -> tf.Tensor:
+    """Squared L2 distances between the rows of ``x`` and of ``y`` (default ``x``), clipped at 0.
+
+    With ``y`` omitted the diagonal is exactly zero.
+    """
+    x = tf.cast(x, tf.float32)
+    other = x if y is None else tf.cast(y, tf.float32)
+    sq_x = tf.reduce_sum(tf.square(x), axis=1, keepdims=True)
+    sq_y = tf.reduce_sum(tf.square(other), axis=1, keepdims=True)
+    # The Gram form rounds slightly below zero for near-equal rows: clip.
+    d = tf.maximum(sq_x - 2.0 * tf.matmul(x, other, transpose_b=True) + tf.transpose(sq_y), 0.0)
+    if y is None:
+        d = tf.linalg.set_diag(d, tf.zeros(tf.shape(d)[:1], d.dtype))
+    return d
+
+
+def semihard_triplets(labels: tf.Tensor, embeddings: tf.Tensor) -> Triplets:
+    """The triplets :func:`triplet_semihard_loss` uses (see the module docstring for the rule)."""
+    return _mine_semihard(pairwise_squared_distances(embeddings), *_label_masks(labels))
+
+
+def triplet_semihard_loss(labels: tf.Tensor, embeddings: tf.Tensor, margin: float = 0.2) -> TripletLoss:
+    """FaceNet's triplet loss with all anchor-positive pairs and semi-hard negatives.
+
+    ``mean(max(d(a,p) - d(a,n) + margin, 0))`` over the triplets of :func:`semihard_triplets`;
+    0 when the batch yields no triplet.
+    """
+    d = pairwise_squared_distances(embeddings)
+    return _triplet_loss(d, _mine_semihard(d, *_label_masks(labels)), margin)
+
+
+def triplet_batch_hard_loss(labels: tf.Tensor, embeddings: tf.Tensor, margin: float = 0.2) -> TripletLoss:
+    """Batch-hard triplet loss (Hermans et al. 2017): per anchor, its farthest positive and closest negative.
+
+    Averaged over anchors that have at least one positive and one negative; 0 when none has.
+    """
+    d = pairwise_squared_distances(embeddings)
+    positive, negative = _label_masks(labels)
+    hardest_positive = tf.reduce_max(tf.where(positive, d, 0.0), axis=1)
+    hardest_negative = tf.reduce_min(tf.where(negative, d, float("inf")), axis=1)
+    valid = tf.reduce_any(positive, axis=1) & tf.reduce_any(negative, axis=1)
+    losses = tf.nn.relu(tf.boolean_mask(hardest_positive - hardest_negative + margin, valid))
+    return _mean_and_active(losses)
+
+
+def harmonic_triplet_loss(
+    labels: tf.Tensor, new_embeddings: tf.Tensor, old_embeddings: tf.Tensor, margin: float = 0.2
+) -> TripletLoss:
+    """The paper's harmonic triplet loss: new-model embeddings stay comparable with an old model's.
+
+    ``old_embeddings`` are the frozen old model's embeddings of the same images (no gradient flows
+    into them). Both sets are pooled: anchor-positive pairs are every ordered same-identity pair
+    with at least one new embedding (anchor from either model, positive from either — including an
+    image's new and old embedding as a pair); old-old pairs are left out because no part of them
+    is trained. Negatives are mined semi-hard, as in :func:`triplet_semihard_loss`, from the
+    whole pool of both models' embeddings.
+    """
+    labels = tf.reshape(labels, [-1])
+    old = tf.stop_gradient(tf.cast(old_embeddings, tf.float32))
+    d = pairwise_squared_distances(tf.concat([tf.cast(new_embeddings, tf.float32), old], axis=0))
+    pairs, negatives = _label_masks(tf.concat([labels, labels], axis=0))
+    is_old = tf.range(tf.shape(d)[0]) >= tf.shape(labels)[0]
+    pairs &= tf.logical_not(is_old[:, None] & is_old[None, :])
+    return _triplet_loss(d, _mine_semihard(d, pairs, negatives), margin)
+
+
+def distillation_loss(
+    student_embeddings: tf.Tensor, teacher_embeddings: tf.Tensor, relational_weight: float = 0.0
+) -> tf.Tensor:
+    """Pulls student embeddings onto a teacher's, both scaled to unit length first.
+
+    Point term: mean squared L2 distance between each student vector and its teacher vector,
+    ``2 - 2 cos`` for unit vectors. It needs both to have the same dimension.
+    Relational term (weighted by ``relational_weight``): mean over pairs ``i != j`` of
+    ``(d_s(i,j) - d_t(i,j))**2``, the squared difference of the two models' squared L2 distance
+    matrices, so the student copies the teacher's geometry even where the vectors differ by a
+    rotation. Normalising the teacher makes a teacher that is not unit-norm usable
+    (e.g. dlib's descriptors).
+    """
+    student = tf.math.l2_normalize(tf.cast(student_embeddings, tf.float32), axis=1)
+    teacher = tf.math.l2_normalize(tf.stop_gradient(tf.cast(teacher_embeddings, tf.float32)), axis=1)
+    point = tf.reduce_mean(tf.reduce_sum(tf.square(student - teacher), axis=1))
+    if not relational_weight:
+        return point
+    n = tf.cast(tf.shape(student)[0], tf.float32)
+    diff = pairwise_squared_distances(student) - pairwise_squared_distances(teacher)
+    # The diagonal is zero in both matrices; average over the n*(n-1) off-diagonal pairs.
+    relational = tf.math.divide_no_nan(tf.reduce_sum(tf.square(diff)), n * (n - 1.0))
+    return point + relational_weight * relational
+
+
+def _label_masks(labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(anchor-positive pairs, anchor-negative pairs) as N x N boolean masks."""
+    labels = tf.reshape(labels, [-1])
+    same = tf.equal(labels[:, None], labels[None, :])
+    pairs = same & tf.logical_not(tf.eye(tf.shape(labels)[0], dtype=tf.bool))
+    return pairs, tf.logical_not(same)
+
+
+def _mine_semihard(d: tf.Tensor, pairs: tf.Tensor, negatives: tf.Tensor) -> Triplets:
+    """One negative per anchor-positive pair in ``pairs`` (N x N masks over the rows of ``d``).
+
+    Sorting each anchor's negative distances once and binary-searching every d(a,p) in them keeps
+    memory at O(N^2) (the usual masked (N, N, N) tensor would not fit at the paper's ~1,800 batch).
+    """
+    d = tf.stop_gradient(d)
+    negative_d = tf.where(negatives, d, float("inf"))
+    order = tf.argsort(negative_d, axis=1, stable=True)
+    sorted_d = tf.gather(negative_d, order, batch_dims=1)
+    n_negatives = tf.reduce_sum(tf.cast(negatives, tf.int32), axis=1, keepdims=True)
+    # First negative strictly farther than the positive; past the last negative when none is.
+    first_farther = tf.searchsorted(sorted_d, d, side="right")
+    slot = tf.where(first_farther < n_negatives, first_farther, n_negatives - 1)
+    anchor_positive = tf.where(pairs & (n_negatives > 0))
+    anchor = anchor_positive[:, 0]
+    negative = tf.gather_nd(order, tf.stack([anchor, tf.cast(tf.gather_nd(slot, anchor_positive), tf.int64)], axis=1))
+    return Triplets(anchor, anchor_positive[:, 1], tf.cast(negative, tf.int64))
+
+
+def _triplet_loss(d: tf.Tensor, triplets: Triplets, margin: float) -> TripletLoss:
+    d_ap = tf.gather_nd(d, tf.stack([triplets.anchor, triplets.positive], axis=1))
+    d_an = tf.gather_nd(d, tf.stack([triplets.anchor, triplets.negative], axis=1))
+    return _mean_and_active(tf.nn.relu(d_ap - d_an + margin))
+
+
+def _mean_and_active(losses: tf.Tensor) -> TripletLoss:
+    count = tf.cast(tf.size(losses), tf.float32)
+    active = tf.cast(tf.math.count_nonzero(losses > 0.0), tf.float32)
+    return TripletLoss(tf.math.divide_no_nan(tf.reduce_sum(losses), count), tf.math.divide_no_nan(active, count))

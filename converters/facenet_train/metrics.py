@@ -1,0 +1,154 @@
+"""Face verification metrics under the LFW protocol (10-fold cross-validation of a threshold).
+
+A pair is predicted "same person" when its distance is strictly below the threshold (as in the
+facenet repository). Distances are normally squared L2 between unit vectors (0..4), but any
+non-negative scale works: the threshold grid reaches past the largest distance.
+
+- Accuracy: on each fold, the threshold maximising accuracy on the other nine folds over a grid
+  of step ``step`` is scored on that fold. Where several grid points tie, the centre of the first
+  run of best points is taken (the facenet repository takes its first point; the centre sits
+  in the middle of the gap a separable set leaves). Mean and population std (``ddof=0``, as the
+  facenet repository) over folds.
+- VAL@FAR: on each fold, the threshold at which the nine other folds' false-accept rate equals the
+  target is interpolated linearly between the grid points where that rate steps up, then the
+  fold's true-accept rate (VAL) and false-accept rate are measured at it. Mean and std over folds.
+- ROC and AUC: over all pairs at once, one point per distinct distance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True, eq=False)
+class LfwResult:
+    """Verification results of one model over LFW's folds (rates are fractions, not percents)."""
+
+    accuracy_mean: float
+    accuracy_std: float
+    fold_accuracies: np.ndarray
+    fold_thresholds: np.ndarray  # the accuracy threshold each fold was scored with (picked on the other folds)
+    best_threshold: float  # the accuracy-maximising threshold over all pairs
+    tpr: np.ndarray
+    fpr: np.ndarray
+    roc_thresholds: np.ndarray
+    auc: float
+    far_target: float
+    val_mean: float
+    val_std: float
+    far_mean: float  # the false-accept rate measured on the held-out folds at the interpolated thresholds
+    threshold_at_far: float  # the threshold giving ``far_target`` over all pairs
+
+    def summary(self) -> str:
+        return (
+            f"accuracy {self.accuracy_mean:.4f} ± {self.accuracy_std:.4f} (threshold {self.best_threshold:.3f}), "
+            f"AUC {self.auc:.4f}, VAL {self.val_mean:.4f} ± {self.val_std:.4f} "
+            f"@ FAR {self.far_mean:.5f} (target {self.far_target:g}, threshold {self.threshold_at_far:.3f})"
+        )
+
+
+def evaluate_distances(
+    distances, issame, n_folds: int = 10, far_target: float = 1e-3, step: float = 1e-3
+) -> LfwResult:
+    """Scores pair distances against the truth ``issame`` with the LFW protocol.
+
+    Pairs must be in fold order (as :func:`facenet_train.lfw.read_pairs` returns them, flattened):
+    fold ``k`` is the ``k``-th of ``n_folds`` consecutive equal slices, and every fold needs
+    matched and mismatched pairs.
+    """
+    d = np.asarray(distances, dtype=np.float64).ravel()
+    same = np.asarray(issame, dtype=bool).ravel()
+    if d.shape != same.shape:
+        raise ValueError(f"{d.size} distances but {same.size} issame flags")
+    if not np.all(np.isfinite(d)):
+        raise ValueError("distances contain NaN or infinite values")
+    folds = np.array_split(np.arange(d.size), n_folds)
+    for k, fold in enumerate(folds):
+        if same[fold].all() or not same[fold].any():
+            raise ValueError(f"fold {k} (pairs {fold[0] if fold.size else '-'}..) needs both matched and mismatched pairs")
+    # From at or below the smallest distance (nothing accepted) to above the largest (everything accepted).
+    grid = np.arange(min(0.0, d.min()), max(4.0, d.max()) + 2 * step, step)
+
+    accuracies, thresholds, vals, fars = [], [], [], []
+    for fold in folds:
+        train = np.ones(d.size, dtype=bool)
+        train[fold] = False
+        threshold = _best_threshold(d[train], same[train], grid)
+        thresholds.append(threshold)
+        accuracies.append(np.mean((d[fold] < threshold) == same[fold]))
+        far_threshold = _threshold_at_far(d[train & ~same], far_target, grid)
+        vals.append(np.mean(d[fold][same[fold]] < far_threshold))
+        fars.append(np.mean(d[fold][~same[fold]] < far_threshold))
+
+    tpr, fpr, roc_thresholds = _roc(d, same)
+    return LfwResult(
+        accuracy_mean=float(np.mean(accuracies)),
+        accuracy_std=float(np.std(accuracies)),
+        fold_accuracies=np.array(accuracies),
+        fold_thresholds=np.array(thresholds),
+        best_threshold=_best_threshold(d, same, grid),
+        tpr=tpr,
+        fpr=fpr,
+        roc_thresholds=roc_thresholds,
+        auc=float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2)),
+        far_target=far_target,
+        val_mean=float(np.mean(vals)),
+        val_std=float(np.std(vals)),
+        far_mean=float(np.mean(fars)),
+        threshold_at_far=_threshold_at_far(d[~same], far_target, grid),
+    )
+
+
+def _accepted(sorted_distances: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """How many distances lie strictly below each threshold."""
+    return np.searchsorted(sorted_distances, thresholds, side="left")
+
+
+def _best_threshold(d: np.ndarray, same: np.ndarray, grid: np.ndarray) -> float:
+    true_accepts = _accepted(np.sort(d[same]), grid)
+    true_rejects = np.count_nonzero(~same) - _accepted(np.sort(d[~same]), grid)
+    correct = true_accepts + true_rejects  # integer counts: ties compare exactly
+    best = np.flatnonzero(correct == correct.max())
+    breaks = np.flatnonzero(np.diff(best) != 1)
+    first_run = best[: breaks[0] + 1] if breaks.size else best
+    return float(grid[first_run[first_run.size // 2]])
+
+
+def _threshold_at_far(negative_d: np.ndarray, far_target: float, grid: np.ndarray) -> float:
+    far = _accepted(np.sort(negative_d), grid) / negative_d.size
+    levels, first = np.unique(far, return_index=True)  # each rate and the grid point it is first reached at
+    return float(np.interp(far_target, levels, grid[first]))
+
+
+def _roc(d: np.ndarray, same: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    distinct = np.unique(d)
+    thresholds = np.append(distinct, np.nextafter(distinct[-1], np.inf))  # the last one accepts every pair
+    tpr = _accepted(np.sort(d[same]), thresholds) / np.count_nonzero(same)
+    fpr = _accepted(np.sort(d[~same]), thresholds) / np.count_nonzero(~same)
+    return tpr, fpr, thresholds
+
+
+def plot_roc(results: dict[str, LfwResult], path_png: str | Path) -> Path:
+    """Draws the ROC curves of ``results`` (name -> result) on a log FAR axis into ``path_png``."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
+
+    fig = Figure(figsize=(6.4, 4.8))
+    ax = fig.add_subplot()
+    for name, result in results.items():
+        label = f"{name}: acc {100 * result.accuracy_mean:.2f}%, AUC {result.auc:.4f}, VAL {100 * result.val_mean:.1f}%"
+        ax.plot(result.fpr, result.tpr, label=label)
+    for far_target in sorted({result.far_target for result in results.values()}):
+        ax.axvline(far_target, color="grey", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlim(1e-4, 1.0)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("false accept rate")
+    ax.set_ylabel("true accept rate")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+    path = Path(path_png)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path

@@ -1,0 +1,302 @@
+"""The FaceNet paper's Inception family as Keras 3 functional models.
+
+Every model is ``image -> Inception trunk -> Dense(embedding_size) -> L2Normalize`` and uses only
+layers that quantize to int8 and map on the Edge TPU: Conv2D + BatchNormalization (folded into the
+convolution at conversion) + ReLU, MaxPooling2D, AveragePooling2D, Concatenate, Dense,
+:class:`StaticFlatten` (one RESHAPE) and :class:`L2Normalize`. Departures from the paper, each because of that constraint:
+
+- the paper's L2 pooling inside Inception blocks is average pooling here;
+- there is no local response normalisation (batch normalisation follows every convolution).
+
+All padding is ``"same"`` so every shape is static and blocks line up without cropping.
+Where the paper gives no layer table (``nns1``, ``nns2``) the layout is our reading of its text;
+docs/models.md states it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import math
+
+import keras
+import tensorflow as tf
+
+DEFAULT_MODEL = "nn4_small2"
+
+
+@keras.saving.register_keras_serializable(package="facenet_train")
+class L2Normalize(keras.layers.Layer):
+    """Scales each row to unit L2 norm.
+
+    ``tf.math.l2_normalize`` converts to one TFLite ``L2_NORMALIZATION`` op, which has an int8
+    kernel; Keras' ``UnitNormalization`` falls back to float ops and a ``Lambda`` layer does not
+    reload from a ``.keras`` file.
+    """
+
+    def call(self, inputs):
+        return tf.math.l2_normalize(inputs, axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+@keras.saving.register_keras_serializable(package="facenet_train")
+class StaticFlatten(keras.layers.Layer):
+    """Flattens all but the batch axis with a constant target shape.
+
+    Keras' ``Flatten`` reads the batch size at run time, which converts to SHAPE, STRIDED_SLICE
+    and PACK ops in front of the RESHAPE; the Edge TPU compiler leaves those, and every op after
+    them, on the CPU. ``tf.reshape(x, [-1, n])`` converts to a single RESHAPE.
+    """
+
+    def call(self, inputs):
+        return tf.reshape(inputs, [-1, math.prod(inputs.shape[1:])])
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], math.prod(input_shape[1:]))
+
+
+@dataclass(frozen=True)
+class Conv:
+    """Conv2D (no bias) + BatchNormalization + ReLU."""
+
+    name: str
+    filters: int
+    kernel: int
+    stride: int = 1
+
+
+@dataclass(frozen=True)
+class MaxPool:
+    """3x3 max pooling between stages."""
+
+    name: str
+    size: int = 3
+    stride: int = 2
+
+
+@dataclass(frozen=True)
+class Inception:
+    """One Inception block, in the columns of the paper's Table 2.
+
+    A zero width drops that branch (or, for ``pool_proj``, passes the pooled input through
+    unprojected, as the paper's stride-2 blocks do). With ``stride=2`` the 3x3 and 5x5
+    convolutions and the pooling are strided.
+    """
+
+    name: str
+    n1x1: int
+    n3x3_reduce: int
+    n3x3: int
+    n5x5_reduce: int
+    n5x5: int
+    pool: str  # "max" or "avg" (the paper's "L2")
+    pool_proj: int
+    stride: int = 1
+
+
+Stage = Union[Conv, MaxPool, Inception]
+
+
+@dataclass(frozen=True)
+class PaperReference:
+    """Reference figures for a model; ``None`` where the source gives none.
+
+    ``macs`` is the paper's "FLOPS" column, which counts multiply-adds.
+    """
+
+    params: int | None
+    macs: int | None
+    source: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model layout: stages, then the top, then Dense(embedding) and L2 normalisation.
+
+    ``fc_hidden == 0``: average pooling over the whole final map (NN2's top).
+    ``fc_hidden > 0``: the final map is flattened into a fully connected ReLU layer of that width
+    (NN1's top), which is where most of the parameters of nns1/nns2 sit.
+    """
+
+    name: str
+    input_shape: tuple[int, int, int]
+    stages: tuple[Stage, ...]
+    fc_hidden: int
+    paper: PaperReference
+    summary: str
+
+
+# NN2's stem, shared by nn2, nn4 and nn4_small2: conv 7x7/2, max pool, 1x1 then 3x3 conv, max pool.
+_NN2_STEM: tuple[Stage, ...] = (
+    Conv("conv1", 64, 7, 2),
+    MaxPool("pool1"),
+    Conv("conv2_reduce", 64, 1),
+    Conv("conv2", 192, 3),
+    MaxPool("pool2"),
+)
+
+# The paper's Table 2 (NN2), block by block.
+_NN2_3 = (
+    Inception("inception_3a", 64, 96, 128, 16, 32, "max", 32),
+    Inception("inception_3b", 64, 96, 128, 32, 64, "avg", 64),
+    Inception("inception_3c", 0, 128, 256, 32, 64, "max", 0, stride=2),
+)
+_NN2_4 = (
+    Inception("inception_4a", 256, 96, 192, 32, 64, "avg", 128),
+    Inception("inception_4b", 224, 112, 224, 32, 64, "avg", 128),
+    Inception("inception_4c", 192, 128, 256, 32, 64, "avg", 128),
+    Inception("inception_4d", 160, 144, 288, 32, 64, "avg", 128),
+    Inception("inception_4e", 0, 160, 256, 64, 128, "max", 0, stride=2),
+)
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            "nn4_small2",
+            (96, 96, 3),
+            _NN2_STEM
+            + _NN2_3
+            + (
+                _NN2_4[0],
+                _NN2_4[-1],
+                Inception("inception_5a", 256, 96, 384, 0, 0, "avg", 96),
+                Inception("inception_5b", 256, 96, 384, 0, 0, "max", 96),
+            ),
+            0,
+            PaperReference(3_733_968, None, "OpenFace nn4.small2.def.lua (Torch count; no FLOPs given)"),
+            "OpenFace nn4.small2: NN4 without 4b-4d and with narrower 5a/5b",
+        ),
+        ModelSpec(
+            "nn4",
+            (96, 96, 3),
+            _NN2_STEM
+            + _NN2_3
+            + _NN2_4
+            + (
+                # "no 5x5 convolutions in the higher layers": read as 5a/5b, as OpenFace's nn4 does.
+                Inception("inception_5a", 384, 192, 384, 0, 0, "avg", 128),
+                Inception("inception_5b", 384, 192, 384, 0, 0, "max", 128),
+            ),
+            0,
+            PaperReference(None, 285_000_000, "FaceNet paper, section 3.3 (no parameter count given)"),
+            "FaceNet NN4: NN2 at 96x96 without 5x5 convolutions in 5a/5b",
+        ),
+        ModelSpec(
+            "nns1",
+            (165, 165, 3),
+            (
+                Conv("conv1", 32, 7, 2),
+                MaxPool("pool1"),
+                Conv("conv2_reduce", 32, 1),
+                Conv("conv2", 96, 3),
+                MaxPool("pool2"),
+                Inception("inception_3a", 32, 48, 64, 8, 16, "max", 16),
+                Inception("inception_3b", 32, 48, 64, 16, 32, "avg", 32),
+                Inception("inception_3c", 0, 64, 128, 16, 32, "max", 0, stride=2),
+                Inception("inception_4a", 128, 48, 96, 16, 32, "avg", 64),
+                Inception("inception_4e", 0, 80, 128, 32, 64, "max", 0, stride=2),
+                Inception("inception_5a", 192, 96, 192, 24, 64, "avg", 64),
+                Inception("inception_5b", 192, 96, 192, 24, 64, "max", 64),
+            ),
+            1344,
+            PaperReference(26_000_000, 220_000_000, "FaceNet paper, section 3.3 (no layer table)"),
+            "FaceNet NNS1 'mini Inception', our reading: NN2 at half width without 4b-4d, NN1-style FC top",
+        ),
+        ModelSpec(
+            "nns2",
+            (140, 116, 3),
+            (
+                Conv("conv1", 16, 3, 2),
+                MaxPool("pool1"),
+                Conv("conv2", 32, 3),
+                MaxPool("pool2"),
+                Inception("inception_3a", 16, 24, 32, 4, 8, "max", 8),
+                Inception("inception_3c", 0, 32, 64, 8, 16, "max", 0, stride=2),
+                Inception("inception_4a", 64, 24, 48, 8, 16, "avg", 32),
+                Inception("inception_4e", 0, 40, 64, 16, 32, "max", 0, stride=2),
+                Inception("inception_5a", 96, 48, 96, 0, 0, "avg", 32),
+            ),
+            896,
+            PaperReference(4_300_000, 20_000_000, "FaceNet paper, section 3.3 (no layer table)"),
+            "FaceNet NNS2 'tiny Inception', our reading: NN2 at quarter width, shallower, NN1-style FC top",
+        ),
+        ModelSpec(
+            "nn2",
+            (224, 224, 3),
+            _NN2_STEM
+            + _NN2_3
+            + _NN2_4
+            + (
+                Inception("inception_5a", 384, 192, 384, 48, 128, "avg", 128),
+                Inception("inception_5b", 384, 192, 384, 48, 128, "max", 128),
+            ),
+            0,
+            PaperReference(7_500_000, 1_600_000_000, "FaceNet paper, Table 2"),
+            "FaceNet NN2: the paper's Table 2",
+        ),
+    )
+}
+
+
+def build_model(
+    name: str = DEFAULT_MODEL,
+    embedding_size: int = 128,
+    input_shape: tuple[int, int, int] | None = None,
+) -> keras.Model:
+    """Builds model ``name`` (a key of :data:`MODELS`) with unit-norm ``embedding_size`` outputs.
+
+    ``input_shape`` (height, width, channels) overrides the model's native input size.
+    Input scaling is not part of the model; it is done by the caller's preprocessing.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    spec = MODELS[name]
+    inputs = keras.Input(tuple(input_shape or spec.input_shape), name="image")
+    x = inputs
+    for stage in spec.stages:
+        if isinstance(stage, Conv):
+            x = _conv_bn_relu(x, stage.name, stage.filters, stage.kernel, stage.stride)
+        elif isinstance(stage, MaxPool):
+            x = keras.layers.MaxPooling2D(stage.size, stage.stride, padding="same", name=stage.name)(x)
+        else:
+            x = _inception(x, stage)
+    if spec.fc_hidden:
+        x = StaticFlatten(name="flatten")(x)
+        x = keras.layers.Dense(spec.fc_hidden, activation="relu", name="fc1")(x)
+    else:
+        # NN2's average pooling over the whole final map, as one AVERAGE_POOL_2D op.
+        x = keras.layers.AveragePooling2D(tuple(x.shape[1:3]), name="avgpool")(x)
+        x = StaticFlatten(name="flatten")(x)
+    x = keras.layers.Dense(embedding_size, name="embedding_dense")(x)
+    outputs = L2Normalize(name="embedding")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def _conv_bn_relu(x, name: str, filters: int, kernel: int = 1, stride: int = 1):
+    # No conv bias: batch normalisation's shift replaces it, and both fold into one bias at conversion.
+    x = keras.layers.Conv2D(filters, kernel, stride, padding="same", use_bias=False, name=name)(x)
+    x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+    return keras.layers.ReLU(name=f"{name}_relu")(x)
+
+
+def _inception(x, block: Inception):
+    name, stride = block.name, block.stride
+    branches = []
+    if block.n1x1:
+        branches.append(_conv_bn_relu(x, f"{name}_1x1", block.n1x1))
+    if block.n3x3:
+        y = _conv_bn_relu(x, f"{name}_3x3_reduce", block.n3x3_reduce)
+        branches.append(_conv_bn_relu(y, f"{name}_3x3", block.n3x3, 3, stride))
+    if block.n5x5:
+        y = _conv_bn_relu(x, f"{name}_5x5_reduce", block.n5x5_reduce)
+        branches.append(_conv_bn_relu(y, f"{name}_5x5", block.n5x5, 5, stride))
+    pool_layer = {"max": keras.layers.MaxPooling2D, "avg": keras.layers.AveragePooling2D}[block.pool]
+    y = pool_layer(3, stride, padding="same", name=f"{name}_pool")(x)
+    if block.pool_proj:
+        y = _conv_bn_relu(y, f"{name}_pool_proj", block.pool_proj)
+    branches.append(y)
+    return keras.layers.Concatenate(name=f"{name}_concat")(branches)

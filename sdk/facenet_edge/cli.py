@@ -1,0 +1,598 @@
+"""The ``facenet-edge`` command: enrol, identify, verify, embed, maintain galleries, run a camera.
+
+Errors the user can act on (unreadable image, no face, unknown gallery, wrong model) end
+the command with ONE line on stderr and an exit code from :class:`ExitCode`; anything
+else is a bug and keeps its traceback. docs/cli.md is the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from tqdm import tqdm
+
+from .card import CardError, ModelCard
+from .detect import DEFAULT_DETECTOR, DETECTORS
+from .embed import Embedder, default_model_path
+from .errors import (
+    FacenetEdgeError,
+    GalleryError,
+    ImageError,
+    IncompatibleModelError,
+    ModelError,
+    MultipleFacesError,
+    NoFaceError,
+)
+from .gallery import Gallery, Match, validate_name
+from .io import read_image
+from .pipeline import Face, FacePipeline, Vote
+
+
+class ExitCode(IntEnum):
+    """Exit statuses of every ``facenet-edge`` command (documented in docs/cli.md)."""
+
+    OK = 0
+    ERROR = 1  # anything else the user can fix (an output file cannot be written)
+    USAGE = 2  # bad arguments (argparse's own code)
+    IMAGE = 3  # an image is missing, empty, not an image, too small or too large; a video source fails
+    NO_FACE = 4  # no face where one was needed
+    MULTIPLE_FACES = 5  # several faces where enrolment needs exactly one
+    GALLERY = 6  # gallery missing, not a gallery, unknown name, invalid name
+    MODEL = 7  # model missing, truncated, not an embedding model, card unusable
+    INCOMPATIBLE = 8  # embeddings from a model incompatible with the gallery's
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
+
+
+# Most specific first: IncompatibleModelError is a GalleryError.
+_EXIT_CODES: list[tuple[type[BaseException], ExitCode]] = [
+    (IncompatibleModelError, ExitCode.INCOMPATIBLE),
+    (GalleryError, ExitCode.GALLERY),
+    (ImageError, ExitCode.IMAGE),
+    (NoFaceError, ExitCode.NO_FACE),
+    (MultipleFacesError, ExitCode.MULTIPLE_FACES),
+    (ModelError, ExitCode.MODEL),
+    (CardError, ExitCode.MODEL),
+    (FacenetEdgeError, ExitCode.ERROR),
+    (OSError, ExitCode.ERROR),
+]
+
+
+def exit_code_for(error: BaseException) -> ExitCode:
+    """The exit code reporting ``error`` (an exception type from ``facenet_edge.errors``)."""
+    for kind, code in _EXIT_CODES:
+        if isinstance(error, kind):
+            return code
+    raise TypeError(f"no exit code for {type(error).__name__}")
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.strerror or error}: {error.filename}"
+    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+    return text or type(error).__name__
+
+
+def _say(message: str) -> None:
+    """One line on stderr that does not tear a progress bar."""
+    tqdm.write(f"facenet-edge: {message}", file=sys.stderr)
+
+
+@dataclass
+class _Failures:
+    """Per-image failures of a batch command: reported as they happen, summed up at exit."""
+
+    first: ExitCode = ExitCode.OK
+    count: int = 0
+
+    def add(self, error: FacenetEdgeError) -> None:
+        _say(f"error: {_one_line(error)}")
+        if self.first == ExitCode.OK:
+            self.first = exit_code_for(error)
+        self.count += 1
+
+    def finish(self, total: int) -> int:
+        if self.count:
+            _say(f"error: {self.count} of {total} image(s) failed")
+        return int(self.first)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _progress(items: Sequence[str], args: argparse.Namespace, what: str) -> Iterable[str]:
+    # A bar only for several images, on an interactive stderr, and not with --quiet.
+    hidden = args.quiet or len(items) < 2 or not sys.stderr.isatty()
+    return tqdm(items, desc=what, unit="image", file=sys.stderr, disable=hidden, leave=False)
+
+
+def _model_path(args: argparse.Namespace) -> Path:
+    return Path(args.model) if args.model else default_model_path()
+
+
+def _pipeline(args: argparse.Namespace) -> FacePipeline:
+    return FacePipeline(model_path=_model_path(args), detector=args.detector, num_threads=args.threads)
+
+
+def _threshold(args: argparse.Namespace, card: ModelCard, model: Path) -> float:
+    """--threshold, else the model card's default open-set threshold."""
+    threshold = args.threshold if args.threshold is not None else card.thresholds.default()
+    if threshold is None:
+        raise ModelError(f"the model card of {model} has no threshold; pass --threshold")
+    return threshold
+
+
+def _box(face: Face) -> list[float]:
+    return [round(float(v), 2) for v in face.box]
+
+
+def _face_json(face: Face) -> dict[str, Any]:
+    data: dict[str, Any] = {"box": _box(face), "score": round(float(face.score), 4)}
+    if face.landmarks is not None:
+        data["landmarks"] = [[round(float(x), 2), round(float(y), 2)] for x, y in face.landmarks]
+    return data
+
+
+def _match_json(match: Match) -> dict[str, Any]:
+    return {
+        "name": match.name,
+        "distance": round(match.distance, 4),
+        "similarity": round(match.similarity, 4),
+        "accepted": match.accepted,
+    }
+
+
+def _print_json(data: dict[str, Any]) -> None:
+    print(json.dumps(data, ensure_ascii=False), flush=True)
+
+
+def _only_face(pipeline: FacePipeline, path: str) -> Face:
+    """The one face in an image; NoFaceError / MultipleFacesError otherwise."""
+    faces = pipeline.process(read_image(path))
+    if not faces:
+        raise NoFaceError(f"no face found in {path}")
+    if len(faces) > 1:
+        raise MultipleFacesError(f"{len(faces)} faces found in {path}; enrolment needs exactly one (crop the image)")
+    return faces[0]
+
+
+def _largest_face(faces: Sequence[Face]) -> Face | None:
+    if not faces:
+        return None
+    return max(faces, key=lambda f: float((f.box[2] - f.box[0]) * (f.box[3] - f.box[1])))
+
+
+@contextmanager
+def _private_file(path: Path) -> Iterator[BinaryIO]:
+    """A file that appears at ``path`` with mode 0600 (embeddings are biometric data)
+    when the block succeeds, and not at all otherwise. Opened up front, so an unwritable
+    destination fails before any work is done."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise FacenetEdgeError(f"cannot write {path}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as file:
+            yield file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _iso(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    """Embed every image (exactly one face each), then add them all in one transaction."""
+    name = validate_name(args.name)
+    with ExitStack() as stack:
+        gallery_path = Path(args.gallery)
+        # An existing gallery is opened first, so a wrong file fails before any model work.
+        gallery = stack.enter_context(Gallery.open(gallery_path)) if gallery_path.exists() else None
+        pipeline = stack.enter_context(_pipeline(args))
+        identity = pipeline.embedder.identity
+        if gallery is not None:
+            gallery.check_identity(identity)
+        embeddings = [_only_face(pipeline, path).embedding for path in _progress(args.images, args, "embedding")]
+        if gallery is None:
+            threshold = _threshold(args, pipeline.embedder.card, pipeline.embedder.model_path)
+            gallery = stack.enter_context(Gallery.create(gallery_path, identity, threshold))
+        added = gallery.add(name, np.stack(embeddings), identity)
+        total = next(p.samples for p in gallery.list() if p.name == name)
+    if args.json:
+        _print_json({"gallery": str(gallery_path), "name": name, "added": added, "samples": total})
+    else:
+        print(f"enrolled {name!r}: {added} sample(s) added, {total} in {gallery_path}")
+    return ExitCode.OK
+
+
+def cmd_identify(args: argparse.Namespace) -> int:
+    """Best gallery match(es) for every face in every image; failed images do not stop the run."""
+    failures = _Failures()
+    with ExitStack() as stack:
+        gallery = stack.enter_context(Gallery.open(args.gallery, threshold=args.threshold))
+        pipeline = stack.enter_context(_pipeline(args))
+        identity = pipeline.embedder.identity
+        gallery.check_identity(identity)
+        for path in _progress(args.images, args, "identifying"):
+            try:
+                faces = pipeline.process(read_image(path))
+            except ImageError as exc:
+                failures.add(exc)
+                if args.json:
+                    _print_json({"path": path, "faces": [], "error": _one_line(exc)})
+                continue
+            if not faces:
+                failures.add(NoFaceError(f"no face found in {path}"))
+            results = gallery.search(np.stack([f.embedding for f in faces]), identity, args.top_k) if faces else []
+            if args.json:
+                _print_json({"path": path, "faces": [_identified_json(f, r) for f, r in zip(faces, results)]})
+            else:
+                for number, (face, found) in enumerate(zip(faces, results), 1):
+                    _print_identified(path, number, face, found)
+    return failures.finish(len(args.images))
+
+
+def _identified_json(face: Face, found: list[Match]) -> dict[str, Any]:
+    best = found[0] if found and found[0].accepted else None
+    return {
+        **_face_json(face),
+        "name": best.name if best else None,
+        "distance": round(found[0].distance, 4) if found else None,
+        "matches": [_match_json(m) for m in found],
+    }
+
+
+def _print_identified(path: str, number: int, face: Face, found: list[Match]) -> None:
+    where = f"{path} face {number} [{', '.join(f'{v:.0f}' for v in face.box)}]"
+    if not found:
+        print(f"{where}: unknown (the gallery is empty)")
+        return
+    best = found[0]
+    if best.accepted:
+        print(f"{where}: {best.name} (distance {best.distance:.3f})")
+    else:
+        print(f"{where}: unknown (nearest {best.name}, distance {best.distance:.3f})")
+    for rank, match in enumerate(found[1:], 2):
+        verdict = "" if match.accepted else ", above threshold"
+        print(f"    {rank}. {match.name} (distance {match.distance:.3f}{verdict})")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Are the (largest) faces of two images the same person?"""
+    with _pipeline(args) as pipeline:
+        threshold = _threshold(args, pipeline.embedder.card, pipeline.embedder.model_path)
+        embeddings = []
+        for path in (args.image1, args.image2):
+            faces = pipeline.process(read_image(path))
+            face = _largest_face(faces)
+            if face is None:
+                raise NoFaceError(f"no face found in {path}")
+            if len(faces) > 1:
+                _say(f"{len(faces)} faces in {path}; comparing the largest")
+            embeddings.append(np.asarray(face.embedding, dtype=np.float64))
+    distance = float(np.sum((embeddings[0] - embeddings[1]) ** 2))
+    similarity = 1.0 - distance / 2.0
+    same = distance <= threshold
+    if args.json:
+        _print_json(
+            {
+                "image1": args.image1,
+                "image2": args.image2,
+                "distance": round(distance, 4),
+                "similarity": round(similarity, 4),
+                "threshold": threshold,
+                "same": same,
+            }
+        )
+    else:
+        verdict = "same person" if same else "different people"
+        print(f"{verdict}: distance {distance:.3f} (threshold {threshold:.3f}), similarity {similarity:.3f}")
+    return ExitCode.OK
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    """Embeddings of every face in every image, as JSON lines and/or one .npy matrix."""
+    failures = _Failures()
+    rows: list[np.ndarray] = []
+    with ExitStack() as stack:
+        out = stack.enter_context(_private_file(Path(args.out))) if args.out is not None else None
+        pipeline = stack.enter_context(_pipeline(args))
+        for path in _progress(args.images, args, "embedding"):
+            try:
+                faces = pipeline.process(read_image(path))
+            except ImageError as exc:
+                failures.add(exc)
+                if args.json:
+                    _print_json({"path": path, "faces": [], "error": _one_line(exc)})
+                continue
+            if not faces:
+                failures.add(NoFaceError(f"no face found in {path}"))
+            if args.json:
+                faces_json = [
+                    {**_face_json(f), "embedding": np.asarray(f.embedding, np.float32).tolist()} for f in faces
+                ]
+                _print_json({"path": path, "faces": faces_json})
+            for number, face in enumerate(faces, 1):
+                if not args.json:  # the row number is the face's row in --out
+                    print(f"row {len(rows)}: {path} face {number} [{', '.join(f'{v:.0f}' for v in face.box)}]")
+                rows.append(np.asarray(face.embedding, np.float32))
+        if out is not None:
+            np.save(out, np.stack(rows) if rows else np.zeros((0, 128), np.float32))
+    if args.out is not None:
+        _say(f"wrote {len(rows)} embedding(s) to {args.out}")
+    return failures.finish(len(args.images))
+
+
+def cmd_gallery(args: argparse.Namespace) -> int:
+    """Gallery maintenance; needs no model."""
+    path = Path(args.gallery)
+    if args.action == "import" and not path.exists():
+        with Gallery.restore(path, args.file) as gallery:
+            samples = sum(person.samples for person in gallery.list())
+        print(f"created {path} from {args.file}: {samples} sample(s)")
+        return ExitCode.OK
+    with Gallery.open(path) as gallery:
+        if args.action == "list":
+            _gallery_list(gallery, args)
+        elif args.action == "remove":
+            deleted = gallery.remove(args.name)
+            print(f"removed {args.name!r} ({deleted} sample(s)) from {path}")
+        elif args.action == "rename":
+            gallery.rename(args.old, args.new)
+            print(f"renamed {args.old!r} to {args.new!r} in {path}")
+        elif args.action == "export":
+            count = gallery.export(args.file)
+            print(f"exported {count} sample(s) from {path} to {args.file}")
+        else:
+            added = gallery.import_from(args.file)
+            print(f"imported {added} new sample(s) from {args.file} into {path}")
+    return ExitCode.OK
+
+
+def _gallery_list(gallery: Gallery, args: argparse.Namespace) -> None:
+    people = gallery.list()
+    if args.json:
+        _print_json(
+            {
+                "gallery": str(gallery.path),
+                "model_sha256": gallery.identity.sha256,
+                "compatibility_group": gallery.identity.compatibility_group,
+                "threshold": gallery.threshold,
+                "people": [
+                    {"name": p.name, "samples": p.samples, "created": p.created, "updated": p.updated} for p in people
+                ],
+            }
+        )
+        return
+    for person in people:
+        print(f"{person.name}\t{person.samples} sample(s)\tupdated {_iso(person.updated)}")
+    print(f"{len(people)} people in {gallery.path}", file=sys.stderr)
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    """Identify the most prominent face in every frame; print a line when the steady
+    (voted) decision changes."""
+    from .camera import open_source  # picamera2/OpenCV capture set-up only when streaming
+
+    window, min_agree = args.vote
+    vote = Vote(window=window, min_agree=min_agree, max_age_s=args.vote_max_age)
+    decision: str | None = None
+    with ExitStack() as stack:
+        gallery = stack.enter_context(Gallery.open(args.gallery, threshold=args.threshold))
+        pipeline = stack.enter_context(_pipeline(args))
+        gallery.check_identity(pipeline.embedder.identity)
+        source = open_source(args.source)
+        stack.callback(source.close)
+        for count, frame in enumerate(source, 1):
+            if frame.lores is not None:  # picamera2: detect on the small stream, crop from main
+                faces = pipeline.process_lores(frame.lores, frame.image, gallery=gallery)
+            else:
+                faces = pipeline.process(frame.image, gallery=gallery)
+            face = _largest_face(faces)
+            seen = face.match.name if face is not None and face.match is not None and face.match.accepted else None
+            voted = vote.update(seen, frame.timestamp)
+            if voted != decision:
+                decision = voted
+                if args.json:
+                    _print_json({"frame": frame.index, "timestamp": frame.timestamp, "name": decision})
+                else:
+                    print(f"frame {frame.index} t={frame.timestamp:.2f}: {decision or 'nobody'}", flush=True)
+            if count == args.max_frames:
+                break
+    return ExitCode.OK
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Summary of the model card (and a check that the model loads)."""
+    path = _model_path(args)
+    with Embedder.from_path(path, num_threads=args.threads) as embedder:
+        card, identity = embedder.card, embedder.identity
+    if args.json:
+        _print_json({"model": str(path), "sha256": identity.sha256, "card": card.to_dict()})
+        return ExitCode.OK
+    thresholds = card.thresholds
+    lines = [
+        ("model", str(path)),
+        ("name", f"{card.name} {card.version}"),
+        ("architecture", card.architecture),
+        ("input", f"{card.input_height}x{card.input_width} {card.color_order}, (pixel - {card.mean:g}) / {card.std:g}"),
+        ("embedding", f"{card.embedding_size}-d"),
+        ("alignment", card.alignment),
+        ("compatibility group", card.compatibility_group or "none"),
+        ("sha256", identity.sha256),
+        ("threshold far@1e-3", "unknown" if thresholds.far_1e3 is None else f"{thresholds.far_1e3:.3f}"),
+        ("threshold best-acc", "unknown" if thresholds.best_accuracy is None else f"{thresholds.best_accuracy:.3f}"),
+    ]
+    if card.lfw:
+        lines.append(("LFW", ", ".join(f"{k} {v}" for k, v in card.lfw.items())))
+    if card.quantization:
+        lines.append(("quantization", ", ".join(f"{k} {v}" for k, v in card.quantization.items())))
+    if card.terms:
+        lines.append(("terms", card.terms))
+    width = max(len(key) for key, _ in lines)
+    for key, value in lines:
+        print(f"{key:<{width}}  {value}")
+    return ExitCode.OK
+
+
+# ---------------------------------------------------------------- parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _distance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value < 4.0:
+        raise argparse.ArgumentTypeError(f"a squared-L2 threshold lies between 0 and 4, got {value}")
+    return value
+
+
+def _vote(text: str) -> tuple[int, int]:
+    try:
+        window, min_agree = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WINDOW:MIN_AGREE such as 5:3, got {text!r}") from None
+    if not 1 <= min_agree <= window:
+        raise argparse.ArgumentTypeError(f"need 1 <= MIN_AGREE <= WINDOW, got {text!r}")
+    return window, min_agree
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (also used to render docs/cli.md's usage lines)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--model", metavar="PATH", help="embedding model .tflite, card .json beside it (default: the shipped model)"
+    )
+    common.add_argument(
+        "--detector", choices=sorted(DETECTORS), default=DEFAULT_DETECTOR, help="face detector (default: %(default)s)"
+    )
+    common.add_argument(
+        "--threads", type=_positive_int, metavar="N", help="CPU threads for the models (default: the runtime's)"
+    )
+    common.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="machine-readable output, one JSON object per line")
+    threshold = argparse.ArgumentParser(add_help=False)
+    threshold.add_argument(
+        "--threshold",
+        type=_distance,
+        metavar="D",
+        help="squared-L2 decision threshold (default: the model card's / the gallery's)",
+    )
+
+    parser = argparse.ArgumentParser(prog="facenet-edge", description="Face recognition on small devices.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("enroll", parents=[common, as_json, threshold], help="add a person to a gallery")
+    p.add_argument("--gallery", required=True, metavar="G", help="gallery file (created if missing)")
+    p.add_argument("--name", required=True, help="the person's name")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="images with exactly one face each")
+    p.set_defaults(handler=cmd_enroll)
+
+    p = commands.add_parser("identify", parents=[common, as_json, threshold], help="who is in these images")
+    p.add_argument("--gallery", required=True, metavar="G")
+    p.add_argument("--top-k", type=_positive_int, default=1, metavar="K", help="candidates per face (default: 1)")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.set_defaults(handler=cmd_identify)
+
+    p = commands.add_parser("verify", parents=[common, as_json, threshold], help="are two faces the same person")
+    p.add_argument("image1", metavar="IMAGE1")
+    p.add_argument("image2", metavar="IMAGE2")
+    p.set_defaults(handler=cmd_verify)
+
+    p = commands.add_parser("embed", parents=[common, as_json], help="face embeddings of images")
+    p.add_argument("--out", metavar="FILE.npy", help="also save all embeddings as one (N, 128) float32 .npy")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.set_defaults(handler=cmd_embed)
+
+    p = commands.add_parser("gallery", help="list, remove, rename, export, import")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    gallery_opts = argparse.ArgumentParser(add_help=False)
+    gallery_opts.add_argument("--gallery", required=True, metavar="G", help="gallery file")
+    a = actions.add_parser("list", parents=[common, gallery_opts, as_json], help="enrolled people")
+    a = actions.add_parser("remove", parents=[common, gallery_opts], help="delete a person and their samples")
+    a.add_argument("name", metavar="NAME")
+    a = actions.add_parser("rename", parents=[common, gallery_opts], help="rename a person")
+    a.add_argument("old", metavar="OLD")
+    a.add_argument("new", metavar="NEW")
+    a = actions.add_parser("export", parents=[common, gallery_opts], help="write all samples to an .npz")
+    a.add_argument("file", metavar="FILE")
+    a = actions.add_parser("import", parents=[common, gallery_opts], help="add the samples of an export")
+    a.add_argument("file", metavar="FILE")
+    p.set_defaults(handler=cmd_gallery)
+
+    p = commands.add_parser("stream", parents=[common, as_json, threshold], help="identify faces in a camera or video")
+    p.add_argument(
+        "--source", required=True, metavar="SRC", help="camera index, video file, RTSP URL, picamera2 or image folder"
+    )
+    p.add_argument("--gallery", required=True, metavar="G")
+    p.add_argument("--max-frames", type=_positive_int, metavar="N", help="stop after N frames")
+    p.add_argument(
+        "--vote",
+        type=_vote,
+        default=(5, 3),
+        metavar="WINDOW:MIN_AGREE",
+        help="a name must win MIN_AGREE of the last WINDOW frames (default: 5:3)",
+    )
+    p.add_argument(
+        "--vote-max-age",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="frames older than S seconds do not vote (default: 2)",
+    )
+    p.set_defaults(handler=cmd_stream)
+
+    p = commands.add_parser("info", parents=[common, as_json], help="model card summary")
+    p.set_defaults(handler=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit code (``facenet-edge`` exits with it)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2): argparse has printed why
+        return int(exc.code or 0)
+    try:
+        return int(args.handler(args))
+    except BrokenPipeError:
+        # The reader of our output went away (``| head``): stop quietly, and keep Python
+        # from complaining again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return int(ExitCode.ERROR)
+    except (FacenetEdgeError, CardError, OSError) as exc:
+        _say(f"error: {_one_line(exc)}")
+        return int(exit_code_for(exc))
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return int(ExitCode.INTERRUPTED)

@@ -1,0 +1,446 @@
+"""The facenet-edge command, end to end with the tiny random-weight test model.
+
+The tiny model has random weights, so these tests assert what is true of any
+embedding model: the same image embeds to the same vector (distance ~0), outputs have
+the documented structure, and errors are reported and leave galleries intact. They do
+not assert that a transformed photo is *recognised* (accepted); see
+``test_flipped_copy_ranks_above_a_decoy`` for the one ranking claim made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sqlite3
+import stat
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from facenet_edge import embed as embed_module
+from facenet_edge.cli import ExitCode, main
+from facenet_edge.embed import Embedder
+from facenet_edge.gallery import Gallery
+
+NAME = "astronaut"
+
+
+def _save_png(path: Path, rgb: np.ndarray) -> str:
+    assert cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    return str(path)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height but holds no pixel data."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory, astronaut) -> dict[str, str]:
+    """Test images on disk, good and bad."""
+    d = tmp_path_factory.mktemp("images")
+    head = astronaut[0:300, 80:380]  # a crop where the face fills enough of the frame for BlazeFace
+    flipped = cv2.resize(astronaut[:, ::-1], None, fx=0.8, fy=0.8, interpolation=cv2.INTER_AREA)
+    paths = {
+        "astronaut": _save_png(d / "astronaut.png", astronaut),
+        "flipped": _save_png(d / "flipped.png", np.ascontiguousarray(flipped)),
+        "blank": _save_png(d / "blank.png", np.full((240, 320, 3), 128, np.uint8)),
+        "two_faces": _save_png(d / "two_faces.png", np.hstack([head, head])),
+        "one_pixel": _save_png(d / "one_pixel.png", np.zeros((1, 1, 3), np.uint8)),
+    }
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "text.jpg").write_text("this is not a JPEG\n")
+    (d / "huge.png").write_bytes(_png_header_only(20000, 20000))
+    paths.update(empty=str(d / "empty.jpg"), text=str(d / "text.jpg"), huge=str(d / "huge.png"))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model) -> str:
+    return str(tiny_model.int8)
+
+
+@pytest.fixture
+def gallery(tmp_path, model, images) -> str:
+    """A gallery with the astronaut enrolled from the original photo."""
+    path = str(tmp_path / "faces.db")
+    assert main(["enroll", "--gallery", path, "--name", NAME, "--model", model, images["astronaut"]]) == 0
+    return path
+
+
+def snapshot(path: str) -> tuple[list, list]:
+    conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        return (
+            conn.execute("SELECT * FROM people ORDER BY id").fetchall(),
+            conn.execute("SELECT * FROM samples ORDER BY id").fetchall(),
+        )
+    finally:
+        conn.close()
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def error_line(capsys) -> str:
+    """The command's stderr, which must be exactly one line and no traceback."""
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("facenet-edge: error: ") and "Traceback" not in err
+    return lines[0]
+
+
+# ---------------------------------------------------------------- happy paths
+
+
+def test_enroll_then_identify(gallery, model, images, capsys):
+    capsys.readouterr()
+    rc = main(["identify", "--gallery", gallery, "--model", model, "--json", images["astronaut"], images["flipped"]])
+    assert rc == ExitCode.OK
+    same, flipped = json_lines(capsys.readouterr().out)
+    assert same["path"] == images["astronaut"] and flipped["path"] == images["flipped"]
+    (face,) = same["faces"]
+    assert face["name"] == NAME and face["distance"] < 2e-3  # same photo: only int8 rounding
+    assert face["matches"] == [
+        {
+            "name": NAME,
+            "distance": face["distance"],
+            "similarity": pytest.approx(1 - face["distance"] / 2, abs=1e-4),
+            "accepted": True,
+        }
+    ]
+    assert len(face["box"]) == 4 and 0 < face["score"] <= 1
+    # The flipped, rescaled copy: one face, ranked against the only enrolled person.
+    (face,) = flipped["faces"]
+    assert face["matches"][0]["name"] == NAME and 0 <= face["matches"][0]["distance"] <= 4
+
+    assert main(["identify", "--gallery", gallery, "--model", model, images["astronaut"]]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{images['astronaut']} face 1 [") and f": {NAME} (distance 0.00" in out
+
+
+def test_flipped_copy_ranks_above_a_decoy(gallery, model, images, capsys):
+    """With a second "person" enrolled from a face-free picture (the embedding of a
+    cat photo), the flipped, rescaled astronaut still ranks the astronaut first. Even a
+    random network maps a mirrored photo of the same scene nearer than a different scene;
+    this is the only recognition claim these tests make."""
+    data = pytest.importorskip("skimage.data")
+    cat = cv2.resize(data.chelsea(), (96, 96), interpolation=cv2.INTER_AREA)
+    with Embedder.from_path(model) as embedder, Gallery.open(gallery) as g:
+        g.add("decoy", embedder.embed(cat[None]), embedder.identity)
+    capsys.readouterr()
+    assert main(["identify", "--gallery", gallery, "--model", model, "--json", "--top-k", "2", images["flipped"]]) == 0
+    (line,) = json_lines(capsys.readouterr().out)
+    names = [m["name"] for m in line["faces"][0]["matches"]]
+    assert names == [NAME, "decoy"]
+
+
+def test_enroll_adds_samples(gallery, model, images, capsys):
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "enroll",
+                "--gallery",
+                gallery,
+                "--name",
+                NAME,
+                "--model",
+                model,
+                "--json",
+                images["flipped"],
+                images["astronaut"],
+            ]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out) == {"gallery": gallery, "name": NAME, "added": 2, "samples": 3}
+
+
+def test_verify(model, images, capsys):
+    assert main(["verify", "--model", model, "--json", images["astronaut"], images["astronaut"]]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["distance"] < 1e-4 and result["same"] is True
+    assert result["threshold"] == 1.0  # the tiny card's far_1e3
+    assert main(["verify", "--model", model, images["astronaut"], images["flipped"]]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(("same person: distance", "different people: distance")) and "similarity" in out
+    assert main(["verify", "--model", model, images["astronaut"], images["blank"]]) == ExitCode.NO_FACE
+    assert "blank.png" in error_line(capsys)
+
+
+def test_embed_json_lines(model, images, capsys):
+    paths = [images["astronaut"], images["text"], images["blank"], images["flipped"]]
+    rc = main(["embed", "--model", model, "--json", *paths])
+    captured = capsys.readouterr()
+    lines = json_lines(captured.out)
+    assert [line["path"] for line in lines] == paths  # one object per image, in order
+    good, unreadable, blank, flipped = lines
+    for line in (good, flipped):
+        assert set(line) == {"path", "faces"}
+        (face,) = line["faces"]
+        assert {"box", "score", "embedding"} <= set(face)
+        embedding = np.array(face["embedding"])
+        assert embedding.shape == (128,) and abs(np.linalg.norm(embedding) - 1) < 1e-4
+    assert unreadable["faces"] == [] and "text.jpg" in unreadable["error"]
+    assert blank == {"path": images["blank"], "faces": []}
+    # Failures are reported and processing goes on; the exit code is the first failure's.
+    assert rc == ExitCode.IMAGE
+    assert "text.jpg" in captured.err and "blank.png" in captured.err and "2 of 4 image(s) failed" in captured.err
+
+
+def test_embed_out_npy(tmp_path, model, images, capsys):
+    out = tmp_path / "e.npy"
+    assert main(["embed", "--model", model, "--out", str(out), images["astronaut"], images["two_faces"]]) == 0
+    matrix = np.load(out)
+    assert matrix.shape == (3, 128) and matrix.dtype == np.float32
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in printed] == ["row 0", "row 1", "row 2"]
+
+
+def test_embed_out_unwritable(tmp_path, model, images, capsys):
+    out = tmp_path / "missing-folder" / "e.npy"
+    assert main(["embed", "--model", model, "--out", str(out), images["astronaut"]]) == ExitCode.ERROR
+    assert "cannot write" in error_line(capsys) and not out.parent.exists()
+
+
+def test_gallery_maintenance(gallery, tmp_path, model, images, capsys):
+    def listing() -> dict:
+        capsys.readouterr()
+        assert main(["gallery", "list", "--gallery", gallery, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    first = listing()
+    assert [p["name"] for p in first["people"]] == [NAME] and first["threshold"] == 1.0
+    assert main(["gallery", "rename", NAME, "Neil", "--gallery", gallery]) == 0
+    assert [p["name"] for p in listing()["people"]] == ["Neil"]
+
+    export = str(tmp_path / "backup.npz")
+    assert main(["gallery", "export", export, "--gallery", gallery]) == 0
+    assert stat.S_IMODE(os.stat(export).st_mode) == 0o600
+    assert main(["gallery", "remove", "Neil", "--gallery", gallery]) == 0
+    assert listing()["people"] == []
+    assert main(["gallery", "import", export, "--gallery", gallery]) == 0
+    assert [(p["name"], p["samples"]) for p in listing()["people"]] == [("Neil", 1)]
+
+    restored = str(tmp_path / "restored.db")  # import into a missing gallery restores it
+    assert main(["gallery", "import", export, "--gallery", restored]) == 0
+    assert snapshot(restored)[1][0][2] == snapshot(gallery)[1][0][2]
+    capsys.readouterr()
+    assert main(["identify", "--gallery", restored, "--model", model, images["astronaut"]]) == 0
+    assert ": Neil (distance" in capsys.readouterr().out
+
+    assert main(["gallery", "list", "--gallery", gallery]) == 0
+    assert capsys.readouterr().out.startswith("Neil\t1 sample(s)\tupdated ")
+
+
+def test_stream_over_a_folder(gallery, tmp_path, model, images, capsys):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, key in enumerate(["blank", "astronaut", "astronaut", "astronaut", "blank"]):
+        shutil.copy(images[key], folder / f"{i:02d}.png")
+    capsys.readouterr()
+    rc = main(
+        [
+            "stream",
+            "--source",
+            str(folder),
+            "--gallery",
+            gallery,
+            "--model",
+            model,
+            "--vote",
+            "3:2",
+            "--json",
+            "--max-frames",
+            "4",
+        ]
+    )
+    assert rc == 0
+    decisions = json_lines(capsys.readouterr().out)
+    # Frames 1 and 2 show the astronaut: the vote settles on frame 2; frame 4 is never read.
+    assert [(d["frame"], d["name"]) for d in decisions] == [(2, NAME)]
+
+
+def test_info(model, capsys):
+    assert main(["info", "--model", model]) == 0
+    out = capsys.readouterr().out
+    assert "tiny_int8 0" in out and re.search(r"threshold far@1e-3 +1\.000", out)
+    assert main(["info", "--model", model, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["card"]["input_height"] == 96 and len(info["sha256"]) == 64
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "image, code, words",
+    [
+        ("empty", ExitCode.IMAGE, "empty"),
+        ("text", ExitCode.IMAGE, "text.jpg"),
+        ("one_pixel", ExitCode.IMAGE, "too small"),
+        ("huge", ExitCode.IMAGE, "too large"),
+        ("blank", ExitCode.NO_FACE, "no face found in"),
+        ("two_faces", ExitCode.MULTIPLE_FACES, "2 faces found in"),
+    ],
+)
+def test_enroll_bad_image_leaves_gallery_intact(gallery, model, images, capsys, image, code, words):
+    before = snapshot(gallery)
+    capsys.readouterr()
+    # A good image first: nothing is written unless every image has exactly one face.
+    rc = main(
+        ["enroll", "--gallery", gallery, "--name", "someone", "--model", model, images["astronaut"], images[image]]
+    )
+    assert rc == code
+    line = error_line(capsys)
+    assert words in line and Path(images[image]).name in line
+    assert snapshot(gallery) == before
+
+
+def test_enroll_bad_image_creates_no_gallery(tmp_path, model, images, capsys):
+    path = tmp_path / "new.db"
+    assert (
+        main(["enroll", "--gallery", str(path), "--name", "x", "--model", model, images["blank"]]) == ExitCode.NO_FACE
+    )
+    assert not path.exists()
+
+
+def test_enroll_invalid_name(gallery, model, images, capsys):
+    before = snapshot(gallery)
+    capsys.readouterr()
+    assert (
+        main(["enroll", "--gallery", gallery, "--name", "bad\nname", "--model", model, images["astronaut"]])
+        == ExitCode.GALLERY
+    )
+    assert "control characters" in error_line(capsys)
+    assert snapshot(gallery) == before
+
+
+def test_truncated_model(gallery, tmp_path, model, images, capsys):
+    truncated = tmp_path / "truncated.tflite"
+    data = Path(model).read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    shutil.copy(Path(model).with_suffix(".json"), truncated.with_suffix(".json"))
+    before = snapshot(gallery)
+    capsys.readouterr()
+    for command in (
+        ["enroll", "--gallery", gallery, "--name", "x", images["astronaut"]],
+        ["identify", "--gallery", gallery, images["astronaut"]],
+        ["info"],
+    ):
+        assert main([*command, "--model", str(truncated)]) == ExitCode.MODEL
+        assert "truncated.tflite" in error_line(capsys)
+    assert snapshot(gallery) == before
+
+
+def test_incompatible_model(gallery, tiny_model, images, capsys):
+    before = snapshot(gallery)
+    capsys.readouterr()
+    other = str(tiny_model.float32)  # different file, no shared compatibility group
+    assert main(["identify", "--gallery", gallery, "--model", other, images["astronaut"]]) == ExitCode.INCOMPATIBLE
+    assert "cannot be compared" in error_line(capsys)
+    assert (
+        main(["enroll", "--gallery", gallery, "--name", "x", "--model", other, images["astronaut"]])
+        == ExitCode.INCOMPATIBLE
+    )
+    error_line(capsys)
+    assert snapshot(gallery) == before
+
+
+def test_unknown_gallery_and_names(gallery, tmp_path, model, images, capsys):
+    missing = str(tmp_path / "missing.db")
+    capsys.readouterr()
+    assert main(["identify", "--gallery", missing, "--model", model, images["astronaut"]]) == ExitCode.GALLERY
+    assert "gallery not found" in error_line(capsys) and not Path(missing).exists()
+    assert main(["gallery", "list", "--gallery", missing]) == ExitCode.GALLERY
+    error_line(capsys)
+    not_a_gallery = tmp_path / "notes.db"
+    not_a_gallery.write_text("hello")
+    assert main(["gallery", "list", "--gallery", str(not_a_gallery)]) == ExitCode.GALLERY
+    assert "not an SQLite database" in error_line(capsys) and not_a_gallery.read_text() == "hello"
+    before = snapshot(gallery)
+    assert main(["gallery", "remove", "nobody", "--gallery", gallery]) == ExitCode.GALLERY
+    assert "nobody" in error_line(capsys)
+    assert main(["gallery", "rename", NAME, "", "--gallery", gallery]) == ExitCode.GALLERY
+    error_line(capsys)
+    assert snapshot(gallery) == before
+
+
+def test_no_default_model(monkeypatch, tmp_path, images, capsys):
+    monkeypatch.setattr(embed_module, "MODELS_DIR", tmp_path)
+    monkeypatch.setattr(embed_module, "DEFAULT_MODEL_POINTER", tmp_path / "default.txt")
+    capsys.readouterr()
+    assert main(["embed", images["astronaut"]]) == ExitCode.MODEL
+    assert "pass --model PATH" in error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["identify"],
+        ["embed", "--threads", "0", "x.png"],
+        ["stream", "--source", "0", "--gallery", "g", "--vote", "2:3"],
+        ["nonsense"],
+    ],
+)
+def test_usage_errors(argv, capsys):
+    assert main(argv) == ExitCode.USAGE
+    assert "usage:" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the installed command
+
+
+def _console_script() -> str:
+    script = Path(sys.executable).with_name("facenet-edge")
+    if not script.exists():
+        pytest.skip("the facenet-edge console script is not installed (pip install -e .)")
+    return str(script)
+
+
+def _our_stderr(err: str) -> list[str]:
+    # The TFLite runtime prints "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+    # from native code when a model loads; that line is not ours.
+    return [line for line in err.splitlines() if not line.startswith("INFO: Created TensorFlow Lite")]
+
+
+def test_console_script_embed(model, images):
+    run = subprocess.run(
+        [_console_script(), "embed", "--json", "--model", model, images["astronaut"]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    (line,) = json_lines(run.stdout)
+    assert len(line["faces"][0]["embedding"]) == 128
+    assert _our_stderr(run.stderr) == []
+
+
+def test_console_script_error(gallery, model, images):
+    before = snapshot(gallery)
+    run = subprocess.run(
+        [_console_script(), "enroll", "--gallery", gallery, "--name", "x", "--model", model, images["two_faces"]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == ExitCode.MULTIPLE_FACES
+    assert run.stdout == ""
+    (line,) = _our_stderr(run.stderr)
+    assert line.startswith("facenet-edge: error: 2 faces found in")
+    assert snapshot(gallery) == before

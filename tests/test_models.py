@@ -1,0 +1,188 @@
+"""Model builders and their parameter / operation counts (facenet_train.models, facenet_train.flops)."""
+
+import collections
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from facenet_train.flops import count_flops, format_report
+from facenet_train.models import MODELS, build_model
+
+
+@pytest.fixture(scope="module")
+def reports():
+    """One build and count per model, shared by the tests below."""
+    return {name: count_flops(build_model(name)) for name in MODELS}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_builds_with_native_shape_and_unit_norm_output(name):
+    model = build_model(name)
+    assert model.name == name
+    assert tuple(model.input_shape) == (None, *MODELS[name].input_shape)
+    assert tuple(model.output_shape) == (None, 128)
+    images = np.random.default_rng(0).random((2, *MODELS[name].input_shape), dtype=np.float32)
+    norms = np.linalg.norm(model(images, training=False).numpy(), axis=1)
+    np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+
+
+def test_embedding_size_and_input_shape_override():
+    model = build_model("nn4_small2", embedding_size=64, input_shape=(112, 112, 3))
+    assert tuple(model.input_shape) == (None, 112, 112, 3)
+    assert tuple(model.output_shape) == (None, 64)
+
+
+def test_unknown_model_names_the_choices():
+    with pytest.raises(ValueError, match="nn4_small2"):
+        build_model("nn5")
+
+
+def test_nn4_small2_matches_openface_parameter_count(reports):
+    report = reports["nn4_small2"]
+    # OpenFace's Torch count (3,733,968) holds conv weights + conv biases + BN scale and shift. Ours has
+    # no conv biases (trainable = OpenFace - C) and Keras adds BN's moving mean/variance (all = OpenFace + C),
+    # C being the total number of conv output channels: both counts straddle OpenFace's by the same C.
+    assert (report.trainable_params, report.params) == (3_729_312, 3_738_624)
+    assert (report.params + report.trainable_params) // 2 == MODELS["nn4_small2"].paper.params
+    assert report.macs == pytest.approx(207.4e6, rel=1e-3)
+
+
+def test_nn4_matches_openface_nn4_and_the_paper_flops(reports):
+    report = reports["nn4"]
+    assert (report.params + report.trainable_params) // 2 == 6_959_088  # OpenFace nn4.def.lua's count
+    assert report.macs == pytest.approx(MODELS["nn4"].paper.macs, rel=0.03)  # measured 289.5M vs 285M
+
+
+@pytest.mark.parametrize(
+    "name, params_rel, macs_rel",
+    [("nn2", 0.01, 0.01), ("nns1", 0.02, 0.02), ("nns2", 0.02, 0.06)],  # measured: see docs/models.md
+)
+def test_totals_near_the_paper(reports, name, params_rel, macs_rel):
+    report, paper = reports[name], MODELS[name].paper
+    assert report.trainable_params == pytest.approx(paper.params, rel=params_rel)
+    assert report.macs == pytest.approx(paper.macs, rel=macs_rel)
+
+
+# FaceNet Table 2 (NN2), per row: (layer-name prefixes, params, FLOPS = multiply-adds), as printed.
+NN2_TABLE = [
+    (("conv1",), 9e3, 119e6),
+    (("conv2",), 115e3, 360e6),
+    (("inception_3a",), 164e3, 128e6),
+    (("inception_3b",), 228e3, 179e6),
+    (("inception_3c",), 398e3, 108e6),
+    (("inception_4a",), 545e3, 107e6),
+    (("inception_4b",), 595e3, 117e6),
+    (("inception_4c",), 654e3, 128e6),
+    (("inception_4d",), 722e3, 142e6),
+    (("inception_4e",), 717e3, 56e6),
+    (("inception_5a",), 1.6e6, 78e6),
+    (("inception_5b",), 1.6e6, 78e6),
+    (("embedding_dense",), 131e3, 0.1e6),
+]
+
+
+@pytest.mark.parametrize("prefixes, params, macs", NN2_TABLE, ids=[row[0][0] for row in NN2_TABLE])
+def test_nn2_rows_match_the_paper_table(reports, prefixes, params, macs):
+    rows = [layer for layer in reports["nn2"].layers if layer.name.startswith(prefixes)]
+    # The paper counts a conv's weights and bias; ours are the weights plus BN's scale and shift, one
+    # per channel more. Its multiply-adds count the bias; ours count BN's scale-and-shift instead.
+    batchnorm_channels = sum(layer.output_shape[-1] for layer in rows if layer.kind == "BatchNormalization")
+    deployed_params = sum(layer.params for layer in rows) - 3 * batchnorm_channels  # BN folded into conv biases
+    assert deployed_params == pytest.approx(params, rel=0.01, abs=500)
+    assert sum(layer.macs for layer in rows) == pytest.approx(macs, rel=0.01, abs=0.05e6)
+
+
+def test_counts_of_a_hand_computed_model():
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", name="conv")(inputs)  # 8x8x8, bias
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.ReLU(name="relu")(x)
+    x = keras.layers.MaxPooling2D(2, name="pool")(x)  # 4x4x8
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dense(4, activation="relu", name="dense")(x)
+    report = count_flops(keras.Model(inputs, x, name="tiny"))
+    got = {layer.name: (layer.output_shape, layer.params, layer.macs, layer.flops) for layer in report.layers}
+    assert got["conv"] == ((8, 8, 8), 3 * 3 * 3 * 8 + 8, 64 * 8 * (27 + 1), 2 * 64 * 8 * 27 + 64 * 8)
+    assert got["bn"] == ((8, 8, 8), 4 * 8, 512, 1024)
+    assert got["relu"] == ((8, 8, 8), 0, 0, 512)
+    assert got["pool"] == ((4, 4, 8), 0, 0, 4 * 128)
+    assert got["flatten"] == ((128,), 0, 0, 0)
+    assert got["dense"] == ((4,), 128 * 4 + 4, 4 * 129, 2 * 4 * 128 + 4 + 4)
+    assert report.params == 224 + 32 + 516
+    assert report.trainable_params == report.params - 16  # BN's moving mean and variance
+    assert report.input_shape == (16, 16, 3)
+
+
+def test_unknown_layer_kind_is_refused():
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, keras.layers.DepthwiseConv2D(3, name="dw")(inputs))
+    with pytest.raises(ValueError, match="'dw' of type DepthwiseConv2D"):
+        count_flops(model)
+
+
+def test_counts_agree_with_the_tensorflow_profiler(reports):
+    """Cross-check against tf.profiler's graph-based count, layer by layer, on the default model."""
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    model = build_model("nn4_small2")
+    fn = tf.function(lambda images: model(images, training=False))
+    graph = convert_variables_to_constants_v2(fn.get_concrete_function(tf.TensorSpec((1, 96, 96, 3)))).graph
+    builder = tf.compat.v1.profiler.ProfileOptionBuilder
+    options = builder(builder.float_operation()).with_empty_output().build()
+    profile = tf.compat.v1.profiler.profile(graph=graph, cmd="scope", options=options)
+    per_layer = collections.Counter()
+    stack = list(profile.children)
+    while stack:
+        node = stack.pop()
+        # Op names are "<model scope>/<layer name>_1/<op>": sum each op into its layer.
+        per_layer[node.name.split("/")[1].removesuffix("_1")] += node.float_ops
+        stack.extend(node.children)
+    for layer in reports["nn4_small2"].layers:
+        profiled = per_layer[layer.name]
+        if layer.kind in ("Conv2D", "Dense", "MaxPooling2D", "AveragePooling2D"):
+            assert profiled == layer.flops, layer.name
+        elif layer.kind == "BatchNormalization":
+            # The graph also turns mean/variance/scale into a multiplier and offset per channel on every
+            # call (6 ops per channel); a converted model has that folded away.
+            assert profiled - layer.flops == 6 * layer.output_shape[-1], layer.name
+        elif layer.kind == "ReLU":
+            assert profiled == 0  # TensorFlow registers no FLOP count for Relu
+        elif layer.kind == "L2Normalize":
+            assert profiled == pytest.approx(layer.flops, rel=0.01)
+
+
+def test_format_report_lists_layers_and_totals(reports):
+    report = reports["nns2"]
+    text = format_report(report)
+    assert text.splitlines()[0] == "nns2: input 140x116x3"
+    assert "inception_3a_3x3_reduce" in text
+    assert f"{report.macs:,}" in text.splitlines()[-2]
+    assert text.splitlines()[-1].startswith(f"params {report.params / 1e6:.2f}M")
+
+
+def test_keras_file_round_trip_keeps_outputs(tmp_path):
+    model = build_model("nns2")  # both custom layers, the fully connected top
+    images = np.random.default_rng(1).random((3, 140, 116, 3), dtype=np.float32)
+    path = tmp_path / "nns2.keras"
+    model.save(path)
+    reloaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(reloaded(images, training=False).numpy(), model(images, training=False).numpy())
+
+
+def test_int8_conversion_uses_only_edge_tpu_ops():
+    model = build_model("nn4_small2")
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    rng = np.random.default_rng(2)
+    converter.representative_dataset = lambda: ([rng.random((1, 96, 96, 3), dtype=np.float32)] for _ in range(4))
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.uint8
+    interpreter = tf.lite.Interpreter(model_content=converter.convert())
+    ops = collections.Counter(op["op_name"] for op in interpreter._get_ops_details())
+    allowed = {"QUANTIZE", "CONV_2D", "MAX_POOL_2D", "AVERAGE_POOL_2D", "CONCATENATION", "RESHAPE",
+               "FULLY_CONNECTED", "L2_NORMALIZATION", "DEQUANTIZE"}  # fmt: skip
+    assert set(ops) <= allowed, ops
+    assert ops["L2_NORMALIZATION"] == 1
+    assert ops["CONV_2D"] == 37

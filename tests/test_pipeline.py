@@ -1,0 +1,135 @@
+"""FacePipeline end to end on the astronaut, lores/main detection, gallery hook, Vote."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from facenet_edge.errors import ModelError
+from facenet_edge.pipeline import Face, FacePipeline, PipelineOptions, Vote
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_model):
+    with FacePipeline(model_path=tiny_model.int8) as p:
+        yield p
+
+
+def test_end_to_end(pipeline, astronaut):
+    (face,) = pipeline.process(astronaut)
+    assert isinstance(face, Face)
+    assert face.embedding.shape == (128,) and face.embedding.dtype == np.float32
+    assert np.linalg.norm(face.embedding) == pytest.approx(1.0, abs=1e-5)
+    assert face.landmarks.shape == (4, 2) and 0.8 < face.score <= 1.0
+    assert 150 < face.box[0] < face.box[2] < 300
+    assert face.match is None
+
+
+def test_no_face(pipeline):
+    assert pipeline.process(np.zeros((240, 320, 3), np.uint8)) == []
+
+
+def test_create_from_options(tiny_model, pipeline, astronaut):
+    options = PipelineOptions(model_path=str(tiny_model.int8), detector="haar", detector_options={"min_size": 40})
+    with FacePipeline.create_from_options(options) as haar:
+        assert haar.options == options
+        assert haar.detector.min_size == 40
+        (face,) = haar.process(astronaut)
+    assert face.landmarks is None and face.embedding.shape == (128,)
+    assert pipeline.embedder.input_size == (96, 96)
+
+
+def test_wide_frames_are_shrunk_for_resolution_bound_detectors(tiny_model, astronaut):
+    big = cv2.resize(astronaut, None, fx=2, fy=2)
+    with FacePipeline(model_path=tiny_model.int8, detector="haar") as haar:
+        (small,) = haar.process(astronaut)
+        calls = []
+        detect = haar.detector.detect
+        haar.detector.detect = lambda image: calls.append(image.shape) or detect(image)
+        (large,) = haar.process(big)
+    assert calls == [(640, 640, 3)]  # 1024 x 1024 -> detect_width 640
+    np.testing.assert_allclose(large.box / 2, small.box, atol=8)
+
+
+def test_filters(tiny_model, astronaut):
+    with FacePipeline(model_path=tiny_model.int8, min_face_size=200) as p:
+        assert p.process(astronaut) == []
+    with FacePipeline(model_path=tiny_model.int8, max_faces=0) as p:
+        assert p.process(astronaut) == []
+
+
+def test_process_lores(pipeline, astronaut):
+    lores = cv2.resize(astronaut, (256, 256), interpolation=cv2.INTER_AREA)
+    (face,) = pipeline.process_lores(lores, astronaut)
+    (direct,) = pipeline.process(astronaut)
+    np.testing.assert_allclose(face.landmarks, direct.landmarks, atol=6)
+    assert float(face.embedding @ direct.embedding) > 0.99
+    with pytest.raises(ValueError, match="aspect ratio"):
+        pipeline.process_lores(cv2.resize(astronaut, (320, 240)), astronaut)
+
+
+def test_gallery_is_called_once_per_frame(pipeline, astronaut):
+    class FakeGallery:
+        def __init__(self):
+            self.calls = []
+
+        def match(self, embeddings, identity, top_k):
+            self.calls.append((embeddings.shape, identity, top_k))
+            return [f"match-{i}" for i in range(len(embeddings))]
+
+    gallery = FakeGallery()
+    (face,) = pipeline.process(astronaut, gallery=gallery, top_k=3)
+    assert gallery.calls == [((1, 128), pipeline.embedder.identity, 3)]
+    assert face.match == "match-0"
+
+
+def test_embed_image(pipeline, astronaut, tmp_path):
+    path = tmp_path / "astronaut.png"
+    cv2.imwrite(str(path), cv2.cvtColor(astronaut, cv2.COLOR_RGB2BGR))
+    (from_file,) = pipeline.embed_image(path)
+    (from_array,) = pipeline.embed_image(astronaut)
+    np.testing.assert_array_equal(from_file.embedding, from_array.embedding)
+
+
+def test_no_default_model_yet(monkeypatch):
+    from facenet_edge import pipeline as pipeline_module
+
+    def no_default():
+        raise ModelError("no default model is shipped yet; pass --model PATH")
+
+    monkeypatch.setattr(pipeline_module, "default_model_path", no_default)
+    with pytest.raises(ModelError, match="pass --model PATH"):
+        FacePipeline()
+
+
+def test_vote_needs_agreement():
+    vote = Vote(window=5, min_agree=3, max_age_s=2.0)
+    assert vote.update("ann", 0.0) is None
+    assert vote.update(None, 0.1) is None
+    assert vote.update("ann", 0.2) is None
+    assert vote.update("bob", 0.3) is None
+    assert vote.update("ann", 0.4) == "ann"
+    assert vote.update("ann", 0.5) == "ann"
+    assert vote.update("bob", 0.6) == "ann"  # last 5: ann bob ann ann bob
+    assert vote.update("bob", 0.7) == "bob"  # last 5: bob ann ann bob bob
+
+
+def test_vote_forgets_old_frames():
+    vote = Vote(window=5, min_agree=3, max_age_s=1.0)
+    vote.update("ann", 0.0)
+    vote.update("ann", 0.5)
+    assert vote.update("ann", 2.0) is None  # the first two are too old
+    assert vote.update("ann", 2.1) is None
+    assert vote.update("ann", 2.2) == "ann"
+    vote.reset()
+    assert vote.update("ann", 2.3) is None
+
+
+def test_vote_tie_and_validation():
+    vote = Vote(window=4, min_agree=2)
+    for name, t in [("ann", 0.0), ("bob", 0.1), ("ann", 0.2), ("bob", 0.3)]:
+        result = vote.update(name, t)
+    assert result is None
+    with pytest.raises(ValueError):
+        Vote(window=3, min_agree=4)
