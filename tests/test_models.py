@@ -136,8 +136,9 @@ def test_counts_agree_with_the_tensorflow_profiler(reports):
     stack = list(profile.children)
     while stack:
         node = stack.pop()
-        # Op names are "<model scope>/<layer name>_1/<op>": sum each op into its layer.
-        per_layer[node.name.split("/")[1].removesuffix("_1")] += node.float_ops
+        scopes = node.name.split("/")
+        if len(scopes) > 1:  # "<model scope>/<layer name>_1/<op>": sum each op into its layer
+            per_layer[scopes[1].removesuffix("_1")] += node.float_ops
         stack.extend(node.children)
     for layer in reports["nn4_small2"].layers:
         profiled = per_layer[layer.name]
@@ -179,7 +180,9 @@ def test_int8_conversion_uses_only_edge_tpu_ops():
     converter.representative_dataset = lambda: ([rng.random((1, 96, 96, 3), dtype=np.float32)] for _ in range(4))
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter.inference_input_type = tf.uint8
-    interpreter = tf.lite.Interpreter(model_content=converter.convert())
+    from ai_edge_litert.interpreter import Interpreter  # the runtime's interpreter
+
+    interpreter = Interpreter(model_content=converter.convert())
     ops = collections.Counter(op["op_name"] for op in interpreter._get_ops_details())
     allowed = {"QUANTIZE", "CONV_2D", "MAX_POOL_2D", "AVERAGE_POOL_2D", "CONCATENATION", "RESHAPE",
                "FULLY_CONNECTED", "L2_NORMALIZATION", "DEQUANTIZE"}  # fmt: skip

@@ -105,7 +105,8 @@ def format_report(report: FlopReport) -> str:
     ]
     for layer in report.layers:
         shape = "x".join(map(str, layer.output_shape))
-        lines.append(row.format(layer.name, layer.kind, shape, f"{layer.params:,}", f"{layer.macs:,}", f"{layer.flops:,}"))
+        counts = (f"{layer.params:,}", f"{layer.macs:,}", f"{layer.flops:,}")
+        lines.append(row.format(layer.name, layer.kind, shape, *counts))
     lines.append(row.format("total", "", "", f"{report.params:,}", f"{report.macs:,}", f"{report.flops:,}"))
     lines.append(
         f"params {report.params / 1e6:.2f}M ({report.trainable_params / 1e6:.2f}M trainable), "

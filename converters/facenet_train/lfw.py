@@ -52,7 +52,9 @@ def read_pairs(pairs_txt: str | Path) -> list[list[Pair]]:
         raise ValueError(f"{path}:1: expected '<folds> <pairs per fold>', e.g. '10 300'") from None
     expected = 1 + n_folds * 2 * per_fold
     if len(lines) < expected or any(line.strip() for line in lines[expected:]):
-        raise ValueError(f"{path}: header says {n_folds} folds of 2x{per_fold} pairs, so {expected} lines; file has {len(lines)}")
+        raise ValueError(
+            f"{path}: header says {n_folds} folds of 2x{per_fold} pairs, so {expected} lines; file has {len(lines)}"
+        )
     folds = []
     for fold in range(n_folds):
         start = 1 + fold * 2 * per_fold
@@ -71,7 +73,8 @@ def _parse_pair(line: str, issame: bool, path: Path, line_no: int) -> Pair:
     except ValueError:
         pass
     layout = "name n1 n2" if issame else "name1 n1 name2 n2"
-    raise ValueError(f"{path}:{line_no}: expected a {'matched' if issame else 'mismatched'} pair '{layout}', got {line!r}")
+    kind = "matched" if issame else "mismatched"
+    raise ValueError(f"{path}:{line_no}: expected a {kind} pair '{layout}', got {line!r}")
 
 
 def lfw_overlap(path: str | Path) -> list[LfwOverlap]:
@@ -79,12 +82,12 @@ def lfw_overlap(path: str | Path) -> list[LfwOverlap]:
 
     This is what ``shared/tools/datasets.py lfw-overlap`` writes (e.g. ``pins\tpins_Bill Gates\tBill_Gates``);
     folder names may contain spaces. Training sets leave these folders out so LFW scores are not
-    inflated by people seen in training. Blank lines are skipped.
+    inflated by people seen in training. Blank lines and ``#`` comment lines are skipped.
     """
     path = Path(path)
     rows = []
     for line_no, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
+        if not line.strip() or line.startswith("#"):
             continue
         fields = line.split("\t")
         if len(fields) != 3 or not all(fields):

@@ -68,7 +68,7 @@ def evaluate_distances(
     folds = np.array_split(np.arange(d.size), n_folds)
     for k, fold in enumerate(folds):
         if same[fold].all() or not same[fold].any():
-            raise ValueError(f"fold {k} (pairs {fold[0] if fold.size else '-'}..) needs both matched and mismatched pairs")
+            raise ValueError(f"fold {k} of {n_folds} needs both matched and mismatched pairs (pairs go in fold order)")
     # From at or below the smallest distance (nothing accepted) to above the largest (everything accepted).
     grid = np.arange(min(0.0, d.min()), max(4.0, d.max()) + 2 * step, step)
 

@@ -3,7 +3,8 @@
 Every model is ``image -> Inception trunk -> Dense(embedding_size) -> L2Normalize`` and uses only
 layers that quantize to int8 and map on the Edge TPU: Conv2D + BatchNormalization (folded into the
 convolution at conversion) + ReLU, MaxPooling2D, AveragePooling2D, Concatenate, Dense,
-:class:`StaticFlatten` (one RESHAPE) and :class:`L2Normalize`. Departures from the paper, each because of that constraint:
+:class:`StaticFlatten` (one RESHAPE) and :class:`L2Normalize`. Departures from the paper, each
+because of that constraint:
 
 - the paper's L2 pooling inside Inception blocks is average pooling here;
 - there is no local response normalisation (batch normalisation follows every convolution).
@@ -15,10 +16,8 @@ docs/models.md states it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Union
-
 import math
+from dataclasses import dataclass
 
 import keras
 import tensorflow as tf
@@ -97,7 +96,7 @@ class Inception:
     stride: int = 1
 
 
-Stage = Union[Conv, MaxPool, Inception]
+Stage = Conv | MaxPool | Inception
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import multiprocessing
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -309,28 +309,31 @@ LFW_CENTRE_FALLBACK = 1 / 2.2
 fraction of the side, centred."""
 
 
-def lfw_samples(lfw_dir: str | Path, pairs_file: str | Path | None = None) -> list[Sample]:
-    """Every image that the pairs file uses, once, sorted."""
+def lfw_samples(lfw_dir: str | Path) -> list[Sample]:
+    """Every image that LFW's ``pairs.txt`` uses, once, sorted."""
     from .lfw import read_pairs
 
     lfw_dir = Path(lfw_dir)
-    pairs = read_pairs(pairs_file or lfw_dir / "pairs.txt", lfw_dir)
-    paths = sorted({str(p) for pair in pairs for p in (pair.path1, pair.path2)})
+    pairs = [pair for fold in read_pairs(lfw_dir / "pairs.txt") for pair in fold]
+    paths = sorted({str(path) for pair in pairs for path in pair.paths(lfw_dir)})
     return [Sample(p, f"lfw/{Path(p).parent.name}", "lfw") for p in paths]
+
+
+def build_lfw_cache(lfw_dir: str | Path, out: str | Path, options: CropOptions, shard_size: int = 1000,
+                    workers: int = 1) -> CacheManifest:
+    """The crop cache of the LFW pair images; a centre box stands in where no face is found."""
+    options = replace(options, centre_fallback=LFW_CENTRE_FALLBACK)
+    return build_cache(lfw_samples(lfw_dir), out, options, shard_size, workers)
 
 
 def add_lfw_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lfw", required=True, type=Path, help="LFW folder (one folder per person, pairs.txt)")
-    parser.add_argument("--pairs", type=Path, help="pairs file (default: LFW/pairs.txt)")
     parser.add_argument("--out", required=True, type=Path, help="cache folder")
     _add_crop_arguments(parser)
 
 
 def run_lfw(args: argparse.Namespace) -> int:
-    samples = lfw_samples(args.lfw, args.pairs)
-    options = CropOptions(crop_size=args.crop_size, border=args.border, detector=args.detector,
-                          centre_fallback=LFW_CENTRE_FALLBACK)
-    print(f"{len(samples)} LFW images used by the pairs")
-    manifest = build_cache(samples, args.out, options, args.shard_size, args.workers)
+    options = CropOptions(crop_size=args.crop_size, border=args.border, detector=args.detector)
+    manifest = build_lfw_cache(args.lfw, args.out, options, args.shard_size, args.workers)
     print_summary(manifest, args.out)
     return 0

@@ -26,7 +26,11 @@ Matching
     never forced onto the nearest person. A person's distance is that of their closest
     sample. The int8 matrix is cached in memory (128 bytes/face) and dequantized on the
     fly in blocks that stay in cache: at 100k faces that is as fast as keeping a float32
-    copy (measured) with a quarter of the memory.
+    copy (measured) with a quarter of the memory. The dot products use numpy's own
+    single-threaded loops (``einsum``), not BLAS: OpenBLAS's thread pool made a 100k-face
+    match 10-20x slower whenever other work shared the CPU (camera, detector, embedder
+    threads on a Pi; measured at load 5 on 2 cores: 9 ms with einsum, 90-190 ms with
+    ``matmul``), while unloaded the two are within a few milliseconds.
 """
 
 from __future__ import annotations
@@ -510,7 +514,7 @@ class Gallery:
         out = np.empty((len(queries), len(index.matrix)), dtype=np.float32)
         for start in range(0, len(index.matrix), _BLOCK_ROWS):
             block = index.matrix[start : start + _BLOCK_ROWS].astype(np.float32)
-            np.matmul(queries, block.T, out=out[:, start : start + _BLOCK_ROWS])
+            np.einsum("qd,nd->qn", queries, block, out=out[:, start : start + _BLOCK_ROWS])
         out *= index.inv_norm  # the /127 cancels in the renormalisation
         return out
 

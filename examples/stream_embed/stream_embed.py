@@ -1,0 +1,396 @@
+"""Stream embeddings: every face in a camera, video file or RTSP stream, with its embedding,
+written as JSON Lines or as chunked ``.npz`` files.
+
+A live source is read in a capture thread that keeps only the newest frame, so a slow
+device falls behind by dropping frames (counted and reported) instead of building a
+backlog of ever-older ones. A video file is read in step with processing: every frame is
+processed unless ``--every``/``--fps`` say otherwise.
+
+    python stream_embed.py --model m.tflite --source 0 --out faces.jsonl
+    python stream_embed.py --model m.tflite --source rtsp://cam/stream --fps 5 --out faces.npz --chunk 500
+    python stream_embed.py --model m.tflite --source clip.mp4 --every 3 --out -   # JSON Lines on stdout
+
+Embeddings are biometric data: output files are created with mode 0600.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Protocol
+
+import cv2
+import numpy as np
+
+from facenet_edge import FacePipeline, FacenetEdgeError, Frame, open_source
+from facenet_edge.camera import FrameSource
+
+log = logging.getLogger("stream_embed")
+
+
+# ------------------------------------------------------------------ reading frames
+
+
+class LatestFrameReader:
+    """Iterates a live source from a capture thread, handing out only the newest frame.
+
+    A frame the consumer had not taken when the next one arrived is dropped and counted.
+    The thread owns the source from here on and closes it itself, so a read in progress
+    is never pulled from under it. An error in the source (a camera that stayed lost
+    after the source's own reconnect attempts) is raised to the consumer.
+    """
+
+    def __init__(self, source: FrameSource) -> None:
+        self.read = 0
+        self.dropped = 0
+        self._source = source
+        self._newest: Frame | None = None
+        self._done = False
+        self._error: BaseException | None = None
+        self._changed = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._capture, name="capture", daemon=True)
+        self._thread.start()
+
+    def _capture(self) -> None:
+        try:
+            for frame in self._source:
+                with self._changed:
+                    if self._newest is not None:
+                        self.dropped += 1
+                    self._newest = frame
+                    self.read += 1
+                    self._changed.notify()
+                if self._stop.is_set():
+                    break
+        except Exception as exc:  # reported by the consumer, in the main thread
+            self._error = exc
+        finally:
+            self._source.close()
+            with self._changed:
+                self._done = True
+                self._changed.notify()
+
+    def __iter__(self) -> Iterator[Frame]:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._newest is not None or self._done)
+                frame, self._newest = self._newest, None
+            if frame is None:
+                if self._error is not None:
+                    raise self._error
+                return
+            yield frame
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the capture thread (a thread stuck in a read is left to die with the process)."""
+        self._stop.set()
+        self._thread.join(timeout_s)
+
+
+class CountingReader:
+    """A file or folder read in step with processing: nothing is ever dropped."""
+
+    def __init__(self, source: FrameSource) -> None:
+        self.read = 0
+        self.dropped = 0
+        self._source = source
+
+    def __iter__(self) -> Iterator[Frame]:
+        for frame in self._source:
+            self.read += 1
+            yield frame
+
+    def close(self) -> None:
+        self._source.close()
+
+
+def is_offline(spec: str) -> bool:
+    """A video file or a folder of images (read at our pace), not a camera or stream."""
+    return not spec.isdigit() and spec != "picamera2" and "://" not in spec and Path(spec).exists()
+
+
+@dataclass
+class FrameGate:
+    """Which frames to process: every ``every``-th frame, and no more than ``fps`` per
+    second of the source's clock (None: no limit)."""
+
+    every: int = 1
+    fps: float | None = None
+    _seen: int = field(default=0, init=False, repr=False)
+    _last: float = field(default=-float("inf"), init=False, repr=False)
+
+    def __call__(self, frame: Frame) -> bool:
+        self._seen += 1
+        if (self._seen - 1) % self.every:
+            return False
+        # A little slack so a 30 fps source is not cut to 15 by jitter when asking for 30.
+        if self.fps is not None and frame.timestamp - self._last < 0.95 / self.fps:
+            return False
+        self._last = frame.timestamp
+        return True
+
+
+# ------------------------------------------------------------------ writing faces
+
+
+@dataclass(frozen=True)
+class FaceRecord:
+    """One face: ``timestamp`` in seconds (the position for a video file, Unix time of
+    capture otherwise), the frame's index, box (x1, y1, x2, y2), detector score and the
+    128-d unit embedding."""
+
+    timestamp: float
+    frame: int
+    box: np.ndarray
+    score: float
+    embedding: np.ndarray
+
+
+class Writer(Protocol):
+    def write(self, records: list[FaceRecord]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def open_private(path: Path, mode: str = "w") -> IO:
+    """Open for writing, creating the file with mode 0600 (embeddings are biometric data)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    return os.fdopen(fd, mode)
+
+
+class JsonLinesWriter:
+    """One JSON object per face per line; flushed every frame so ``tail -f`` sees it."""
+
+    def __init__(self, path: str) -> None:
+        self._file = sys.stdout if path == "-" else open_private(Path(path))
+
+    def write(self, records: list[FaceRecord]) -> None:
+        for r in records:
+            line = {
+                "timestamp": round(r.timestamp, 6),
+                "frame": r.frame,
+                "box": [round(float(v), 2) for v in r.box],
+                "score": round(float(r.score), 4),
+                "embedding": [float(v) for v in r.embedding],
+            }
+            self._file.write(json.dumps(line) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not sys.stdout:
+            self._file.close()
+
+
+class NpzChunkWriter:
+    """``--out faces.npz --chunk N``: ``faces-00000.npz``, ``faces-00001.npz``, ... of up to
+    N faces each, with arrays ``timestamp``, ``frame``, ``box``, ``score``, ``embedding``.
+    Each chunk is written to a temporary file and renamed, so a reader never sees half a chunk."""
+
+    def __init__(self, path: str, chunk: int) -> None:
+        self._path = Path(path)
+        self._chunk = chunk
+        self._pending: list[FaceRecord] = []
+        self.files: list[Path] = []
+
+    def write(self, records: list[FaceRecord]) -> None:
+        self._pending.extend(records)
+        while len(self._pending) >= self._chunk:
+            self._flush(self._pending[: self._chunk])
+            del self._pending[: self._chunk]
+
+    def _flush(self, records: list[FaceRecord]) -> None:
+        target = self._path.with_name(f"{self._path.stem}-{len(self.files):05d}.npz")
+        fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")  # mode 0600
+        try:
+            with os.fdopen(fd, "wb") as file:
+                np.savez(
+                    file,
+                    timestamp=np.array([r.timestamp for r in records], dtype=np.float64),
+                    frame=np.array([r.frame for r in records], dtype=np.int64),
+                    box=np.array([r.box for r in records], dtype=np.float32),
+                    score=np.array([r.score for r in records], dtype=np.float32),
+                    embedding=np.array([r.embedding for r in records], dtype=np.float32),
+                )
+            os.replace(temporary, target)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        self.files.append(target)
+        log.info("wrote %s (%d faces)", target, len(records))
+
+    def close(self) -> None:
+        if self._pending:
+            self._flush(self._pending)
+            self._pending.clear()
+
+
+# ------------------------------------------------------------------ the loop
+
+
+@dataclass
+class StreamStats:
+    read: int = 0
+    processed: int = 0
+    skipped: int = 0
+    dropped: int = 0
+    bad: int = 0
+    faces: int = 0
+    interrupted: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+    def fps(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return self.processed / elapsed if elapsed > 0 else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"{self.read} frames read, {self.processed} processed, {self.skipped} skipped, "
+            f"{self.dropped} dropped, {self.bad} bad, {self.faces} faces, {self.fps():.1f} fps"
+            + (" (interrupted)" if self.interrupted else "")
+        )
+
+
+class FpsReadout:
+    """A status line on stderr at most once per ``interval_s``: redrawn in place on a
+    terminal, one line each time otherwise (a log file)."""
+
+    def __init__(self, interval_s: float = 1.0, stream: IO = sys.stderr) -> None:
+        self._interval = interval_s
+        self._stream = stream
+        self._tty = stream.isatty()
+        self._next = time.monotonic() + interval_s
+        self._window: tuple[float, int] = (time.monotonic(), 0)  # fps over the last interval
+
+    def update(self, stats: StreamStats) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        since, processed = self._window
+        fps = (stats.processed - processed) / (now - since)
+        self._window, self._next = (now, stats.processed), now + self._interval
+        line = f"{fps:5.1f} fps | {stats.processed} frames | {stats.faces} faces | {stats.dropped} dropped"
+        self._stream.write(f"\r{line}" if self._tty else f"{line}\n")
+        self._stream.flush()
+
+    def finish(self) -> None:
+        if self._tty:
+            self._stream.write("\n")
+
+
+def embed_stream(
+    pipeline: FacePipeline,
+    reader: LatestFrameReader | CountingReader,
+    writer: Writer,
+    gate: FrameGate,
+    file_clock: bool,
+    max_frames: int | None = None,
+    readout: FpsReadout | None = None,
+) -> StreamStats:
+    """Process frames until the source ends, ``max_frames`` are processed, or Ctrl-C.
+    ``file_clock``: timestamps are positions in a video file (else monotonic, turned into
+    Unix time)."""
+    stats = StreamStats()
+    to_unix = 0.0 if file_clock else time.time() - time.monotonic()
+    try:
+        for frame in reader:
+            stats.read, stats.dropped = reader.read, reader.dropped
+            if not gate(frame):
+                stats.skipped += 1
+                continue
+            try:
+                if frame.lores is not None:  # picamera2: detect on the small stream, crop from main
+                    faces = pipeline.process_lores(frame.lores, frame.image)
+                else:
+                    faces = pipeline.process(frame.image)
+            except (ValueError, cv2.error) as exc:  # a corrupt frame is skipped, not fatal
+                stats.bad += 1
+                log.warning("frame %d skipped: %s", frame.index, exc)
+                continue
+            stamp = frame.timestamp + to_unix
+            writer.write([FaceRecord(stamp, frame.index, f.box, f.score, f.embedding) for f in faces])
+            stats.processed += 1
+            stats.faces += len(faces)
+            if readout is not None:
+                readout.update(stats)
+            if stats.processed == max_frames:
+                break
+    except KeyboardInterrupt:
+        stats.interrupted = True
+    stats.read, stats.dropped = reader.read, reader.dropped
+    return stats
+
+
+# ------------------------------------------------------------------ command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Write every face of a video stream with its embedding.")
+    parser.add_argument("--model", help="embedding model .tflite with its card beside it (default: the packaged model)")
+    parser.add_argument("--detector", default="blazeface", choices=["blazeface", "haar"])
+    parser.add_argument("--threads", type=int, help="CPU threads for the models")
+    parser.add_argument("--source", default="0", help="camera index, 'picamera2', video file, RTSP/HTTP URL "
+                        "or a folder of images (default: 0)")
+    parser.add_argument("--out", required=True, help="FILE.jsonl (JSON Lines; '-' for stdout) or FILE.npz (chunks)")
+    parser.add_argument("--chunk", type=int, default=1000, metavar="N", help="faces per .npz chunk (default: 1000)")
+    parser.add_argument("--every", type=int, default=1, metavar="N", help="process every N-th frame (default: 1)")
+    parser.add_argument("--fps", type=float, help="process at most this many frames per second of the source")
+    parser.add_argument("--max-frames", type=int, metavar="N", help="stop after processing N frames")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no fps readout")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Returns the exit code: 0 ok, 1 error, 130 Ctrl-C."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.every < 1 or args.chunk < 1 or (args.fps is not None and args.fps <= 0):
+        parser.error("--every and --chunk must be at least 1, --fps above 0")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        with ExitStack() as stack:
+            pipeline = stack.enter_context(
+                FacePipeline(model_path=args.model, detector=args.detector, num_threads=args.threads)
+            )
+            offline = is_offline(args.source)
+            # OpenCV sources reopen a lost camera or stream themselves, with growing pauses.
+            source = open_source(args.source)
+            reader = CountingReader(source) if offline else LatestFrameReader(source)
+            stack.callback(reader.close)
+            writer = NpzChunkWriter(args.out, args.chunk) if args.out.endswith(".npz") else JsonLinesWriter(args.out)
+            stack.callback(writer.close)
+            readout = None if args.quiet else FpsReadout()
+            stats = embed_stream(
+                pipeline,
+                reader,
+                writer,
+                FrameGate(every=args.every, fps=args.fps),
+                file_clock=offline and not Path(args.source).is_dir(),
+                max_frames=args.max_frames,
+                readout=readout,
+            )
+            if readout is not None:
+                readout.finish()
+        # Printed after the stack closed the source and flushed the last chunk.
+        print(f"stream_embed: {stats.summary()}", file=sys.stderr)
+        return 130 if stats.interrupted else 0
+    except KeyboardInterrupt:  # during start-up
+        print("stream_embed: interrupted", file=sys.stderr)
+        return 130
+    except (FacenetEdgeError, OSError) as exc:
+        print(f"stream_embed: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

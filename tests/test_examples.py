@@ -1,0 +1,424 @@
+"""The examples in examples/, driven by video files and image folders instead of a camera,
+with the tiny random-weight model. A random model maps the same face to (almost) the same
+embedding, so the astronaut enrolled from some frames is recognised in others."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import json
+import logging
+import sqlite3
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from facenet_edge import FacePipeline, Frame, ImageError, ModelError, default_model_path
+from facenet_edge.gallery import Gallery
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str) -> types.ModuleType:
+    """Import examples/NAME/NAME.py (the examples are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / name / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look up their module while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def door() -> types.ModuleType:
+    return load_example("door_access")
+
+
+@pytest.fixture(scope="module")
+def stream() -> types.ModuleType:
+    return load_example("stream_embed")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> types.ModuleType:
+    return load_example("cluster_photos")
+
+
+@pytest.fixture
+def model(tiny_model) -> str:
+    return str(tiny_model.int8)
+
+
+def write_png(path: Path, rgb: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    return path
+
+
+def shifted(image: np.ndarray, k: int) -> np.ndarray:
+    """The astronaut moved a few pixels: frames of someone standing still."""
+    return np.ascontiguousarray(np.roll(image, 4 * k, axis=1))
+
+
+@pytest.fixture
+def video(tmp_path, astronaut) -> Path:
+    """2 s of the astronaut at 10 fps (MJPG .avi): frame i is at t = i / 10."""
+    path = tmp_path / "door.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, astronaut.shape[1::-1])
+    for i in range(20):
+        writer.write(cv2.cvtColor(shifted(astronaut, i % 3), cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path
+
+
+@pytest.fixture
+def enrolled(tmp_path, door, model, astronaut, caplog) -> Path:
+    """A gallery with Ada enrolled from a folder: three good photos, plus photos the
+    enrolment must reject, each for its own reason."""
+    photos = tmp_path / "ada"
+    for k in range(3):
+        write_png(photos / f"good{k}.png", shifted(astronaut, k))
+    write_png(photos / "blurred.png", cv2.GaussianBlur(astronaut, (0, 0), 4))
+    write_png(photos / "small.png", cv2.resize(astronaut, (160, 160)))
+    write_png(photos / "two.png", np.concatenate([astronaut[:, 100:356]] * 2, axis=1))
+    write_png(photos / "blank.png", np.full((120, 120, 3), 200, np.uint8))
+    (photos / "notes.txt").write_text("not a photo")
+    gallery = tmp_path / "door.db"
+    caplog.set_level(logging.INFO, logger="door_access")
+    assert door.main(["--model", model, "--gallery", str(gallery), "--enroll-folder", str(photos), "--name", "Ada"]) == 0
+    log = caplog.text
+    assert "blurred.png rejected: too blurry" in log
+    assert "small.png rejected: face too small" in log
+    assert "two.png rejected: 2 faces in view" in log
+    assert "blank.png rejected: no face found" in log
+    with Gallery.open(gallery) as opened:
+        [person] = opened.list()
+    assert (person.name, person.samples) == ("Ada", 3)
+    return gallery
+
+
+def access_rows(path: Path) -> list[tuple]:
+    with sqlite3.connect(path) as conn:
+        return conn.execute("SELECT name, granted, similarity, thumbnail FROM access ORDER BY id").fetchall()
+
+
+# ------------------------------------------------------------------ door access
+
+
+def test_door_grants_enrolled_person_and_logs_privately(door, model, enrolled, video, tmp_path):
+    access_log = tmp_path / "access.db"
+    argv = ["--model", model, "--gallery", str(enrolled), "--source", str(video), "--access-log", str(access_log)]
+    assert door.main([*argv, "--save-thumbnails"]) == 0
+    [(name, granted, similarity, thumbnail)] = access_rows(access_log)  # default cooldown: one decision
+    assert (name, granted) == ("Ada", 1)
+    assert similarity > 0.99  # same face, same frames: distance ~ 0
+    assert thumbnail[:2] == b"\xff\xd8"  # a JPEG
+    assert cv2.imdecode(np.frombuffer(thumbnail, np.uint8), cv2.IMREAD_COLOR).shape[2] == 3
+    assert access_log.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize(("cooldown", "grants"), [(0, 6), (0.5, 3), (100, 1)])
+def test_door_cooldown(door, model, enrolled, video, tmp_path, cooldown, grants):
+    # 3 agreeing frames decide, then the vote starts afresh: decisions at t = 0.2, 0.5, ... 1.7.
+    access_log = tmp_path / "access.db"
+    argv = ["--model", model, "--gallery", str(enrolled), "--source", str(video), "--access-log", str(access_log)]
+    assert door.main([*argv, "--vote", "5", "3", "--cooldown", str(cooldown)]) == 0
+    rows = access_rows(access_log)
+    assert [(name, granted) for name, granted, _, _ in rows] == [("Ada", 1)] * grants
+    assert all(thumbnail is None for *_, thumbnail in rows)  # only with --save-thumbnails
+
+
+def test_door_refuses_and_logs_unknown(door, model, enrolled, video, tmp_path):
+    access_log = tmp_path / "access.db"
+    argv = ["--model", model, "--gallery", str(enrolled), "--source", str(video), "--access-log", str(access_log)]
+    assert door.main([*argv, "--threshold", "1e-9"]) == 0  # nobody is that close
+    [(name, granted, similarity, _)] = access_rows(access_log)
+    assert (name, granted) == ("unknown", 0)
+    assert similarity > 0.99  # the nearest person is still reported
+
+
+def test_door_enrolls_from_camera_frames(door, model, video, tmp_path, caplog):
+    gallery = tmp_path / "door.db"
+    argv = ["--model", model, "--gallery", str(gallery), "--source", str(video), "--sample-interval", "0.5"]
+    assert door.main([*argv, "--enroll", "Ada", "--samples", "3"]) == 0
+    with Gallery.open(gallery) as opened:
+        assert [(p.name, p.samples) for p in opened.list()] == [("Ada", 3)]
+    # 2 s of video hold 4 samples 0.5 s apart: asking for 5 enrols nothing.
+    assert door.main([*argv, "--enroll", "Bob", "--samples", "5"]) == 1
+    assert "the source ended after 4 of 5 good frames; nothing enrolled" in caplog.text
+    with Gallery.open(gallery) as opened:
+        assert "Bob" not in opened
+
+
+class RecordingUnlocker:
+    """A pluggable unlock hook that remembers whom it let in."""
+
+    def __init__(self) -> None:
+        self.unlocked: list[str] = []
+        self.closed = False
+
+    def unlock(self, name: str) -> None:
+        self.unlocked.append(name)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_door_survives_bad_frames_and_ctrl_c(door, model, enrolled, astronaut, tmp_path):
+    def frames():
+        yield Frame(image=np.zeros((10, 10), np.uint8), timestamp=0.0, index=0)  # not RGB: bad
+        for i in range(1, 4):
+            yield Frame(image=astronaut, timestamp=i / 10, index=i)
+        raise KeyboardInterrupt
+
+    unlocker = RecordingUnlocker()
+    access_log = door.AccessLog(tmp_path / "access.db")
+    with FacePipeline(model_path=model) as pipeline, Gallery.open(enrolled) as gallery:
+        stats = door.run_door(pipeline, gallery, frames(), unlocker, access_log, door.DoorSettings())
+    access_log.close()
+    assert (stats.frames, stats.bad_frames, stats.granted, stats.interrupted) == (4, 1, 1, True)
+    assert unlocker.unlocked == ["Ada"]
+
+
+def test_door_relay(door, monkeypatch):
+    devices = []
+
+    class OutputDevice:
+        def __init__(self, pin, active_high=True, initial_value=False):
+            self.pin, self.value, self.closed = pin, initial_value, False
+            devices.append(self)
+
+        def on(self):
+            self.value = True
+
+        def off(self):
+            self.value = False
+
+        def close(self):
+            self.closed = True
+
+    fake = types.ModuleType("gpiozero")
+    fake.__spec__ = importlib.machinery.ModuleSpec("gpiozero", None)
+    fake.OutputDevice = OutputDevice
+    monkeypatch.setitem(sys.modules, "gpiozero", fake)
+    relay = door.make_unlocker(17, seconds=0.05)
+    assert isinstance(relay, door.RelayUnlocker)
+    relay.unlock("Ada")
+    [device] = devices
+    assert device.value and device.pin == 17
+    deadline = time.monotonic() + 5
+    while device.value and time.monotonic() < deadline:  # switched off by its timer
+        time.sleep(0.01)
+    assert not device.value
+    relay.unlock("Ada")
+    relay.close()  # closing never leaves the door open
+    assert not device.value and device.closed
+    assert isinstance(door.make_unlocker(None, seconds=1), door.LogUnlocker)
+
+
+def test_door_without_gpiozero_logs_unlocks(door, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gpiozero", None)  # as if not installed
+    assert isinstance(door.make_unlocker(17, seconds=1), door.LogUnlocker)
+
+
+def test_door_needs_a_model(door, caplog):
+    try:
+        default_model_path()
+        pytest.skip("a default model is shipped")
+    except ModelError:
+        pass
+    assert door.main(["--source", "nowhere.avi"]) == 1
+    assert "no default model is shipped yet; pass --model PATH" in caplog.text
+
+
+# ------------------------------------------------------------------ stream embed
+
+
+def test_stream_embed_jsonl(stream, model, video, tmp_path, capsys):
+    out = tmp_path / "faces.jsonl"
+    assert stream.main(["--model", model, "--source", str(video), "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["frame"] for r in records] == list(range(20))  # a file: every frame, in order
+    assert [r["timestamp"] for r in records] == pytest.approx([i / 10 for i in range(20)])
+    for r in records:
+        assert set(r) == {"timestamp", "frame", "box", "score", "embedding"}
+        assert len(r["box"]) == 4 and 0 < r["score"] <= 1
+        assert len(r["embedding"]) == 128
+        assert np.linalg.norm(r["embedding"]) == pytest.approx(1.0, abs=1e-3)
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert "20 frames read, 20 processed, 0 skipped, 0 dropped" in capsys.readouterr().err
+
+
+def test_stream_embed_npz_chunks_and_every(stream, model, video, tmp_path):
+    out = tmp_path / "faces.npz"
+    argv = ["--model", model, "--source", str(video), "--out", str(out), "--chunk", "4", "--every", "2", "-q"]
+    assert stream.main(argv) == 0
+    chunks = sorted(tmp_path.glob("faces-*.npz"))
+    assert [c.name for c in chunks] == ["faces-00000.npz", "faces-00001.npz", "faces-00002.npz"]
+    frames = []
+    for chunk in chunks:
+        assert chunk.stat().st_mode & 0o777 == 0o600
+        with np.load(chunk) as data:
+            assert data["embedding"].shape[1:] == (128,) and data["box"].shape[1:] == (4,)
+            np.testing.assert_allclose(np.linalg.norm(data["embedding"], axis=1), 1.0, atol=1e-3)
+            frames.extend(data["frame"].tolist())
+    assert frames == list(range(0, 20, 2))
+
+
+def test_stream_embed_fps_on_a_file_follows_the_video_clock(stream, model, video, tmp_path):
+    out = tmp_path / "faces.jsonl"
+    assert stream.main(["--model", model, "--source", str(video), "--out", str(out), "--fps", "2", "-q"]) == 0
+    stamps = [json.loads(line)["timestamp"] for line in out.read_text().splitlines()]
+    assert stamps == pytest.approx([0.0, 0.5, 1.0, 1.5])
+
+
+class FakeLiveSource:
+    """A camera delivering frames faster than they are consumed, then failing or ending."""
+
+    def __init__(self, image: np.ndarray, count: int, interval_s: float, error: Exception | None = None):
+        self.image, self.count, self.interval_s, self.error = image, count, interval_s, error
+        self.closed = threading.Event()
+
+    def __iter__(self):
+        for i in range(self.count):
+            time.sleep(self.interval_s)
+            yield Frame(image=self.image, timestamp=time.monotonic(), index=i)
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+def test_latest_frame_reader_keeps_only_the_newest_frame(stream):
+    source = FakeLiveSource(np.zeros((4, 4, 3), np.uint8), count=40, interval_s=0.002)
+    reader = stream.LatestFrameReader(source)
+    seen = []
+    for frame in reader:
+        seen.append(frame.index)
+        time.sleep(0.02)  # a slow recogniser
+    reader.close()
+    assert reader.read == 40
+    assert reader.dropped > 0 and reader.dropped + len(seen) == 40
+    assert seen == sorted(seen) and seen[-1] == 39  # never stale, never out of order
+    assert source.closed.is_set()  # the capture thread closes what it read
+
+
+def test_latest_frame_reader_reports_a_lost_camera(stream):
+    source = FakeLiveSource(np.zeros((4, 4, 3), np.uint8), count=2, interval_s=0.0, error=ImageError("camera lost"))
+    reader = stream.LatestFrameReader(source)
+    with pytest.raises(ImageError, match="camera lost"):
+        for _ in reader:
+            time.sleep(0.01)
+    reader.close()
+
+
+def test_stream_embed_skips_bad_frames(stream, model, astronaut, tmp_path):
+    frames = [
+        Frame(image=astronaut, timestamp=0.0, index=0),
+        Frame(image=np.zeros((8, 8, 4), np.uint8), timestamp=0.1, index=1),  # 4 channels: bad
+        Frame(image=astronaut, timestamp=0.2, index=2),
+    ]
+    writer = stream.JsonLinesWriter(str(tmp_path / "faces.jsonl"))
+    with FacePipeline(model_path=model) as pipeline:
+        stats = stream.embed_stream(pipeline, stream.CountingReader(frames), writer, stream.FrameGate(), file_clock=True)
+    writer.close()
+    assert (stats.read, stats.processed, stats.bad, stats.faces, stats.dropped) == (3, 2, 1, 2, 0)
+
+
+# ------------------------------------------------------------------ cluster photos
+
+
+@pytest.fixture
+def photo_tree(tmp_path, astronaut) -> Path:
+    """Astronaut variants in two folders ("people"), blank images, and a file that is not an image."""
+    root = tmp_path / "photos"
+    for k in range(3):
+        write_png(root / "ada" / f"ada_{k}.png", shifted(astronaut, k))
+    write_png(root / "bob" / "bob_0.png", np.ascontiguousarray(astronaut[:, ::-1]))
+    write_png(root / "bob" / "bob_1.png", cv2.resize(astronaut, (384, 384)))
+    write_png(root / "blank_0.png", np.full((64, 64, 3), 255, np.uint8))
+    write_png(root / "bob" / "blank_1.png", np.zeros((64, 64, 3), np.uint8))
+    (root / "ada" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    return root
+
+
+def test_cluster_photos(cluster, model, photo_tree, tmp_path, capsys):
+    out = tmp_path / "clusters"
+    assert cluster.main(["--model", model, str(photo_tree), str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["files"], summary["unreadable"], summary["without_faces"], summary["faces"]) == (8, 1, 2, 5)
+    assert summary["threshold"] == 1.0  # the card's far_1e3
+    [group] = summary["clusters"]  # a random model sees one person
+    assert group["faces"] == 5 and group["folder"] == "cluster_000"
+    links = sorted((out / "cluster_000").glob("*__*.png"))
+    assert [p.name for p in links] == ["ada__ada_0.png", "ada__ada_1.png", "ada__ada_2.png", "bob__bob_0.png", "bob__bob_1.png"]
+    assert all(p.is_symlink() and p.resolve().is_file() for p in links)
+    sheet = cv2.imread(str(out / "cluster_000" / "contact_sheet.png"))
+    assert sheet.shape == (112, 5 * 112, 3)
+    assert "labels" not in summary
+    assert "1 cluster(s) of 2+ faces" in capsys.readouterr().out
+    # The output must be new or empty: a second run does not mix with the first.
+    assert cluster.main(["--model", model, str(photo_tree), str(out)]) == 1
+
+
+def test_cluster_photos_labels_average_copy(cluster, model, photo_tree, tmp_path):
+    out = tmp_path / "clusters"
+    argv = ["--model", model, "--method", "average", "--copy", "--labels-from-folders", "--tile", "64"]
+    assert cluster.main([*argv, str(photo_tree), str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"].startswith("average")
+    # One cluster of 3 ada + 2 bob: purity 3/5; 4 of its 10 pairs are one person; all same-person pairs together.
+    assert summary["labels"] == {
+        "faces": 5, "people": 2, "purity": pytest.approx(0.6),
+        "pairwise_precision": pytest.approx(0.4), "pairwise_recall": pytest.approx(1.0),
+    }
+    copies = list((out / "cluster_000").glob("*__*.png"))
+    assert len(copies) == 5 and not any(p.is_symlink() for p in copies)
+    assert cv2.imread(str(out / "cluster_000" / "contact_sheet.png")).shape == (64, 5 * 64, 3)
+
+
+def test_label_metrics(cluster):
+    groups = [np.array([0, 1, 2]), np.array([3, 4]), np.array([5])]
+    metrics = cluster.label_metrics(groups, ["a", "a", "b", "b", "b", None])
+    # purity (2 + 2) / 5; pairs together 3 + 1, of which a-a and b-b are right; same-person pairs 1 + 3
+    assert metrics == {"faces": 5, "people": 2, "purity": 0.8, "pairwise_precision": 0.5, "pairwise_recall": 0.5}
+
+
+def clustered_vectors(seed: int, people: int = 8, faces: int = 80) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(people, 128))
+    x = centres[rng.integers(0, people, faces)] / np.linalg.norm(centres, axis=1).mean()
+    x = x + rng.normal(scale=0.08, size=x.shape)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    return len(set(zip(a.tolist(), b.tolist()))) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_clustering_matches_scipy(cluster, seed):
+    hierarchy = pytest.importorskip("scipy.cluster.hierarchy")
+    from scipy.spatial.distance import squareform
+
+    x = clustered_vectors(seed)
+    threshold = [0.6, 0.9, 1.2, 1.5, 1.8][seed]
+    distance = np.clip(2 - 2 * x.astype(np.float64) @ x.T.astype(np.float64), 0, 4)
+    np.fill_diagonal(distance, 0)
+    single = hierarchy.fcluster(hierarchy.linkage(squareform(distance, checks=False), "single"), threshold, "distance")
+    assert same_partition(cluster.threshold_components(x, threshold, block=16), single)
+    average = hierarchy.fcluster(hierarchy.linkage(squareform(distance, checks=False), "average"), threshold, "distance")
+    assert same_partition(cluster.average_clusters(x, threshold, use_sklearn=False), average)
+
+
+def test_average_linkage_sklearn_agrees_with_numpy(cluster):
+    pytest.importorskip("sklearn")
+    for seed, threshold in enumerate([0.7, 1.1, 1.5]):
+        x = clustered_vectors(seed)
+        assert same_partition(cluster.average_clusters(x, threshold, True), cluster.average_clusters(x, threshold, False))

@@ -1,0 +1,253 @@
+"""Triplet, distillation and harmonic losses against brute-force numpy references."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from facenet_train.losses import (
+    distillation_loss,
+    harmonic_triplet_loss,
+    pairwise_squared_distances,
+    semihard_triplets,
+    triplet_batch_hard_loss,
+    triplet_semihard_loss,
+)
+
+SEEDS = range(8)
+
+
+def random_batch(seed, n=18, identities=5, dim=8):
+    """Overlapping identity clusters on the unit sphere: every mining case turns up."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, identities, n)
+    centres = rng.normal(size=(identities, dim))
+    embeddings = 0.6 * centres[labels] + rng.normal(size=(n, dim))
+    return labels.astype(np.int32), (embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)).astype(np.float32)
+
+
+def squared_distances(e):
+    e = e.astype(np.float64)
+    return ((e[:, None, :] - e[None, :, :]) ** 2).sum(-1)
+
+
+def reference_semihard(labels, d, use_pair=lambda a, p: True):
+    """Loop-by-loop version of the documented rule; returns triplets and which case chose each."""
+    triplets, cases = [], []
+    n = len(labels)
+    for a in range(n):
+        negatives = [k for k in range(n) if labels[k] != labels[a]]
+        for p in range(n):
+            if p == a or labels[p] != labels[a] or not negatives or not use_pair(a, p):
+                continue
+            farther = [k for k in negatives if d[a, k] > d[a, p]]
+            if farther:
+                triplets.append((a, p, min(farther, key=lambda k: d[a, k])))
+                cases.append("farther")
+            else:
+                triplets.append((a, p, max(negatives, key=lambda k: d[a, k])))
+                cases.append("none farther")
+    return triplets, cases
+
+
+def reference_loss(triplets, d, margin):
+    if not triplets:
+        return 0.0, 0.0
+    losses = np.array([max(d[a, p] - d[a, k] + margin, 0.0) for a, p, k in triplets])
+    return losses.mean(), (losses > 0).mean()
+
+
+def as_triplet_list(triplets):
+    return sorted(zip(*(t.numpy().tolist() for t in triplets)))
+
+
+def test_pairwise_squared_distances_match_numpy():
+    _, e = random_batch(0)
+    d = pairwise_squared_distances(e).numpy()
+    np.testing.assert_allclose(d, squared_distances(e), atol=1e-5)
+    assert np.all(np.diag(d) == 0) and np.all(d >= 0)
+    other = e[:5] * 2
+    np.testing.assert_allclose(
+        pairwise_squared_distances(e, other).numpy(), ((e[:, None] - other[None]) ** 2).sum(-1), atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("margin", [0.2, 1.0])
+def test_semihard_mining_and_loss_match_reference(seed, margin):
+    labels, e = random_batch(seed)
+    d = squared_distances(e)
+    expected, _ = reference_semihard(labels, d)
+    assert as_triplet_list(semihard_triplets(labels, e)) == sorted(expected)
+    loss, active = triplet_semihard_loss(labels, e, margin)
+    expected_loss, expected_active = reference_loss(expected, d, margin)
+    assert float(loss) == pytest.approx(expected_loss, abs=1e-5)
+    assert float(active) == pytest.approx(expected_active)
+
+
+def test_random_batches_cover_every_mining_case():
+    """The batches above exercise semi-hard, beyond-the-margin and no-farther-negative triplets."""
+    seen = set()
+    for seed in SEEDS:
+        labels, e = random_batch(seed)
+        d = squared_distances(e)
+        triplets, cases = reference_semihard(labels, d)
+        for (a, p, k), case in zip(triplets, cases):
+            if case == "farther":
+                seen.add("semi-hard" if d[a, k] < d[a, p] + 0.2 else "beyond margin")
+            else:
+                seen.add(case)
+    assert seen == {"semi-hard", "beyond margin", "none farther"}
+
+
+def points(*xs):
+    """Embeddings on a line (second coordinate 0), for hand-worked examples."""
+    return np.array([[x, 0.0] for x in xs], dtype=np.float32)
+
+
+def test_semihard_picks_the_closest_negative_beyond_the_positive():
+    # anchor 0.0, positive 0.3 (d=0.09); negatives at d=0.04 (hard), 0.16 and 0.25 (semi-hard), 1.0 (easy)
+    labels = np.array([0, 0, 1, 2, 3, 4])
+    e = points(0.0, 0.3, 0.2, 0.4, 0.5, 1.0)
+    # From anchor 0.3 back to 0.0 (d=0.09) only the negative at 1.0 (d=0.49) is farther: inactive.
+    assert as_triplet_list(semihard_triplets(labels, e)) == [(0, 1, 3), (1, 0, 5)]
+    loss, active = triplet_semihard_loss(labels, e, 0.2)
+    assert float(loss) == pytest.approx((0.09 - 0.16 + 0.2) / 2, abs=1e-6)
+    assert float(active) == 0.5
+
+
+def test_a_negative_as_far_as_the_positive_is_not_farther():
+    # From anchor 0.0 the positive 0.5 and the negative -0.5 tie at d=0.25 exactly: the rule is strict.
+    labels = np.array([0, 0, 1, 2])
+    assert as_triplet_list(semihard_triplets(labels, points(0.0, 0.5, -0.5, 0.6))) == [(0, 1, 3), (1, 0, 2)]
+
+
+def test_without_a_farther_negative_the_farthest_is_used():
+    labels = np.array([0, 0, 1, 2])
+    e = points(0.0, 1.0, 0.1, 0.5)
+    assert as_triplet_list(semihard_triplets(labels, e)) == [(0, 1, 3), (1, 0, 2)]
+    loss, active = triplet_semihard_loss(labels, e, 0.2)
+    assert float(loss) == pytest.approx(((1 - 0.25 + 0.2) + (1 - 0.81 + 0.2)) / 2, abs=1e-6)
+    assert float(active) == 1.0
+
+
+@pytest.mark.parametrize("loss_fn", [triplet_semihard_loss, triplet_batch_hard_loss])
+@pytest.mark.parametrize("labels", [[3, 3, 3, 3], [0, 1, 2, 3]], ids=["one identity", "no positives"])
+def test_batches_without_triplets_give_zero(loss_fn, labels):
+    e = random_batch(1, n=4)[1]
+    with tf.GradientTape() as tape:
+        embeddings = tf.constant(e)
+        tape.watch(embeddings)
+        loss, active = loss_fn(np.array(labels), embeddings)
+    assert float(loss) == 0.0 and float(active) == 0.0
+    gradient = tape.gradient(loss, embeddings)
+    assert gradient is None or np.all(tf.convert_to_tensor(gradient).numpy() == 0)
+    if loss_fn is triplet_semihard_loss:
+        assert as_triplet_list(semihard_triplets(np.array(labels), e)) == []
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_batch_hard_matches_reference(seed):
+    labels, e = random_batch(seed)
+    d = squared_distances(e)
+    losses = []
+    for a in range(len(labels)):
+        positives = [d[a, p] for p in range(len(labels)) if p != a and labels[p] == labels[a]]
+        negatives = [d[a, k] for k in range(len(labels)) if labels[k] != labels[a]]
+        if positives and negatives:
+            losses.append(max(max(positives) - min(negatives) + 0.2, 0.0))
+    loss, active = triplet_batch_hard_loss(labels, e, 0.2)
+    assert float(loss) == pytest.approx(np.mean(losses), abs=1e-5)
+    assert float(active) == pytest.approx(np.mean(np.array(losses) > 0))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_harmonic_matches_reference(seed):
+    labels, new = random_batch(seed)
+    old = random_batch(seed + 100, n=len(labels))[1]
+    pooled_labels = np.concatenate([labels, labels])
+    d = squared_distances(np.concatenate([new, old]))
+    n = len(labels)
+    triplets, _ = reference_semihard(pooled_labels, d, use_pair=lambda a, p: a < n or p < n)
+    # Every image pairs with its own old embedding: the term that keeps the two models comparable.
+    assert all((i, i + n) in {(a, p) for a, p, _ in triplets} for i in range(n) if (labels != labels[i]).any())
+    expected_loss, expected_active = reference_loss(triplets, d, 0.2)
+    loss, active = harmonic_triplet_loss(labels, new, old, 0.2)
+    assert float(loss) == pytest.approx(expected_loss, abs=1e-5)
+    assert float(active) == pytest.approx(expected_active)
+
+
+def test_harmonic_trains_only_the_new_embeddings():
+    labels, new = random_batch(3)
+    old = random_batch(4, n=len(labels))[1]
+    new_t, old_t = tf.constant(new), tf.constant(old)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([new_t, old_t])
+        loss, _ = harmonic_triplet_loss(labels, new_t, old_t)
+    assert tape.gradient(loss, old_t) is None
+    assert np.abs(tape.gradient(loss, new_t).numpy()).sum() > 0
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        triplet_semihard_loss,
+        triplet_batch_hard_loss,
+        lambda labels, e: harmonic_triplet_loss(labels, e, e[::-1]),
+        lambda labels, e: distillation_loss(e, e[::-1], relational_weight=1.0),
+    ],
+    ids=["semihard", "batch_hard", "harmonic", "distillation"],
+)
+def test_gradients_are_finite_when_embeddings_coincide(loss_fn):
+    labels = np.array([0, 0, 1, 1, 2])
+    e = tf.constant(points(0.5, 0.5, 0.5, -0.5, 0.5))  # identical rows within and across identities
+    with tf.GradientTape() as tape:
+        tape.watch(e)
+        result = loss_fn(labels, e)
+        loss = result[0] if isinstance(result, tuple) else result
+    assert np.all(np.isfinite(tape.gradient(loss, e).numpy()))
+
+
+def test_losses_trace_in_tf_function_with_dynamic_batch():
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, 8], tf.float32)])
+    def losses(labels, embeddings):
+        return (
+            triplet_semihard_loss(labels, embeddings),
+            triplet_batch_hard_loss(labels, embeddings),
+            harmonic_triplet_loss(labels, embeddings, tf.reverse(embeddings, [0])),
+            distillation_loss(embeddings, tf.reverse(embeddings, [0]), 0.5),
+        )
+
+    for seed, n in [(0, 18), (1, 7)]:
+        labels, e = random_batch(seed, n=n)
+        traced, eager = losses(labels, e), losses.python_function(labels, e)
+        np.testing.assert_allclose(tf.nest.flatten(traced), tf.nest.flatten(eager), rtol=1e-6)
+
+
+def test_distillation_point_term():
+    e1, e2 = points(1.0), np.array([[0.0, 1.0]], np.float32)
+    assert float(distillation_loss(e1, e1)) == pytest.approx(0.0, abs=1e-7)
+    assert float(distillation_loss(e1, e2)) == pytest.approx(2.0)  # orthogonal: 2 - 2 cos = 2
+    assert float(distillation_loss(e1, -e1)) == pytest.approx(4.0)
+    _, student = random_batch(5)
+    teacher = random_batch(6)[1] * 3.0  # the teacher need not be unit length
+    assert float(distillation_loss(student, teacher)) == pytest.approx(
+        float(distillation_loss(student, teacher / 3.0)), rel=1e-6
+    )
+
+
+def test_distillation_matches_reference():
+    _, student = random_batch(7)
+    teacher = random_batch(8)[1] * 2.0
+    s = student / np.linalg.norm(student, axis=1, keepdims=True)
+    t = teacher / np.linalg.norm(teacher, axis=1, keepdims=True)
+    point = np.mean(np.sum((s - t) ** 2, axis=1))
+    n = len(s)
+    relational = np.sum((squared_distances(s) - squared_distances(t)) ** 2) / (n * (n - 1))
+    assert float(distillation_loss(student, teacher)) == pytest.approx(point, rel=1e-5)
+    assert float(distillation_loss(student, teacher, relational_weight=0.5)) == pytest.approx(
+        point + 0.5 * relational, rel=1e-5
+    )
+    # The relational term alone ignores a rotation of the whole embedding space.
+    rotation = np.linalg.qr(np.random.default_rng(9).normal(size=(8, 8)))[0].astype(np.float32)
+    rotated = s @ rotation
+    assert float(distillation_loss(rotated, s, 1.0) - distillation_loss(rotated, s, 0.0)) == pytest.approx(0, abs=1e-5)
