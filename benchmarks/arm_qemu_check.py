@@ -36,6 +36,8 @@ DEFAULT_ROOTFS = Path("~/.cache/facenet-edge/arm64-rootfs").expanduser()
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 SUITE = "bookworm"
 READY_MARKER = ".facenet-edge-ready"
+GLIBC_MINOR = 36  # Debian bookworm's glibc 2.36: the newest manylinux tag its wheels may use
+WHEELS = "/tmp/facenet-edge-wheels"  # inside the rootfs, during the build only
 VENV = "/opt/litert"  # inside the rootfs: Debian's pip refuses system installs (PEP 668)
 WORKDIR = "/tmp/facenet-edge-check"  # inside the rootfs
 QEMU = "/usr/bin/qemu-aarch64-static"
@@ -198,16 +200,33 @@ def build_rootfs(rootfs: Path, mirror: str, litert_version: str) -> None:
     shutil.copy2(QEMU, rootfs / "usr/bin/qemu-aarch64-static")
     if (rootfs / "debootstrap").exists():
         run(["chroot", str(rootfs), "/debootstrap/debootstrap", "--second-stage"])
-    shutil.copy2("/etc/resolv.conf", rootfs / "etc/resolv.conf")  # pip needs DNS inside
+    wheels = rootfs / WHEELS.lstrip("/")
     with chroot_mounts(rootfs):
-        run(["chroot", str(rootfs), "python3", "-m", "venv", VENV])
-        run(
-            [
-                "chroot", str(rootfs), f"{VENV}/bin/pip", "install", "--no-cache-dir", "--only-binary=:all:",
-                f"ai-edge-litert=={litert_version}", "numpy",
-            ]
-        )  # fmt: skip
+        python = in_chroot(rootfs, "python3", "-c", "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')")
+        download_wheels(wheels, python.stdout.strip(), litert_version)
+        in_chroot(rootfs, "python3", "-m", "venv", VENV)
+        in_chroot(rootfs, f"{VENV}/bin/pip", "install", "--no-index", "--find-links", WHEELS,
+                  f"ai-edge-litert=={litert_version}", "numpy")  # fmt: skip
+    shutil.rmtree(wheels)
     marker.write_text(json.dumps({"suite": SUITE, "ai_edge_litert": litert_version}) + "\n")
+
+
+def in_chroot(rootfs: Path, *cmd: str) -> subprocess.CompletedProcess:
+    """Run inside the chroot with a clean environment (the host's PIP_*, PYTHONPATH or
+    VIRTUAL_ENV mean nothing there)."""
+    env = ["env", "-i", "PATH=/usr/local/bin:/usr/bin:/bin", "HOME=/root", "LC_ALL=C.UTF-8"]
+    return run(["chroot", str(rootfs), *env, *cmd])
+
+
+def download_wheels(dest: Path, python: str, litert_version: str) -> None:
+    """aarch64 wheels for the chroot's Python, fetched by the host's pip: it already knows
+    this machine's index, proxy and certificates, and runs natively rather than under qemu."""
+    platforms = ["manylinux2014_aarch64"] + [f"manylinux_2_{minor}_aarch64" for minor in range(17, GLIBC_MINOR + 1)]
+    cmd = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--python-version", python,
+           "--implementation", "cp", "-d", str(dest)]  # fmt: skip
+    for platform_tag in platforms:
+        cmd += ["--platform", platform_tag]
+    run(cmd + [f"ai-edge-litert=={litert_version}", "numpy"])
 
 
 def fixed_inputs(model_path: Path, count: int, seed: int) -> np.ndarray:
@@ -242,12 +261,8 @@ def run_in_chroot(rootfs: Path, model_path: Path, inputs: np.ndarray) -> tuple[n
     shutil.copy2(__file__, work / "check.py")
     np.save(work / "inputs.npy", inputs)
     with chroot_mounts(rootfs):
-        result = run(
-            [
-                "chroot", str(rootfs), f"{VENV}/bin/python", f"{WORKDIR}/check.py", "--inner",
-                f"{WORKDIR}/model.tflite", f"{WORKDIR}/inputs.npy", f"{WORKDIR}/outputs.npy",
-            ]
-        )  # fmt: skip
+        result = in_chroot(rootfs, f"{VENV}/bin/python", f"{WORKDIR}/check.py", f"{WORKDIR}/model.tflite", "--inner",
+                           f"{WORKDIR}/inputs.npy", f"{WORKDIR}/outputs.npy")  # fmt: skip
     arm_env = json.loads(result.stdout.strip().splitlines()[-1])
     outputs = np.load(work / "outputs.npy")
     shutil.rmtree(work)

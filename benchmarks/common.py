@@ -75,6 +75,7 @@ __all__ = [
     "time_calls",
     "write_json",
     "ModelUnderTest",
+    "conversions",
     "models_under_test",
     "LfwPairs",
     "load_lfw",
@@ -241,7 +242,9 @@ def lfw_embeddings(
     if cache.is_file():
         with np.load(cache) as data:
             if str(data["protocol"]) == faces.protocol:
-                known = {p: (e, int(o)) for p, e, o in zip(data["paths"].tolist(), data["embeddings"], data["outcomes"])}
+                known = {
+                    p: (e, int(o)) for p, e, o in zip(data["paths"].tolist(), data["embeddings"], data["outcomes"])
+                }
     names = ["/".join(path.parts[-2:]) for path in lfw.images]
     missing = [(name, path) for name, path in zip(names, lfw.images) if name not in known]
     for start in range(0, len(missing), batch):
@@ -276,7 +279,13 @@ def lfw_result(lfw: LfwPairs, descriptors: np.ndarray) -> LfwResult:
 
 def add_lfw_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--lfw", type=Path, default=default_lfw(), metavar="DIR", help="LFW folder with pairs.txt (default: ../shared/data/lfw)"
+        "--lfw",
+        type=Path,
+        default=default_lfw(),
+        metavar="DIR",
+        help="LFW folder with pairs.txt (default: ../shared/data/lfw)",
     )
-    parser.add_argument("--pairs", type=int, metavar="N", help="score N pairs spread over the 10 folds (default: all 6000)")
+    parser.add_argument(
+        "--pairs", type=int, metavar="N", help="score N pairs spread over the 10 folds (default: all 6000)"
+    )
     parser.add_argument("--cache", type=Path, metavar="DIR", help="LFW embedding cache (default: OUT/cache)")

@@ -90,7 +90,8 @@ def enrolled(tmp_path, door, model, astronaut, caplog) -> Path:
     (photos / "notes.txt").write_text("not a photo")
     gallery = tmp_path / "door.db"
     caplog.set_level(logging.INFO, logger="door_access")
-    assert door.main(["--model", model, "--gallery", str(gallery), "--enroll-folder", str(photos), "--name", "Ada"]) == 0
+    argv = ["--model", model, "--gallery", str(gallery), "--enroll-folder", str(photos), "--name", "Ada"]
+    assert door.main(argv) == 0
     log = caplog.text
     assert "blurred.png rejected: too blurry" in log
     assert "small.png rejected: face too small" in log
@@ -326,7 +327,9 @@ def test_stream_embed_skips_bad_frames(stream, model, astronaut, tmp_path):
     ]
     writer = stream.JsonLinesWriter(str(tmp_path / "faces.jsonl"))
     with FacePipeline(model_path=model) as pipeline:
-        stats = stream.embed_stream(pipeline, stream.CountingReader(frames), writer, stream.FrameGate(), file_clock=True)
+        stats = stream.embed_stream(
+            pipeline, stream.CountingReader(frames), writer, stream.FrameGate(), file_clock=True
+        )
     writer.close()
     assert (stats.read, stats.processed, stats.bad, stats.faces, stats.dropped) == (3, 2, 1, 2, 0)
 
@@ -357,7 +360,8 @@ def test_cluster_photos(cluster, model, photo_tree, tmp_path, capsys):
     [group] = summary["clusters"]  # a random model sees one person
     assert group["faces"] == 5 and group["folder"] == "cluster_000"
     links = sorted((out / "cluster_000").glob("*__*.png"))
-    assert [p.name for p in links] == ["ada__ada_0.png", "ada__ada_1.png", "ada__ada_2.png", "bob__bob_0.png", "bob__bob_1.png"]
+    names = ["ada__ada_0.png", "ada__ada_1.png", "ada__ada_2.png", "bob__bob_0.png", "bob__bob_1.png"]
+    assert [p.name for p in links] == names
     assert all(p.is_symlink() and p.resolve().is_file() for p in links)
     sheet = cv2.imread(str(out / "cluster_000" / "contact_sheet.png"))
     assert sheet.shape == (112, 5 * 112, 3)
@@ -375,8 +379,11 @@ def test_cluster_photos_labels_average_copy(cluster, model, photo_tree, tmp_path
     assert summary["method"].startswith("average")
     # One cluster of 3 ada + 2 bob: purity 3/5; 4 of its 10 pairs are one person; all same-person pairs together.
     assert summary["labels"] == {
-        "faces": 5, "people": 2, "purity": pytest.approx(0.6),
-        "pairwise_precision": pytest.approx(0.4), "pairwise_recall": pytest.approx(1.0),
+        "faces": 5,
+        "people": 2,
+        "purity": pytest.approx(0.6),
+        "pairwise_precision": pytest.approx(0.4),
+        "pairwise_recall": pytest.approx(1.0),
     }
     copies = list((out / "cluster_000").glob("*__*.png"))
     assert len(copies) == 5 and not any(p.is_symlink() for p in copies)
@@ -399,7 +406,9 @@ def clustered_vectors(seed: int, people: int = 8, faces: int = 80) -> np.ndarray
 
 
 def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
-    return len(set(zip(a.tolist(), b.tolist()))) == len(set(a.tolist())) == len(set(b.tolist()))
+    """Same grouping, whatever the label numbers: labels pair up one to one."""
+    pairs = set(zip(a.tolist(), b.tolist(), strict=True))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -411,9 +420,11 @@ def test_clustering_matches_scipy(cluster, seed):
     threshold = [0.6, 0.9, 1.2, 1.5, 1.8][seed]
     distance = np.clip(2 - 2 * x.astype(np.float64) @ x.T.astype(np.float64), 0, 4)
     np.fill_diagonal(distance, 0)
-    single = hierarchy.fcluster(hierarchy.linkage(squareform(distance, checks=False), "single"), threshold, "distance")
+    condensed = squareform(distance, checks=False)
+    # Connected components at a threshold = single linkage cut there.
+    single = hierarchy.fcluster(hierarchy.linkage(condensed, "single"), threshold, "distance")
     assert same_partition(cluster.threshold_components(x, threshold, block=16), single)
-    average = hierarchy.fcluster(hierarchy.linkage(squareform(distance, checks=False), "average"), threshold, "distance")
+    average = hierarchy.fcluster(hierarchy.linkage(condensed, "average"), threshold, "distance")
     assert same_partition(cluster.average_clusters(x, threshold, use_sklearn=False), average)
 
 
@@ -421,4 +432,29 @@ def test_average_linkage_sklearn_agrees_with_numpy(cluster):
     pytest.importorskip("sklearn")
     for seed, threshold in enumerate([0.7, 1.1, 1.5]):
         x = clustered_vectors(seed)
-        assert same_partition(cluster.average_clusters(x, threshold, True), cluster.average_clusters(x, threshold, False))
+        ours = cluster.average_clusters(x, threshold, use_sklearn=False)
+        assert same_partition(cluster.average_clusters(x, threshold, use_sklearn=True), ours)
+
+
+def test_stream_embed_ctrl_c_keeps_what_was_done(stream, model, astronaut, tmp_path):
+    def frames():
+        yield Frame(image=astronaut, timestamp=0.0, index=0)
+        raise KeyboardInterrupt
+
+    out = tmp_path / "faces.npz"
+    writer = stream.NpzChunkWriter(str(out), chunk=100)
+    with FacePipeline(model_path=model) as pipeline:
+        stats = stream.embed_stream(pipeline, stream.CountingReader(frames()), writer, stream.FrameGate(), True)
+    writer.close()  # the partial chunk is written
+    assert stats.interrupted and stats.processed == 1
+    with np.load(tmp_path / "faces-00000.npz") as data:
+        assert data["embedding"].shape == (1, 128)
+
+
+def test_cluster_photos_ctrl_c(cluster, model, photo_tree, tmp_path, monkeypatch, capsys):
+    def interrupted(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cluster, "read_image", interrupted)
+    assert cluster.main(["--model", model, str(photo_tree), str(tmp_path / "out")]) == 130
+    assert "interrupted after 1 files (0 faces)" in capsys.readouterr().err

@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import io
 import json
+import sys
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -315,17 +316,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The ``convert`` command: convert, check, verify, write model + card + report."""
+    try:
+        return _run(args)
+    except ConversionError as exc:
+        print(f"convert: {exc}", file=sys.stderr)
+        return 2
+
+
+def _read_faces(args: argparse.Namespace, size: tuple[int, int]) -> tuple[FaceSet | None, FaceSet | None]:
+    """(calibration, verification) faces from ``--calibration``: disjoint, both spread
+    across identities; half each when the source has fewer than asked for."""
+    if args.calibration is None:
+        return None, None
+    wanted = args.verify_faces + (args.calibration_faces if args.target == "int8" else 0)
+    try:
+        faces = load_faces(args.calibration, size, wanted, args.seed)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConversionError(f"--calibration {args.calibration}: {exc}") from None
+    n_cal = min(args.calibration_faces, len(faces) // 2) if args.target == "int8" else 0
+    calibration = faces.take(np.arange(n_cal)) if n_cal else None
+    verification = faces.take(np.arange(n_cal, len(faces)))
+    print(f"faces: {len(faces)} from {faces.source} ({faces.identity_count} identities); "
+          f"{n_cal} for calibration, {len(verification)} for verification")
+    return calibration, verification
+
+
+def _run(args: argparse.Namespace) -> int:
     from . import edgetpu, verify
 
     if args.edgetpu and args.target != "int8":
         raise ConversionError("--edgetpu needs --to int8: the Edge TPU runs only full-integer models")
+    if args.lfw is not None and args.lfw_cache is None:
+        raise ConversionError("--lfw needs --lfw-cache (the LFW crops made by `facenet-train preprocess-lfw`)")
     checkpoint = find_checkpoint(args.checkpoint)
     keras_model = load_keras(checkpoint.path)
     model = with_batch_one(keras_model)
     height, width = (int(d) for d in model.input_shape[1:3])
     name = args.name or (checkpoint.path.parent.name if checkpoint.run_config else checkpoint.path.stem)
     out = args.out or default_output(checkpoint.path, name, args.target)
-    flops, cost_notes = cost_of(keras_model)
+    flops, notes = cost_of(keras_model)
+    datasets = args.training_data.split(",") if args.training_data else training_data(checkpoint.run_config)
+    if not datasets:
+        notes["training_data_note"] = "unknown: no run config.json beside the checkpoint and no --training-data"
     card = ModelCard(
         name=name,
         version=args.version,
@@ -338,37 +371,21 @@ def run(args: argparse.Namespace) -> int:
         compatibility_group=args.compatibility_group,
         flops=flops,
         parameters=int(keras_model.count_params()),
-        training_data=args.training_data.split(",") if args.training_data else training_data(checkpoint.run_config),
+        training_data=datasets,
         terms=TERMS,
-        extra={
-            "converter": {"tensorflow": tf_version(), "target": args.target, "checkpoint": str(checkpoint.path)},
-            **cost_notes,
-        },
+        extra={"converter": {"tensorflow": tf_version(), "target": args.target, "checkpoint": str(checkpoint.path)},
+               **notes},
     )
-
-    faces = calibration = verification = None
-    if args.calibration is not None:
-        faces = load_faces(args.calibration, (height, width), args.calibration_faces + args.verify_faces, args.seed)
-        n_cal = min(args.calibration_faces, len(faces) // 2) if args.target == "int8" else 0
-        calibration = faces.take(np.arange(n_cal)) if n_cal else None
-        verification = faces.take(np.arange(n_cal, len(faces)))
-        print(f"faces: {len(faces)} from {faces.source} ({faces.identity_count} identities); "
-              f"{n_cal} for calibration, {len(verification)} for verification")
-    calibration_inputs = normalise(calibration.crops, card) if calibration is not None else None
+    calibration, verification = _read_faces(args, (height, width))
 
     print(f"converting {checkpoint.path} to {args.target} ...")
+    calibration_inputs = normalise(calibration.crops, card) if calibration is not None else None
     tflite = convert_model(model, args.target, calibration_inputs)
     card = replace(card, quantization=quantization_params(tflite, args.target, calibration))
-
-    report: dict[str, Any] = {}
-    if args.edgetpu:
-        tpu = edgetpu.check_model(tflite)
-        print("\n".join(tpu.lines()))
-        report["edgetpu_check"] = tpu.to_dict()
-
-    # Written once now so the runtime's Embedder can load it for verification; rewritten
-    # below when verification adds LFW results to the card.
+    # Written now so the runtime's Embedder can load it for verification; written again
+    # below with what verification and the Edge TPU tools add to the card.
     tflite, card = save_model(out, tflite, card, args.embed_card)
+
     result = verify.verify_model(
         out, card, keras_model, verification, lfw=args.lfw, lfw_cache=args.lfw_cache,
         converter=(lambda: make_converter(model, "int8", calibration_inputs)) if args.target == "int8" else None,
@@ -379,18 +396,20 @@ def run(args: argparse.Namespace) -> int:
     else:
         card = replace(card, extra={**card.extra, "thresholds_note": verify.NO_LFW_NOTE})
         print(f"thresholds: {verify.NO_LFW_NOTE}")
+
+    compiled = None
+    if args.edgetpu:
+        check = edgetpu.check_model(tflite)
+        print("\n".join(check.lines()))
+        compiled = edgetpu.compile_model(out)
+        print(compiled.message)
+        card = replace(card, extra={**card.extra, "edgetpu_check": check.to_dict(), "edgetpu_compiler": compiled.to_dict()})
+
     tflite, card = save_model(out, tflite, card, args.embed_card)
     verify.save_report(result, verify.report_path_for(out))
     print(f"wrote {out} ({card.size_bytes} bytes), {card_path_for(out)}, {verify.report_path_for(out)}")
-
-    if args.edgetpu:
-        compiled = edgetpu.compile_model(out)
-        print(compiled.message)
-        if compiled.status == "compiled" and compiled.output_model:
-            compiled_path = Path(compiled.output_model)
-            compiled_card = replace(card, size_bytes=compiled_path.stat().st_size,
-                                    extra={**card.extra, "edgetpu": compiled.to_dict()})
-            compiled_card.save(card_path_for(compiled_path))
-        elif compiled.status == "failed":
-            return 1
-    return 0
+    if compiled is not None and compiled.status == "compiled" and compiled.output_model:
+        compiled_path = Path(compiled.output_model)
+        replace(card, size_bytes=compiled_path.stat().st_size).save(card_path_for(compiled_path))
+        print(f"wrote {compiled_path} and its card")
+    return 1 if compiled is not None and compiled.status == "failed" else 0

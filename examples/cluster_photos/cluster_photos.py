@@ -27,7 +27,7 @@ import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -57,7 +57,7 @@ class FaceRef:
 
 @dataclass
 class ScanStats:
-    images: int = 0
+    files: int = 0
     unreadable: int = 0
     without_faces: int = 0
     faces: int = 0
@@ -84,7 +84,7 @@ def embed_folder(
     embeddings: list[np.ndarray] = []
     files = image_files(root)
     for number, path in enumerate(files, 1):
-        stats.images += 1
+        stats.files += 1
         try:
             faces = pipeline.process(read_image(path))
         except ImageError as exc:  # its message names the file
@@ -344,21 +344,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Group the photos in a folder tree by the people in them.")
     parser.add_argument("input", type=Path, help="folder of photos (searched recursively)")
     parser.add_argument("output", type=Path, help="output folder (must not exist, or be empty)")
-    parser.add_argument("--model", help="embedding model .tflite with its card beside it (default: the packaged model)")
-    parser.add_argument("--detector", default="blazeface", choices=["blazeface", "haar"])
-    parser.add_argument("--threads", type=int, help="CPU threads for the models")
-    parser.add_argument("--method", choices=["threshold", "average"], default="threshold",
-                        help="threshold: connected components; average: average-linkage agglomerative")
-    parser.add_argument("--threshold", type=float, help="squared-L2 distance joining two faces "
-                        "(default: the model card's thresholds.far_1e3)")
-    parser.add_argument("--min-size", type=int, default=2, help="smaller groups go to unclustered/ (default: 2)")
+    parser.add_argument(
+        "--model", metavar="PATH", help="embedding model .tflite, its card beside it (default: the packaged model)"
+    )
+    parser.add_argument("--detector", default="blazeface", choices=["blazeface", "haar"], help="(default: blazeface)")
+    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for the models")
+    parser.add_argument(
+        "--method",
+        choices=["threshold", "average"],
+        default="threshold",
+        help="threshold: connected components; average: average-linkage agglomerative",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        metavar="D",
+        help="squared-L2 distance joining two faces (default: the model card's thresholds.far_1e3)",
+    )
+    parser.add_argument(
+        "--min-size", type=int, default=2, metavar="N", help="smaller groups go to unclustered/ (default: 2)"
+    )
     parser.add_argument("--largest-only", action="store_true", help="only the largest face of each photo")
     parser.add_argument("--copy", action="store_true", help="copy photos instead of symlinking them")
-    parser.add_argument("--labels-from-folders", action="store_true",
-                        help="the input has one folder per person (like LFW): report purity, pairwise precision/recall")
-    parser.add_argument("--tile", type=int, default=112, help="contact sheet tile size in pixels (default: 112)")
-    parser.add_argument("--columns", type=int, default=8, help="contact sheet columns (default: 8)")
-    parser.add_argument("--sheet-max", type=int, default=64, help="faces per contact sheet at most (default: 64)")
+    parser.add_argument(
+        "--labels-from-folders",
+        action="store_true",
+        help="the input has one folder per person (like LFW): report purity, pairwise precision/recall",
+    )
+    parser.add_argument(
+        "--tile", type=int, default=112, metavar="PX", help="contact sheet tile size in pixels (default: 112)"
+    )
+    parser.add_argument("--columns", type=int, default=8, metavar="N", help="contact sheet columns (default: 8)")
+    parser.add_argument(
+        "--sheet-max", type=int, default=64, metavar="N", help="faces per contact sheet at most (default: 64)"
+    )
     return parser
 
 
@@ -392,14 +411,14 @@ def main(argv: list[str] | None = None) -> int:
         groups = groups_by_size(labels)
         summary = write_output(args, refs, groups, threshold, card.alignment, stats, use_sklearn)
     except KeyboardInterrupt:
-        print(f"cluster_photos: interrupted after {stats.images} files ({stats.faces} faces)", file=sys.stderr)
+        print(f"cluster_photos: interrupted after {stats.files} files ({stats.faces} faces)", file=sys.stderr)
         return 130
     except (FacenetEdgeError, OSError) as exc:
         print(f"cluster_photos: error: {exc}", file=sys.stderr)
         return 1
     clustered = summary["clusters"]
     print(
-        f"{stats.images} files, {stats.unreadable} unreadable, {stats.without_faces} without faces, "
+        f"{stats.files} files, {stats.unreadable} unreadable, {stats.without_faces} without faces, "
         f"{stats.faces} faces -> {len(clustered)} cluster(s) of {args.min_size}+ faces "
         f"({sum(c['faces'] for c in clustered)} faces), {summary['unclustered']['faces']} unclustered; "
         f"see {args.output / 'summary.json'}"
@@ -429,14 +448,15 @@ def write_output(
         clusters.append({"folder": folder.name, "faces": len(members), "photos": photos})
     unclustered = {"folder": "unclustered", "faces": len(small), "photos": []}
     if small:
-        unclustered["photos"] = write_group(args.output / "unclustered", args.input, [refs[i] for i in small],
-                                            args.copy, sheet)
+        unclustered["photos"] = write_group(
+            args.output / "unclustered", args.input, [refs[i] for i in small], args.copy, sheet
+        )
     summary = {
         "input": str(args.input),
         "method": args.method + (" (scikit-learn)" if use_sklearn else ""),
         "threshold": threshold,
         "min_size": args.min_size,
-        "files": stats.images,
+        "files": stats.files,
         "unreadable": stats.unreadable,
         "without_faces": stats.without_faces,
         "faces": stats.faces,

@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 
 from facenet_edge import Face, FacePipeline, FacenetEdgeError, Frame, Vote, open_source
-from facenet_edge.gallery import Gallery
+from facenet_edge.gallery import Gallery, validate_name
 
 log = logging.getLogger("door_access")
 
@@ -392,56 +392,103 @@ def build_parser() -> argparse.ArgumentParser:
         description="Recognise enrolled people at a door camera and unlock for them.",
         epilog="No liveness check: a photo or a screen can fool it. Use a second factor for anything that matters.",
     )
-    parser.add_argument("--model", help="embedding model .tflite with its card beside it (default: the packaged model)")
-    parser.add_argument("--detector", default="blazeface", choices=["blazeface", "haar"])
-    parser.add_argument("--threads", type=int, help="CPU threads for the models")
-    parser.add_argument("--gallery", type=Path, default=Path("door_gallery.db"), help="enrolled people (SQLite)")
-    parser.add_argument("--source", default=None, help="camera index, 'picamera2', video file or stream URL "
-                        "(default: picamera2 when installed, else camera 0)")
-    parser.add_argument("--threshold", type=float, help="accept distances up to D (squared L2; default: the "
-                        "gallery's, set from the model card's thresholds.far_1e3 when it was created)")
+    parser.add_argument(
+        "--model", metavar="PATH", help="embedding model .tflite, its card beside it (default: the packaged model)"
+    )
+    parser.add_argument("--detector", default="blazeface", choices=["blazeface", "haar"], help="(default: blazeface)")
+    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for the models")
+    parser.add_argument(
+        "--gallery",
+        type=Path,
+        metavar="FILE",
+        default=Path("door_gallery.db"),
+        help="enrolled people (default: door_gallery.db)",
+    )
+    parser.add_argument(
+        "--source",
+        default=None,
+        help="camera index, 'picamera2', video file or stream URL (default: picamera2 when installed, else camera 0)",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        metavar="D",
+        help="accept squared-L2 distances up to D (default: the gallery's, which is the model card's "
+        "thresholds.far_1e3 when the gallery was created)",
+    )
 
     enrol = parser.add_argument_group("enrolment (enrol, then exit)")
     action = enrol.add_mutually_exclusive_group()
     action.add_argument("--enroll", metavar="NAME", help="enrol NAME from the camera")
     action.add_argument("--enroll-folder", type=Path, metavar="DIR", help="enrol --name from the photos in DIR")
     enrol.add_argument("--name", help="who the photos in --enroll-folder show")
-    enrol.add_argument("--samples", type=int, default=5, help="good camera frames to take (default: 5)")
-    enrol.add_argument("--sample-interval", type=float, default=0.5, metavar="S",
-                       help="seconds between camera samples, so they differ (default: 0.5)")
-    enrol.add_argument("--min-face", type=int, default=Quality.min_face, metavar="PX",
-                       help=f"smallest face side accepted for enrolment (default: {Quality.min_face})")
-    enrol.add_argument("--min-sharpness", type=float, default=Quality.min_sharpness,
-                       help=f"variance-of-Laplacian blur limit for enrolment (default: {Quality.min_sharpness:g})")
+    enrol.add_argument("--samples", type=int, default=5, metavar="N", help="good camera frames to take (default: 5)")
+    enrol.add_argument(
+        "--sample-interval",
+        type=float,
+        default=0.5,
+        metavar="S",
+        help="seconds between camera samples, so they differ (default: 0.5)",
+    )
+    enrol.add_argument(
+        "--min-face",
+        type=int,
+        default=Quality.min_face,
+        metavar="PX",
+        help=f"smallest face side accepted for enrolment (default: {Quality.min_face})",
+    )
+    enrol.add_argument(
+        "--min-sharpness",
+        type=float,
+        default=Quality.min_sharpness,
+        metavar="V",
+        help=f"variance-of-Laplacian blur limit for enrolment (default: {Quality.min_sharpness:g})",
+    )
 
     door = parser.add_argument_group("door")
-    door.add_argument("--vote", nargs=2, type=int, default=[5, 3], metavar=("WINDOW", "MIN_AGREE"),
-                      help="decide when MIN_AGREE of the last WINDOW frames agree (default: 5 3)")
-    door.add_argument("--vote-max-age", type=float, default=2.0, metavar="S", help="older frames do not vote")
-    door.add_argument("--cooldown", type=float, default=10.0, metavar="S",
-                      help="ignore further decisions about the same person for S seconds (default: 10)")
-    door.add_argument("--relay-pin", type=int, help="GPIO (BCM) pin of the lock relay (needs gpiozero)")
+    door.add_argument(
+        "--vote",
+        nargs=2,
+        type=int,
+        default=[5, 3],
+        metavar=("WINDOW", "MIN_AGREE"),
+        help="decide when MIN_AGREE of the last WINDOW frames agree (default: 5 3)",
+    )
+    door.add_argument(
+        "--vote-max-age", type=float, default=2.0, metavar="S", help="older frames do not vote (default: 2)"
+    )
+    door.add_argument(
+        "--cooldown",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="ignore further decisions about the same person for S seconds (default: 10)",
+    )
+    door.add_argument("--relay-pin", type=int, metavar="PIN", help="GPIO (BCM) pin of the lock relay (needs gpiozero)")
     door.add_argument("--relay-active-low", action="store_true", help="the relay board switches on a low pin")
-    door.add_argument("--unlock-seconds", type=float, default=3.0, help="how long the relay stays on (default: 3)")
-    door.add_argument("--access-log", type=Path, default=Path("access_log.db"), help="SQLite access log (mode 0600)")
+    door.add_argument(
+        "--unlock-seconds", type=float, default=3.0, metavar="S", help="how long the relay stays on (default: 3)"
+    )
+    door.add_argument(
+        "--access-log", type=Path, default=Path("access_log.db"), metavar="FILE", help="SQLite access log (mode 0600)"
+    )
     door.add_argument("--save-thumbnails", action="store_true", help="store a small face JPEG with each decision")
-    door.add_argument("--max-frames", type=int, help="stop after N frames (testing)")
+    door.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames (testing)")
     return parser
 
 
 def enroll(args: argparse.Namespace, pipeline: FacePipeline, stack: ExitStack) -> None:
     """Enrol from a folder of photos or from the camera; the gallery changes only at the end."""
     quality = Quality(min_face=args.min_face, min_sharpness=args.min_sharpness)
+    name = validate_name(args.name if args.enroll_folder is not None else args.enroll)  # before any capture
     if args.enroll_folder is not None:
         if not args.enroll_folder.is_dir():
             raise DoorError(f"not a folder: {args.enroll_folder}")
-        name = args.name
         source = stack.enter_context(open_source(str(args.enroll_folder)))
         embeddings = enroll_from_frames(pipeline, source, quality, samples=None)
         if not embeddings:
             raise DoorError(f"no usable photo of {name} in {args.enroll_folder}; nothing enrolled")
     else:
-        name = args.enroll
         source = stack.enter_context(open_source(args.source or default_source()))
         log.info("enrolling %s: look at the camera; %d good frames needed", name, args.samples)
         embeddings = enroll_from_frames(pipeline, source, quality, args.samples, args.sample_interval)
@@ -491,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
             pipeline = stack.enter_context(
                 FacePipeline(model_path=args.model, detector=args.detector, num_threads=args.threads)
             )
-            if args.enroll or args.enroll_folder:
+            if args.enroll is not None or args.enroll_folder is not None:
                 enroll(args, pipeline, stack)
                 return 0
             stats = run(args, pipeline, stack)

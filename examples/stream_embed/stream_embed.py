@@ -199,6 +199,8 @@ class NpzChunkWriter:
 
     def __init__(self, path: str, chunk: int) -> None:
         self._path = Path(path)
+        if not self._path.parent.is_dir():
+            raise FileNotFoundError(f"output folder does not exist: {self._path.parent}")
         self._chunk = chunk
         self._pending: list[FaceRecord] = []
         self.files: list[Path] = []
@@ -336,15 +338,24 @@ def embed_stream(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Write every face of a video stream with its embedding.")
-    parser.add_argument("--model", help="embedding model .tflite with its card beside it (default: the packaged model)")
-    parser.add_argument("--detector", default="blazeface", choices=["blazeface", "haar"])
-    parser.add_argument("--threads", type=int, help="CPU threads for the models")
-    parser.add_argument("--source", default="0", help="camera index, 'picamera2', video file, RTSP/HTTP URL "
-                        "or a folder of images (default: 0)")
-    parser.add_argument("--out", required=True, help="FILE.jsonl (JSON Lines; '-' for stdout) or FILE.npz (chunks)")
+    parser.add_argument(
+        "--model", metavar="PATH", help="embedding model .tflite, its card beside it (default: the packaged model)"
+    )
+    parser.add_argument("--detector", default="blazeface", choices=["blazeface", "haar"], help="(default: blazeface)")
+    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for the models")
+    parser.add_argument(
+        "--source",
+        default="0",
+        help="camera index, 'picamera2', video file, RTSP/HTTP URL or a folder of images (default: 0)",
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="FILE", help="FILE.jsonl (JSON Lines; '-' for stdout) or FILE.npz (chunks)"
+    )
     parser.add_argument("--chunk", type=int, default=1000, metavar="N", help="faces per .npz chunk (default: 1000)")
     parser.add_argument("--every", type=int, default=1, metavar="N", help="process every N-th frame (default: 1)")
-    parser.add_argument("--fps", type=float, help="process at most this many frames per second of the source")
+    parser.add_argument(
+        "--fps", type=float, metavar="F", help="process at most this many frames per second of the source"
+    )
     parser.add_argument("--max-frames", type=int, metavar="N", help="stop after processing N frames")
     parser.add_argument("--quiet", "-q", action="store_true", help="no fps readout")
     return parser
@@ -362,13 +373,14 @@ def main(argv: list[str] | None = None) -> int:
             pipeline = stack.enter_context(
                 FacePipeline(model_path=args.model, detector=args.detector, num_threads=args.threads)
             )
+            # The output first: a bad --out fails before the camera is opened.
+            writer = NpzChunkWriter(args.out, args.chunk) if args.out.endswith(".npz") else JsonLinesWriter(args.out)
+            stack.callback(writer.close)
             offline = is_offline(args.source)
             # OpenCV sources reopen a lost camera or stream themselves, with growing pauses.
             source = open_source(args.source)
             reader = CountingReader(source) if offline else LatestFrameReader(source)
             stack.callback(reader.close)
-            writer = NpzChunkWriter(args.out, args.chunk) if args.out.endswith(".npz") else JsonLinesWriter(args.out)
-            stack.callback(writer.close)
             readout = None if args.quiet else FpsReadout()
             stats = embed_stream(
                 pipeline,

@@ -44,7 +44,7 @@ import numpy as np
 
 from .align import align
 from .card import ModelIdentity
-from .detect import DEFAULT_DETECTOR, DETECTORS, Detector, create_detector
+from .detect import DEFAULT_DETECTOR, DETECTORS, Detection, Detector, create_detector
 from .embed import Embedder, default_model_path
 from .errors import FacenetEdgeError, ModelError
 from .gallery import Gallery, quantize
@@ -467,10 +467,10 @@ BACKGROUND = 128
 
 @dataclass(frozen=True)
 class FaceImage:
-    """A photo and the box of its (first) face, as our detector found it."""
+    """A photo and its (best) face, as our detector found it."""
 
     image: np.ndarray
-    box: np.ndarray
+    detection: Detection
     source: str
 
 
@@ -501,7 +501,7 @@ def face_images(
         image = load()
         detections = detector.detect(image)
         if detections:
-            found.append(FaceImage(image, detections[0].box, source))
+            found.append(FaceImage(image, detections[0], source))
     if not found:
         raise FacenetEdgeError(
             "no face photo to benchmark with: pass --image PATH (a photo with a face), "
@@ -513,7 +513,7 @@ def face_images(
 def face_tile(face: FaceImage, side: int, mirror: bool = False) -> np.ndarray:
     """A ``side`` x ``side`` crop centred on the face, the face ``FACE_FRACTION`` of it
     (edges replicated where the photo ends)."""
-    x1, y1, x2, y2 = (float(v) for v in face.box)
+    x1, y1, x2, y2 = (float(v) for v in face.detection.box)
     scale = side * FACE_FRACTION / max(x2 - x1, y2 - y1)
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     matrix = np.array([[scale, 0.0, side / 2 - scale * cx], [0.0, scale, side / 2 - scale * cy]])

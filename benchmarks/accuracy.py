@@ -1,0 +1,163 @@
+"""LFW 10-fold verification accuracy through the runtime path, per model conversion and per
+detector backend, with every ROC curve in one PNG.
+
+Each LFW image goes detector -> aligner -> interpreter: our detector (``--detectors``) with
+``facenet-train preprocess-lfw``'s protocol (``common.LfwFaces``), ``facenet_edge.align`` to
+the model's input, the model through ``facenet_edge.Embedder``. Scores come from
+``facenet_train.metrics`` (the converter's LFW numbers use the same code). Each image is
+embedded once per (model, detector) and cached (``--cache``), so a second run only scores.
+
+    python benchmarks/accuracy.py [--model M_float32.tflite --model M_int8.tflite] [--pairs N] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from common import (
+    LfwFaces,
+    LfwPairs,
+    ModelUnderTest,
+    add_common_arguments,
+    add_lfw_arguments,
+    describe_with,
+    fmt,
+    lfw_embeddings,
+    lfw_result,
+    load_lfw,
+    machine_info,
+    machine_line,
+    markdown_table,
+    models_under_test,
+    report,
+    run_script,
+    write_json,
+)
+
+from facenet_edge.bench import name_list
+from facenet_edge.detect import DETECTORS
+from facenet_edge.embed import Embedder
+from facenet_edge.errors import FacenetEdgeError
+from facenet_train.metrics import LfwResult, plot_roc
+from facenet_train.verify import lfw_scores
+
+QUICK_PAIRS = 20
+
+
+@dataclass(frozen=True)
+class Score:
+    """One (model, detector) on LFW. ``outcomes``: per image, 0 face found, > 0 found
+    after padding, -1 centre box (nothing found)."""
+
+    model: str
+    target: str
+    detector: str
+    result: LfwResult
+    outcomes: np.ndarray
+
+    @property
+    def name(self) -> str:
+        return f"{self.model} / {self.detector}"
+
+    def images(self) -> dict[str, int]:
+        return {
+            "found": int(np.sum(self.outcomes == 0)),
+            "found_after_padding": int(np.sum(self.outcomes > 0)),
+            "centre_box": int(np.sum(self.outcomes < 0)),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "target": self.target,
+            "detector": self.detector,
+            **lfw_scores(self.result),
+            "fold_accuracies": self.result.fold_accuracies,
+            "images": self.images(),
+        }
+
+
+def require_lfw(args: argparse.Namespace) -> LfwPairs:
+    if args.lfw is None or not (args.lfw / "pairs.txt").is_file():
+        raise FacenetEdgeError(
+            f"LFW not found ({args.lfw or '../shared/data/lfw'}): pass --lfw DIR, a folder with pairs.txt "
+            "and one folder of images per person"
+        )
+    return load_lfw(args.lfw, args.pairs or (QUICK_PAIRS if args.quick else None))
+
+
+def score_all(
+    models: Sequence[ModelUnderTest], detectors: Sequence[str], lfw: LfwPairs, args: argparse.Namespace
+) -> list[Score]:
+    cache = args.cache or args.out / "cache"
+    scores = []
+    for detector in detectors:
+        with LfwFaces(detector, args.threads) as faces:
+            for model in models:
+                print(f"{model.label} / {detector} ...", file=sys.stderr, flush=True)
+                with Embedder.from_path(model.path, num_threads=args.threads) as embedder:
+                    key = f"{model.label}-{embedder.identity.sha256[:12]}"
+                    descriptors, outcomes = lfw_embeddings(lfw, faces, key, describe_with(embedder), cache)
+                scores.append(Score(model.label, model.target, detector, lfw_result(lfw, descriptors), outcomes))
+    return scores
+
+
+def print_table(scores: Sequence[Score], lfw: LfwPairs) -> None:
+    print(f"\n## LFW, {len(lfw.pairs)} pairs in {lfw.folds} folds, {len(lfw.images)} images\n")
+    headers = ["model", "target", "detector", "accuracy %", "VAL % @ FAR 1e-3", "AUC", "threshold (best acc.)"]
+    headers += ["threshold @ FAR 1e-3", "faces found / after padding / centre box"]
+    rows = []
+    for s in scores:
+        r, found = s.result, s.images()
+        rows.append(
+            [s.model, s.target, s.detector, f"{100 * r.accuracy_mean:.2f} ± {100 * r.accuracy_std:.2f}"]
+            + [f"{100 * r.val_mean:.1f} ± {100 * r.val_std:.1f}", fmt(r.auc, 4), fmt(r.best_threshold, 3)]
+            + [fmt(r.threshold_at_far, 3), f"{found['found']} / {found['found_after_padding']} / {found['centre_box']}"]
+        )
+    print(markdown_table(headers, rows))
+    print("\nDistances: squared L2 between unit embeddings; thresholds accept a pair below them.")
+
+
+def run(args: argparse.Namespace) -> int:
+    lfw = require_lfw(args)
+    models = models_under_test(args.model)
+    detectors = args.detectors or tuple(DETECTORS)
+    machine = machine_info([args.threads] if args.threads else None)
+    print("# facenet-edge LFW accuracy\n")
+    print(machine_line(machine))
+    scores = score_all(models, detectors, lfw, args)
+    print_table(scores, lfw)
+    args.out.mkdir(parents=True, exist_ok=True)
+    png = plot_roc({s.name: s.result for s in scores}, args.out / "accuracy_roc.png")
+    config = {
+        "lfw": args.lfw,
+        "pairs": len(lfw.pairs),
+        "images": len(lfw.images),
+        "models": [{"label": m.label, "path": m.path, "target": m.target} for m in models],
+        "detectors": list(detectors),
+        "threads": args.threads,
+    }
+    results = {"scores": [s.to_dict() for s in scores], "roc_png": png}
+    path = write_json(args.out / "accuracy.json", report("accuracy", machine, config, results, []))
+    print(f"\nwrote {path} and {png}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="accuracy", description=__doc__.split("\n\n")[0])
+    add_common_arguments(parser, several_models=True)
+    add_lfw_arguments(parser)
+    parser.add_argument(
+        "--detectors", type=name_list(sorted(DETECTORS)), metavar="NAME,NAME", help="default: blazeface,haar"
+    )
+    parser.add_argument("--threads", type=int, metavar="N", help="interpreter threads (default: the runtime's)")
+    return run_script(parser, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""The benchmark scripts in benchmarks/ on tiny configurations (``--quick``, the tiny test
+model): each runs, prints Markdown tables and writes well-formed JSON with the expected
+keys. No timing is asserted: numbers from a test run on a shared machine mean nothing.
+
+LFW parts skip when ../shared/data/lfw is absent, dlib parts when dlib is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from facenet_edge import bench
+from facenet_edge import embed as embed_module
+from facenet_edge.cli import main as cli_main
+from facenet_edge.detect import create_detector
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+LFW = bench.default_lfw()
+NO_LFW = "LFW not found at ../shared/data/lfw (beside the repository)"
+MACHINE_KEYS = {"cpu", "cores", "python", "libraries", "threads", "git_commit", "load_average", "tflite_runtime"}
+TARGET_KEYS = {"name", "limit", "unit", "measured", "met", "ratio", "status"}
+TIMING_KEYS = {"runs", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms"}
+
+
+@pytest.fixture(scope="module")
+def common() -> types.ModuleType:
+    """benchmarks/common.py (the scripts import it as ``common``; they are not a package)."""
+    spec = importlib.util.spec_from_file_location("benchmarks_common", BENCHMARKS / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look up their module while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_benchmark(name: str, out: Path, *args: str) -> dict:
+    """Run benchmarks/NAME.py --quick, check the shared report layout, return its JSON."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / f"{name}.py"), "--quick", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "|---|" in done.stdout  # a Markdown table
+    report = json.loads((out / f"{name}.json").read_text())
+    assert report["benchmark"] == name
+    assert MACHINE_KEYS <= set(report["machine"])
+    assert report["machine"]["cores"] >= 1
+    assert isinstance(report["config"], dict) and isinstance(report["results"], dict)
+    for target in report["targets"]:
+        assert TARGET_KEYS <= set(target)
+        assert target["status"] in ("met", "NOT MET", "not measured")
+        assert (target["measured"] is None) == (target["met"] is None)
+    return report
+
+
+def has_face_photo() -> bool:
+    return importlib.util.find_spec("skimage") is not None or LFW is not None
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def test_percentiles():
+    stats = bench.Percentiles.of(np.arange(1, 101) / 1000)  # 1..100 ms
+    assert stats.runs == 100
+    assert stats.p50_ms == pytest.approx(50.5)
+    assert stats.p99_ms == pytest.approx(99.01)
+    assert stats.min_ms == pytest.approx(1.0)
+
+
+def test_targets_and_table():
+    fast = bench.Target("fps", 60, "FPS", higher_is_better=True, measured=90)
+    slow = bench.Target("cold start", 1.5, "s", measured=3.0)
+    absent = bench.Target("rss", 200, "MB", note="not run")
+    assert (fast.met, slow.met, absent.met) == (True, False, None)
+    assert slow.ratio == pytest.approx(2.0)
+    table = bench.targets_table([fast, slow, absent]).splitlines()
+    assert len(table) == 5 and "NOT MET" in table[3] and "not measured (not run)" in table[4]
+
+
+def test_frames_hold_the_faces(astronaut):
+    with create_detector("haar") as detector:
+        faces = bench.face_images(1, detector, lfw=None)
+        assert faces[0].source == "skimage.data.astronaut"
+        for count in (1, 5):
+            frame = bench.compose_frame(faces, count)
+            assert frame.shape == (480, 640, 3) and frame.dtype == np.uint8
+            assert len(detector.detect(frame)) == count
+
+
+def test_lfw_subsample_keeps_every_fold_balanced(common, tmp_path):
+    folds, per_half = 10, 4
+    lines = [f"{folds} {per_half}"]
+    for fold in range(folds):
+        lines += [f"P{fold}_{i} 1 2" for i in range(per_half)]
+        lines += [f"A{fold}_{i} 1 B{fold}_{i} 1" for i in range(per_half)]
+    (tmp_path / "pairs.txt").write_text("\n".join(lines) + "\n")
+    lfw = common.load_lfw(tmp_path, pairs=40)
+    assert len(lfw.pairs) == 40 and lfw.folds == folds
+    for fold in np.split(lfw.issame, folds):
+        assert fold.sum() == 2 and (~fold).sum() == 2
+    first, second = lfw.pair_indices()
+    assert len(lfw.images) == 40 + 40 and first.max() < len(lfw.images) and second.max() < len(lfw.images)
+
+
+@pytest.mark.skipif(LFW is None, reason=NO_LFW)
+def test_lfw_cache_embeds_each_image_once(common, tmp_path):
+    described = []
+
+    def describe(images, detections):
+        described.extend(images)
+        return np.random.default_rng(len(described)).standard_normal((len(images), 128)).astype(np.float32)
+
+    small, large = common.load_lfw(LFW, pairs=20), common.load_lfw(LFW, pairs=40)
+    with common.LfwFaces("haar") as faces:
+        first, outcomes = common.lfw_embeddings(small, faces, "fake", describe, tmp_path)
+        assert len(described) == len(small.images) == len(first) == len(outcomes)
+        again, _ = common.lfw_embeddings(small, faces, "fake", describe, tmp_path)
+        assert len(described) == len(small.images) and np.array_equal(first, again)
+        common.lfw_embeddings(large, faces, "fake", describe, tmp_path)
+    assert len(described) == len(set(small.images) | set(large.images))
+
+
+# ---------------------------------------------------------------- the scripts
+
+
+@pytest.mark.skipif(not has_face_photo(), reason="no face photo: needs scikit-image (astronaut) or LFW")
+def test_latency(tiny_model, tmp_path):
+    report = run_benchmark("latency", tmp_path, "--model", str(tiny_model.int8))
+    results = report["results"]
+    assert {"model", "faces", "stages", "pipeline", "cold_start", "memory"} <= set(results)
+    assert {s["stage"] for s in results["stages"]} == {"decode", "detect", "align", "embed", "match"}
+    assert {s["batch"] for s in results["stages"] if s["stage"] == "embed"} == {1, 8}
+    assert all(TIMING_KEYS <= set(s["timing"]) for s in results["stages"])
+    assert {r["faces_in_frame"] for r in results["pipeline"]} == {1, 5}
+    assert all(r["fps"] > 0 for r in results["pipeline"])
+    assert all(c["total_s"] > 0 for c in results["cold_start"])
+    assert results["memory"]["rss_peak_mb"] > 0
+    assert [t["measured"] is not None for t in report["targets"]] == [True, True, True]
+
+
+def test_bench_command_is_registered(capsys):
+    assert cli_main(["bench", "--help"]) == 0
+    assert "--quick" in capsys.readouterr().out
+
+
+def test_bench_without_a_model_says_pass_model(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(embed_module, "MODELS_DIR", tmp_path)
+    monkeypatch.setattr(embed_module, "DEFAULT_MODEL_POINTER", tmp_path / "default.txt")
+    assert bench.main(["--quick", "--out", str(tmp_path)]) == 1
+    assert "pass --model" in capsys.readouterr().err
+    assert not (tmp_path / "latency.json").exists()
+
+
+def test_gallery_scaling(tmp_path):
+    report = run_benchmark("gallery_scaling", tmp_path / "out", "--tmp", str(tmp_path))
+    scales = report["results"]["scales"]
+    assert [s["people"] for s in scales] == [1000, 10000]
+    for s in scales:
+        assert TIMING_KEYS <= set(s["top1"]) and TIMING_KEYS <= set(s["top5"])
+        assert s["matrix_mb"] == pytest.approx(s["people"] * 128 / 2**20)
+        assert s["index_mb"] > 0 and s["enroll_s"] > 0 and s["search_over_read"] > 0
+        assert {"read", "copy", "bytes"} <= set(s["bandwidth"])
+    assert report["results"]["add_ms_per_person"] > 0
+    assert [t["status"] for t in report["targets"]] == ["not measured", "not measured"]  # no 1M gallery
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "out" / "gallery_scaling.png").stat().st_size > 0
+
+
+def test_models(tiny_model, tmp_path):
+    pytest.importorskip("tensorflow", reason="the model family is built with TensorFlow (the train extra)")
+    report = run_benchmark("models", tmp_path, "--model", str(tiny_model.int8))
+    (family,) = report["results"]["family"]
+    assert family["name"] == "nns2" and family["params"] > 0 and family["flops"] > family["macs"] > 0
+    assert [c["target"] for c in family["conversions"]] == ["float32"]
+    assert family["conversions"][0]["size_bytes"] > 4 * family["trainable_params"]
+    (file,) = report["results"]["files"]
+    assert file["size_bytes"] == tiny_model.int8.stat().st_size and file["target"] == "int8"
+
+
+@pytest.mark.skipif(LFW is None, reason=NO_LFW)
+def test_accuracy(tiny_model, tmp_path):
+    models = ["--model", str(tiny_model.int8), "--model", str(tiny_model.float32)]
+    report = run_benchmark("accuracy", tmp_path, *models, "--pairs", "20")
+    scores = report["results"]["scores"]
+    assert {(s["model"], s["detector"]) for s in scores} == {
+        (m, d) for m in ("tiny_int8", "tiny_float") for d in ("blazeface", "haar")
+    }
+    for s in scores:
+        assert 0.0 <= s["accuracy_mean"] <= 1.0 and len(s["fold_accuracies"]) == 10
+        assert sum(s["images"].values()) == report["config"]["images"]
+    assert (tmp_path / "accuracy_roc.png").stat().st_size > 0
+    assert len(list((tmp_path / "cache").glob("lfw-*.npz"))) == 4
+
+
+def test_peers(tiny_model, tmp_path):
+    if not has_face_photo():
+        pytest.skip("no face photo: needs scikit-image (astronaut) or LFW")
+    models = ["--model", str(tiny_model.int8), "--model", str(tiny_model.float32)]
+    report = run_benchmark("peers", tmp_path, *models, "--pairs", "20")
+    results = report["results"]
+    ours = [r for r in results["latency"] if r["peer"] in ("tiny_int8", "tiny_float")]
+    assert len(ours) == 2 and all(TIMING_KEYS <= set(r["network"]) for r in ours)
+    assert "OpenCV SFace (cv2.FaceRecognizerSF)" in results["unavailable"]
+    if LFW is not None:
+        assert {a["peer"] for a in results["lfw"]} >= {"tiny_int8", "tiny_float"}
+    if importlib.util.find_spec("dlib") is None:
+        pytest.skip("dlib is not installed (pip install 'facenet-edge[teacher]'): dlib parts not checked")
+    assert results["latency"][0]["peer"] == "dlib ResNet v1"
+    assert results["dlib"]["version"]
+    assert report["targets"][0]["measured"] is not None  # int8 embed / dlib descriptor
+    if LFW is not None:
+        assert "dlib ResNet v1" in {a["peer"] for a in results["lfw"]}
