@@ -95,19 +95,31 @@ def align(
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"align expects an H x W x 3 image, got shape {image.shape}")
     height, width = size
+    out_size = (width + 2 * border, height + 2 * border)
     matrix = alignment_matrix(detection, size, border, template)
-    # Area-averaging before the warp keeps large faces from aliasing when shrunk a lot.
-    scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
-    if scale < 0.5:
-        factor = 1.0 / scale / 1.5
-        small = cv2.resize(image, None, fx=1 / factor, fy=1 / factor, interpolation=cv2.INTER_AREA)
-        matrix = matrix.copy()
-        matrix[:, :2] *= factor  # the translation is in output space, so it is unchanged
-        image = small
+    # A face much larger than the crop is first shrunk by an integer factor with area
+    # averaging (plain bilinear warping would alias); only the region the crop reads is
+    # shrunk, so the cost does not grow with the frame, and the region starts on a multiple
+    # of the factor so the result equals shrinking the whole frame.
+    factor = int(1.0 / np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
+    if factor >= 2:
+        inverse = cv2.invertAffineTransform(matrix)
+        corners = np.array([[0, 0, 1], [out_size[0], 0, 1], [0, out_size[1], 1], [out_size[0], out_size[1], 1]], float)
+        source = corners @ inverse.T
+        x0, y0 = (np.maximum(np.floor(source.min(axis=0) / factor) - 1, 0) * factor).astype(int)
+        x1, y1 = np.ceil(source.max(axis=0) / factor + 1).astype(int) * factor
+        x1 = x0 + (min(x1, image.shape[1]) - x0) // factor * factor
+        y1 = y0 + (min(y1, image.shape[0]) - y0) // factor * factor
+        if x1 > x0 and y1 > y0:
+            region = image[y0:y1, x0:x1]
+            image = cv2.resize(region, ((x1 - x0) // factor, (y1 - y0) // factor), interpolation=cv2.INTER_AREA)
+            # A shrunk pixel q is the mean of source pixels whose centre is x0 + (f-1)/2 + f*q.
+            offset = np.array([x0, y0], float) + (factor - 1) / 2
+            matrix = np.concatenate([matrix[:, :2] * factor, (matrix[:, :2] @ offset + matrix[:, 2])[:, None]], axis=1)
     return cv2.warpAffine(
         image,
         matrix,
-        (width + 2 * border, height + 2 * border),
+        out_size,
         flags=cv2.INTER_LINEAR,
         borderMode=cv2.BORDER_REPLICATE,
     )
