@@ -233,7 +233,6 @@ def fixed_inputs(model_path: Path, count: int, seed: int) -> np.ndarray:
     """``count`` random RGB images, preprocessed as the runtime does ((pixel - mean) / std,
     from the card when there is one) and quantized to the model's input type."""
     from ai_edge_litert.interpreter import Interpreter
-
     from facenet_edge.card import ModelCard, card_path_for
 
     card_path = card_path_for(model_path)
@@ -271,7 +270,7 @@ def run_in_chroot(rootfs: Path, model_path: Path, inputs: np.ndarray) -> tuple[n
 
 def compare(x86: np.ndarray, arm: np.ndarray, scale: float, zero_point: int) -> list[InputComparison]:
     rows = []
-    for i, (a, b) in enumerate(zip(x86, arm)):
+    for i, (a, b) in enumerate(zip(x86, arm, strict=True)):
         diff = np.abs(a.astype(np.int32) - b.astype(np.int32))
         fa = (a.astype(np.float64) - zero_point) * (scale or 1.0)
         fb = (b.astype(np.float64) - zero_point) * (scale or 1.0)

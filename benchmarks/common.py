@@ -109,14 +109,14 @@ class ModelUnderTest:
 
 
 def conversions(path: Path) -> list[Path]:
-    """``NAME_{float32,float16,int8}.tflite`` beside ``path`` (``facenet-train convert``'s
-    names) that have a card; just ``path`` when its name has no target suffix."""
+    """``path`` and the ``NAME_{float32,float16,int8}.tflite`` beside it (``facenet-train
+    convert``'s names) that have a card; just ``path`` when its name has no target suffix."""
     for target in TARGETS:
         suffix = f"_{target}"
         if path.stem.endswith(suffix):
             base = path.stem[: -len(suffix)]
             siblings = [path.with_name(f"{base}_{t}.tflite") for t in TARGETS]
-            return [p for p in siblings if p.is_file() and card_path_for(p).is_file()]
+            return [p for p in siblings if p == path or (p.is_file() and card_path_for(p).is_file())]
     return [path]
 
 

@@ -19,6 +19,7 @@ import importlib.util
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,17 @@ class PeerLatency:
 TimeFace = Callable[[FaceImage], tuple[float, float]]
 
 
-def ours(embedder: Embedder) -> TimeFace:
+@dataclass(frozen=True)
+class Side:
+    """One peer in the latency comparison."""
+
+    name: str
+    target: str
+    threads: str
+    time_face: TimeFace
+
+
+def time_ours(embedder: Embedder) -> TimeFace:
     size, template = embedder.input_size, embedder.card.alignment
 
     def time_face(face: FaceImage) -> tuple[float, float]:
@@ -131,7 +142,7 @@ def ours(embedder: Embedder) -> TimeFace:
     return time_face
 
 
-def theirs(peer: DlibPeer) -> TimeFace:
+def time_dlib(peer: DlibPeer) -> TimeFace:
     def time_face(face: FaceImage) -> tuple[float, float]:
         start = time.perf_counter()
         shape = peer.shape(face.image, face.detection)
@@ -142,39 +153,41 @@ def theirs(peer: DlibPeer) -> TimeFace:
     return time_face
 
 
-def time_peer(
-    name: str, target: str, threads: str, time_face: TimeFace, faces: Sequence[FaceImage], runs: int
-) -> PeerLatency:
-    """``runs`` passes over every face after one untimed pass."""
-    for face in faces:
-        time_face(face)
-    cpu, wall = time.process_time(), time.perf_counter()
-    timings = np.array([time_face(face) for _ in range(runs) for face in faces])
-    cpu_per_wall = (time.process_time() - cpu) / (time.perf_counter() - wall)
-    return PeerLatency(
-        name,
-        target,
-        threads,
-        Percentiles.of(timings[:, 0]),
-        Percentiles.of(timings[:, 1]),
-        Percentiles.of(timings.sum(axis=1)),
-        cpu_per_wall,
-    )
+def time_sides(sides: Sequence[Side], faces: Sequence[FaceImage], runs: int) -> list[PeerLatency]:
+    """``runs`` passes over every face after one untimed pass. The peers take turns within
+    each pass, so a change in the machine's load hits all of them alike."""
+    for side in sides:
+        for face in faces:
+            side.time_face(face)
+    timings: dict[str, list[tuple[float, float]]] = {side.name: [] for side in sides}
+    cpu = dict.fromkeys(timings, 0.0)
+    wall = dict.fromkeys(timings, 0.0)
+    for _ in range(runs):
+        for side in sides:
+            cpu_start, wall_start = time.process_time(), time.perf_counter()
+            timings[side.name] += [side.time_face(face) for face in faces]
+            cpu[side.name] += time.process_time() - cpu_start
+            wall[side.name] += time.perf_counter() - wall_start
+    rows = []
+    for side in sides:
+        seconds = np.array(timings[side.name])
+        parts = (Percentiles.of(seconds[:, 0]), Percentiles.of(seconds[:, 1]), Percentiles.of(seconds.sum(axis=1)))
+        rows.append(PeerLatency(side.name, side.target, side.threads, *parts, cpu[side.name] / wall[side.name]))
+    return rows
 
 
 def measure_latency(
     models: Sequence[ModelUnderTest], peer: DlibPeer | None, faces: Sequence[FaceImage], threads: int, runs: int
 ) -> list[PeerLatency]:
-    rows = []
-    if peer is not None:
-        # Without BLAS dlib computes on the calling thread only.
-        rows.append(
-            time_peer(DLIB, "float32", "BLAS's" if peer.uses_blas else "1 (no BLAS)", theirs(peer), faces, runs)
-        )
-    for model in models:
-        with Embedder.from_path(model.path, num_threads=threads) as embedder:
-            rows.append(time_peer(model.label, model.target, str(threads), ours(embedder), faces, runs))
-    return rows
+    with ExitStack() as stack:
+        sides = []
+        if peer is not None:
+            # Without BLAS dlib computes on the calling thread only.
+            sides.append(Side(DLIB, "float32", "BLAS's" if peer.uses_blas else "1 (no BLAS)", time_dlib(peer)))
+        for model in models:
+            embedder = stack.enter_context(Embedder.from_path(model.path, num_threads=threads))
+            sides.append(Side(model.label, model.target, str(threads), time_ours(embedder)))
+        return time_sides(sides, faces, runs)
 
 
 def ratio_target(

@@ -87,7 +87,7 @@ def test_targets_and_table():
     assert len(table) == 5 and "NOT MET" in table[3] and "not measured (not run)" in table[4]
 
 
-def test_frames_hold_the_faces(astronaut):
+def test_frames_hold_the_faces(astronaut):  # the fixture skips without scikit-image
     with create_detector("haar") as detector:
         faces = bench.face_images(1, detector, lfw=None)
         assert faces[0].source == "skimage.data.astronaut"
@@ -110,6 +110,13 @@ def test_lfw_subsample_keeps_every_fold_balanced(common, tmp_path):
         assert fold.sum() == 2 and (~fold).sum() == 2
     first, second = lfw.pair_indices()
     assert len(lfw.images) == 40 + 40 and first.max() < len(lfw.images) and second.max() < len(lfw.images)
+
+
+def test_conversions_are_the_converters_siblings_with_cards(common, tmp_path):
+    for name in ("m_int8.tflite", "m_int8.json", "m_float32.tflite", "m_float32.json", "m_float16.tflite"):
+        (tmp_path / name).touch()  # m_float16 has no card: not a usable sibling
+    assert common.conversions(tmp_path / "m_int8.tflite") == [tmp_path / "m_float32.tflite", tmp_path / "m_int8.tflite"]
+    assert common.conversions(tmp_path / "other.tflite") == [tmp_path / "other.tflite"]
 
 
 @pytest.mark.skipif(LFW is None, reason=NO_LFW)

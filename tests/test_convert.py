@@ -25,12 +25,13 @@ from facenet_train import cli, convert, edgetpu, verify  # noqa: E402
 from facenet_train.faces import load_faces, spread_across_identities  # noqa: E402
 from facenet_train.models import L2Normalize  # noqa: E402
 from facenet_train.tflite_graph import embed_metadata, read_graph, read_metadata  # noqa: E402
+from facenet_train.train import load_keras_model  # noqa: E402
 
 SIZE = 96
 BORDER = 8
-# Random weights make embeddings that hinge on small differences, so quantization moves
-# them more than it moves a trained model's; measured on this model: median 0.9996,
-# worst 0.9993 over 24 faces. The real target (median >= 0.99) is checked on real models.
+# Keras vs int8 cosine measured for this random-weight model on these faces: median
+# 0.99961, worst 0.99926 (24 faces). The bound leaves room for other CPUs' kernels; the
+# project's target (median >= 0.99 on a trained model) is what `convert` itself checks.
 TINY_MEDIAN_COSINE = 0.99
 
 
@@ -86,7 +87,7 @@ def work(tmp_path_factory, astronaut):
 
 @pytest.fixture(scope="module")
 def batch_one(work):
-    return convert.with_batch_one(convert.load_keras(work / "tiny.keras"))
+    return convert.with_batch_one(load_keras_model(work / "tiny.keras"))
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +174,7 @@ def test_edgetpu_check_lists_float_ops(converted):
 
 def test_edgetpu_check_dynamic_batch(calibration, work):
     """The same model converted with a free batch size does not map at all."""
-    model = convert.load_keras(work / "tiny.keras")
+    model = load_keras_model(work / "tiny.keras")
     raw = convert.run_converter(convert.make_converter(model, "int8", calibration[:8]))
     report = edgetpu.check_model(raw)
     assert report.fallback and "dynamic shape" in report.fallback[0].reason
@@ -326,13 +327,54 @@ def test_folder_faces_are_centre_cropped(work):
     assert faces.crops.shape == (12, SIZE, SIZE, 3) and faces.identity_count == 6
 
 
-def test_find_checkpoint_in_a_run_folder(tmp_path, work):
+def test_run_folder_config_names_the_training_data(tmp_path, work):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "best.keras").write_bytes((work / "tiny.keras").read_bytes())
+    (run / "model.keras").write_bytes((work / "tiny.keras").read_bytes())
     (run / "config.json").write_text(json.dumps({"data": {"sources": ["pins", "utkface"]}}))
-    checkpoint = convert.find_checkpoint(run)
-    assert checkpoint.path == run / "best.keras"
-    assert convert.training_data(checkpoint.run_config) == ["Pins Face Recognition [pins]", "UTKFace [utkface]"]
-    with pytest.raises(convert.ConversionError, match="expected one .keras"):
-        convert.find_checkpoint(tmp_path)
+    for checkpoint in (run, run / "model.keras"):
+        config = convert.run_config(checkpoint)
+        assert convert.training_data(config) == ["Pins Face Recognition [pins]", "UTKFace [utkface]"]
+    assert convert.default_output(run, "m", "int8") == run / "m_int8.tflite"
+    assert convert.run_config(work / "tiny.keras") is None
+
+
+def test_missing_checkpoint_is_a_clean_error(work, capsys):
+    assert cli.main(["convert", str(work / "nope.keras"), "--to", "float32"]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+def _write_lfw(root: Path, astronaut: np.ndarray) -> None:
+    """A 10-fold LFW stand-in: four 'people' (the astronaut photo under lighting changes),
+    one matched and one mismatched pair per fold."""
+    import cv2
+
+    rng = np.random.default_rng(1)
+    for person in ("A_a", "B_b", "C_c", "D_d"):
+        (root / person).mkdir(parents=True)
+        for n in (1, 2):
+            image = np.clip(astronaut * rng.uniform(0.6, 1.2), 0, 255).astype(np.uint8)
+            cv2.imwrite(str(root / person / f"{person}_{n:04d}.jpg"), image[..., ::-1])
+    people = ["A_a", "B_b", "C_c", "D_d"]
+    lines = ["10 1"]
+    for fold in range(10):
+        a, b = people[fold % 4], people[(fold + 1) % 4]
+        lines += [f"{a} 1 2", f"{a} 1 {b} 2"]
+    (root / "pairs.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_lfw_thresholds_go_into_the_card(work, astronaut):
+    lfw = work / "lfw"
+    _write_lfw(lfw, astronaut)
+    out = work / "lfw_out" / "tiny_f16.tflite"
+    argv = ["convert", str(work / "tiny.keras"), "--to", "float16", "--lfw", str(lfw), "--workers", "1",
+            "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    card = ModelCard.load(card_path_for(out))
+    report = json.loads(verify.report_path_for(out).read_text())
+    assert card.lfw["pairs"] == report["lfw"]["pairs"] == 20
+    assert card.thresholds.far_1e3 == report["lfw"]["thresholds"]["far_1e3"] is not None
+    assert card.thresholds.best_accuracy == report["lfw"]["tflite"]["best_threshold"]
+    assert card.lfw["accuracy_mean"] == report["lfw"]["tflite"]["accuracy_mean"]
+    assert "thresholds_note" not in card.extra
+    assert report["cosine"] is None and report["notes"]  # no --calibration: said, not measured

@@ -19,8 +19,7 @@ import cv2
 import numpy as np
 import pytest
 
-from facenet_edge import FacePipeline, Frame, ImageError, ModelError, default_model_path
-from facenet_edge.gallery import Gallery
+from facenet_edge import FacePipeline, Frame, Gallery, LatestFrameSource, ModelError, default_model_path, open_source
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -279,44 +278,47 @@ def test_stream_embed_fps_on_a_file_follows_the_video_clock(stream, model, video
 
 
 class FakeLiveSource:
-    """A camera delivering frames faster than they are consumed, then failing or ending."""
+    """A camera delivering frames faster than they are consumed."""
 
-    def __init__(self, image: np.ndarray, count: int, interval_s: float, error: Exception | None = None):
-        self.image, self.count, self.interval_s, self.error = image, count, interval_s, error
+    live = True
+
+    def __init__(self, image: np.ndarray, count: int, interval_s: float):
+        self.image, self.count, self.interval_s = image, count, interval_s
         self.closed = threading.Event()
 
     def __iter__(self):
         for i in range(self.count):
             time.sleep(self.interval_s)
             yield Frame(image=self.image, timestamp=time.monotonic(), index=i)
-        if self.error is not None:
-            raise self.error
 
     def close(self) -> None:
         self.closed.set()
 
 
-def test_latest_frame_reader_keeps_only_the_newest_frame(stream):
-    source = FakeLiveSource(np.zeros((4, 4, 3), np.uint8), count=40, interval_s=0.002)
-    reader = stream.LatestFrameReader(source)
-    seen = []
-    for frame in reader:
-        seen.append(frame.index)
-        time.sleep(0.02)  # a slow recogniser
-    reader.close()
-    assert reader.read == 40
-    assert reader.dropped > 0 and reader.dropped + len(seen) == 40
-    assert seen == sorted(seen) and seen[-1] == 39  # never stale, never out of order
-    assert source.closed.is_set()  # the capture thread closes what it read
+def test_stream_embed_live_source_drops_frames_a_slow_device_cannot_take(stream, model, astronaut, tmp_path):
+    source = FakeLiveSource(astronaut, count=60, interval_s=0.001)  # far faster than the pipeline
+    writer = stream.JsonLinesWriter(str(tmp_path / "faces.jsonl"))
+    with FacePipeline(model_path=model) as pipeline, LatestFrameSource(source) as frames:
+        stats = stream.embed_stream(pipeline, frames, writer, stream.FrameGate(), file_clock=False)
+    writer.close()
+    assert stats.dropped > 0 and stats.read == stats.processed + stats.dropped == 60
+    lines = [json.loads(line) for line in (tmp_path / "faces.jsonl").read_text().splitlines()]
+    assert [r["frame"] for r in lines] == sorted(r["frame"] for r in lines) and lines[-1]["frame"] == 59
+    assert source.closed.is_set()
 
 
-def test_latest_frame_reader_reports_a_lost_camera(stream):
-    source = FakeLiveSource(np.zeros((4, 4, 3), np.uint8), count=2, interval_s=0.0, error=ImageError("camera lost"))
-    reader = stream.LatestFrameReader(source)
-    with pytest.raises(ImageError, match="camera lost"):
-        for _ in reader:
-            time.sleep(0.01)
-    reader.close()
+def test_examples_read_live_sources_newest_frame_first(stream, door, monkeypatch, video):
+    calls = []
+    monkeypatch.setattr(door, "open_source", lambda spec, **options: calls.append((spec, options)))
+    args = door.build_parser().parse_args(["--source", "rtsp://cam/door", "--max-retries", "forever"])
+    door.open_camera(args)
+    assert calls == [("rtsp://cam/door", {"latest_only": True, "max_retries": None})]
+    assert door.build_parser().parse_args([]).max_retries == 10
+    with pytest.raises(SystemExit):
+        stream.build_parser().parse_args(["--out", "-", "--max-retries", "-1"])
+    # latest_only leaves a video file alone: read frame by frame, nothing dropped.
+    with open_source(str(video), latest_only=True) as source:
+        assert not source.live and not isinstance(source, LatestFrameSource)
 
 
 def test_stream_embed_skips_bad_frames(stream, model, astronaut, tmp_path):
@@ -328,7 +330,7 @@ def test_stream_embed_skips_bad_frames(stream, model, astronaut, tmp_path):
     writer = stream.JsonLinesWriter(str(tmp_path / "faces.jsonl"))
     with FacePipeline(model_path=model) as pipeline:
         stats = stream.embed_stream(
-            pipeline, stream.CountingReader(frames), writer, stream.FrameGate(), file_clock=True
+            pipeline, frames, writer, stream.FrameGate(), file_clock=True
         )
     writer.close()
     assert (stats.read, stats.processed, stats.bad, stats.faces, stats.dropped) == (3, 2, 1, 2, 0)
@@ -390,6 +392,27 @@ def test_cluster_photos_labels_average_copy(cluster, model, photo_tree, tmp_path
     assert cv2.imread(str(out / "cluster_000" / "contact_sheet.png")).shape == (64, 5 * 64, 3)
 
 
+def test_cluster_contact_sheet_shows_the_crops_the_model_embedded(cluster, model, photo_tree, tmp_path):
+    out = tmp_path / "clusters"
+    assert cluster.main(["--model", model, "--tile", "96", str(photo_tree), str(out)]) == 0  # 96: the model input
+    sheet = cv2.cvtColor(cv2.imread(str(out / "cluster_000" / "contact_sheet.png")), cv2.COLOR_BGR2RGB)
+    with FacePipeline(model_path=model) as pipeline:
+        (face,) = pipeline.process(cluster.read_image(photo_tree / "ada" / "ada_0.png"))  # the group's first face
+    np.testing.assert_array_equal(sheet[:, :96], face.crop)
+
+
+def test_crop_store(cluster):
+    crops = [np.full((6, 4, 3), k, np.uint8) for k in range(3)]
+    with cluster.CropStore() as store:
+        assert [store.add(c) for c in crops] == [0, 1, 2]
+        np.testing.assert_array_equal(store.get(1), crops[1])
+        assert store.add(crops[0]) == 3 and store.get(2)[0, 0, 0] == 2  # reads and appends interleave
+        with pytest.raises(ValueError, match="shape"):
+            store.add(np.zeros((4, 4, 3), np.uint8))
+        with pytest.raises(IndexError):
+            store.get(4)
+
+
 def test_label_metrics(cluster):
     groups = [np.array([0, 1, 2]), np.array([3, 4]), np.array([5])]
     metrics = cluster.label_metrics(groups, ["a", "a", "b", "b", "b", None])
@@ -444,7 +467,7 @@ def test_stream_embed_ctrl_c_keeps_what_was_done(stream, model, astronaut, tmp_p
     out = tmp_path / "faces.npz"
     writer = stream.NpzChunkWriter(str(out), chunk=100)
     with FacePipeline(model_path=model) as pipeline:
-        stats = stream.embed_stream(pipeline, stream.CountingReader(frames()), writer, stream.FrameGate(), True)
+        stats = stream.embed_stream(pipeline, frames(), writer, stream.FrameGate(), True)
     writer.close()  # the partial chunk is written
     assert stats.interrupted and stats.processed == 1
     with np.load(tmp_path / "faces-00000.npz") as data:

@@ -1,11 +1,19 @@
-"""FacePipeline end to end on the astronaut, lores/main detection, gallery hook, Vote."""
+"""FacePipeline end to end on the astronaut, lores/main detection, gallery hook, Vote,
+aligned crops on faces, and the lazily imported top-level API."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
 
 import cv2
 import numpy as np
 import pytest
 
+from facenet_edge.align import align
+from facenet_edge.detect import Detection
 from facenet_edge.errors import ModelError
 from facenet_edge.pipeline import Face, FacePipeline, PipelineOptions, Vote
 
@@ -24,6 +32,55 @@ def test_end_to_end(pipeline, astronaut):
     assert face.landmarks.shape == (4, 2) and 0.8 < face.score <= 1.0
     assert 150 < face.box[0] < face.box[2] < 300
     assert face.match is None
+
+
+def test_face_carries_the_aligned_crop_the_embedder_saw(pipeline, astronaut):
+    (face,) = pipeline.process(astronaut)
+    assert face.crop.shape == (*pipeline.embedder.input_size, 3) == (96, 96, 3)
+    assert face.crop.dtype == np.uint8
+    detection = Detection(box=face.box, score=face.score, landmarks=face.landmarks)
+    np.testing.assert_array_equal(face.crop, align(astronaut, detection, (96, 96), template=pipeline.card.alignment))
+    np.testing.assert_allclose(pipeline.embedder.embed(face.crop[None])[0], face.embedding, atol=1e-6)
+    lores = cv2.resize(astronaut, (256, 256), interpolation=cv2.INTER_AREA)
+    (from_lores,) = pipeline.process_lores(lores, astronaut)
+    assert from_lores.crop.shape == (96, 96, 3)  # cut from main, whatever the lores size
+
+
+def test_card_and_identity_are_the_embedders(pipeline):
+    assert pipeline.card is pipeline.embedder.card
+    assert pipeline.identity == pipeline.embedder.identity
+    assert pipeline.card.input_size == pipeline.embedder.input_size
+
+
+LAZY_EXPORTS = textwrap.dedent(
+    """
+    import importlib, json, sys
+    heavy = ("cv2", "sqlite3", "tqdm", "tensorflow")
+    loaded = lambda: sorted(m for m in heavy if m in sys.modules)
+    import facenet_edge
+    report = {"at_import": loaded()}
+    gallery = facenet_edge.Gallery
+    report["after_gallery"] = loaded()
+    report["mismatched"] = [
+        name for name, module in facenet_edge._LAZY.items()
+        if getattr(facenet_edge, name) is not getattr(importlib.import_module("facenet_edge." + module), name)
+    ]
+    report["missing_from_dir"] = sorted(set(facenet_edge.__all__) - set(dir(facenet_edge)))
+    report["names"] = sorted(facenet_edge.__all__)
+    print(json.dumps(report))
+    """
+)
+
+
+def test_top_level_exports_resolve_lazily():
+    result = subprocess.run([sys.executable, "-c", LAZY_EXPORTS], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["at_import"] == []
+    assert report["after_gallery"] == ["sqlite3"]  # the gallery needs SQLite, not OpenCV
+    assert report["mismatched"] == [] and report["missing_from_dir"] == []
+    public = {"Gallery", "Match", "Person", "open_source", "Frame", "FrameSource", "LatestFrameSource", "Vote"}
+    assert public <= set(report["names"])
 
 
 def test_no_face(pipeline):

@@ -111,10 +111,12 @@ class HarmonicConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """Loop settings. ``eval_every`` > 0 scores LFW from ``lfw_cache`` (a
-    ``preprocess-lfw`` folder) with pairs from ``lfw``."""
+    ``preprocess-lfw`` folder) with pairs from ``lfw``. ``jit_compile``: XLA for the
+    forward and backward pass (on the 2-core CPU: 18 vs 14 images/s for nn4_small2)."""
 
     steps: int = 100_000
     seed: int = 0
+    jit_compile: bool = True
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     log_every: int = 50
@@ -145,6 +147,7 @@ class Config:
             (self.schedule.kind in ("constant", "cosine", "step"), f"schedule.kind {self.schedule.kind!r}: constant, cosine or step"),
             (self.loss.mining in ("semihard", "batch_hard"), f"loss.mining {self.loss.mining!r}: semihard or batch_hard"),
             (self.loss.distillation == 0 or self.data.teacher, "loss.distillation > 0 needs data.teacher = true"),
+            (not self.data.teacher or self.loss.distillation > 0, "data.teacher = true loads targets only the distillation loss uses: set loss.distillation"),
             (self.batch.unlabeled == 0 or self.loss.distillation > 0, "batch.unlabeled > 0 only feeds the distillation loss: set loss.distillation"),
             (self.loss.harmonic == 0 or bool(self.harmonic.old_model), "loss.harmonic > 0 needs harmonic.old_model"),
             (self.train.eval_every == 0 or bool(self.train.lfw and self.train.lfw_cache), "train.eval_every > 0 needs train.lfw and train.lfw_cache"),
@@ -203,8 +206,26 @@ def config_from_dict(values: dict[str, Any], base: Path | None = None) -> Config
     return _resolve_paths(_build(Config, values, "config"), base or Path.cwd()).validate()
 
 
-def load_config(path: str | Path) -> Config:
-    """Read a ``.toml`` or ``.json`` config file."""
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``section.key=value`` settings on top of a config's values; the value is read as a
+    TOML value when it is one (``train.steps=5000``, ``data.sources=["pins"]``), else as a
+    string (``data.cache=/work/cache/crops``)."""
+    values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        values.setdefault(section, {})[name] = value
+    return values
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a ``.toml`` or ``.json`` config file, then apply ``overrides``."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -215,6 +236,6 @@ def load_config(path: str | Path) -> Config:
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from None
     try:
-        return config_from_dict(values)
+        return config_from_dict(apply_overrides(values, list(overrides)))
     except (ConfigError, TypeError) as exc:
         raise ConfigError(f"{path}: {exc}") from None

@@ -9,7 +9,9 @@ Targets:
   fast one on a Raspberry Pi CPU and the only one the Coral Edge TPU runs.
 
 Dynamic-range quantization (int8 weights, float activations) is refused: tflite-runtime
-2.14, still the newest wheel for some Pi OS images, cannot run those models.
+2.14 (that package's last release, still what many Pi setups install) cannot load those
+models (a TF 2.21 dynamic-range model asks for FULLY_CONNECTED version 12, which 2.14 does
+not have; the float32, float16 and int8 models made here load and run in it).
 
 Every model has a fixed batch of 1: the Edge TPU needs static shapes, and with a dynamic
 batch Keras' Flatten converts to SHAPE/STRIDED_SLICE/PACK/RESHAPE instead of folding
@@ -29,13 +31,13 @@ import contextlib
 import io
 import json
 import sys
+import tempfile
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from facenet_edge.card import ModelCard, Thresholds, card_path_for
 
 from .faces import FaceSet, load_faces
@@ -44,12 +46,11 @@ from .tflite_graph import embed_metadata, read_graph, read_metadata
 TARGETS = ("float32", "float16", "int8")
 DYNAMIC_RANGE_NAMES = ("dynamic", "dynamic-range", "dynamic_range", "drq", "hybrid")
 DYNAMIC_RANGE_REFUSAL = (
-    "dynamic-range quantization is not produced: tflite-runtime 2.14 (the newest wheel on some "
-    "Raspberry Pi OS images) cannot run such models; use --to int8 with --calibration (full "
-    "integer) or --to float16"
+    "dynamic-range quantization is not produced: tflite-runtime 2.14 (that package's last release, "
+    "still installed on many Raspberry Pis) cannot load such models (their FULLY_CONNECTED op "
+    "version is too new for it); use --to int8 with --calibration (full integer) or --to float16"
 )
 CARD_METADATA_NAME = "facenet_edge_card"
-CHECKPOINT_NAMES = ("best.keras", "final.keras", "model.keras")
 DEFAULT_CALIBRATION_FACES = 300
 DEFAULT_VERIFY_FACES = 200
 # Crop-cache source keys (facenet_train.data) -> the dataset each comes from.
@@ -73,42 +74,12 @@ class ConversionError(RuntimeError):
     """The model cannot be converted as asked (bad target, float ops left in an int8 model, ...)."""
 
 
-@dataclass(frozen=True)
-class Checkpoint:
-    """A ``.keras`` file and, when it sits in a training run folder, that run's config."""
-
-    path: Path
-    run_config: dict[str, Any] | None = None
-
-
-def find_checkpoint(path: str | Path) -> Checkpoint:
-    """``path``: a ``.keras`` file, or a run folder holding one (``best``, ``final`` or
-    ``model.keras``, else its single ``.keras``). A ``config.json`` beside it (written
-    by ``facenet-train train``) is read for the architecture and the training data."""
-    path = Path(path)
-    if path.is_dir():
-        named = [path / n for n in CHECKPOINT_NAMES if (path / n).is_file()]
-        found = named[:1] or sorted(path.glob("*.keras"))
-        if len(found) != 1:
-            listing = ", ".join(p.name for p in found) or "none"
-            raise ConversionError(f"{path}: expected one .keras checkpoint (or {'/'.join(CHECKPOINT_NAMES)}), found {listing}")
-        path = found[0]
-    elif not path.is_file():
-        raise ConversionError(f"checkpoint not found: {path}")
-    elif path.suffix != ".keras":
-        raise ConversionError(f"{path}: expected a .keras file or a run folder")
-    config_path = path.parent / "config.json"
-    run_config = json.loads(config_path.read_text()) if config_path.is_file() else None
-    return Checkpoint(path, run_config)
-
-
-def load_keras(path: Path):
-    """Load a ``.keras`` model. Importing ``models`` registers its custom layers."""
-    import keras
-
-    from . import models  # noqa: F401  (registers L2Normalize for deserialisation)
-
-    return keras.models.load_model(path, compile=False)
+def run_config(checkpoint: Path) -> dict[str, Any] | None:
+    """The ``config.json`` of the run folder ``checkpoint`` is (or whose ``model.keras`` it
+    is), written by ``facenet-train train``: it names the training data."""
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    path = folder / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def with_batch_one(model):
@@ -276,7 +247,9 @@ def tf_version() -> str:
 
 
 def default_output(checkpoint: Path, name: str, target: str) -> Path:
-    return checkpoint.parent / f"{name}_{target}.tflite"
+    """``NAME_TARGET.tflite`` in the run folder, or beside the ``.keras`` file."""
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    return folder / f"{name}_{target}.tflite"
 
 
 def parse_target(value: str) -> str:
@@ -288,7 +261,8 @@ def parse_target(value: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", type=Path, help="a .keras file or a training run folder")
+    parser.add_argument("checkpoint", type=Path,
+                        help="a .keras file or a training run folder (its model.keras, else its latest checkpoint)")
     parser.add_argument("--to", dest="target", required=True, type=parse_target, metavar="|".join(TARGETS),
                         help="float32, float16 or int8 (full integer)")
     parser.add_argument("--edgetpu", action="store_true",
@@ -301,7 +275,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify-faces", type=int, default=DEFAULT_VERIFY_FACES,
                         help=f"other faces to compare Keras and TFLite embeddings on (default {DEFAULT_VERIFY_FACES})")
     parser.add_argument("--lfw", type=Path, help="LFW folder (pairs.txt): 10-fold accuracy and thresholds for the card")
-    parser.add_argument("--lfw-cache", type=Path, help="its `facenet-train preprocess-lfw` crop cache")
+    parser.add_argument("--lfw-cache", type=Path,
+                        help="its `facenet-train preprocess-lfw` crop cache (default: crop the pair images now)")
+    parser.add_argument("--workers", type=int, default=2, help="processes for LFW crops made now (default 2)")
     parser.add_argument("--out", type=Path, help="output .tflite (default: NAME_TARGET.tflite beside the checkpoint)")
     parser.add_argument("--name", help="model name for the card (default: the run folder's or checkpoint's name)")
     parser.add_argument("--version", default="1", help="model version for the card (default 1)")
@@ -334,7 +310,9 @@ def _read_faces(args: argparse.Namespace, size: tuple[int, int]) -> tuple[FaceSe
         faces = load_faces(args.calibration, size, wanted, args.seed)
     except (ValueError, FileNotFoundError) as exc:
         raise ConversionError(f"--calibration {args.calibration}: {exc}") from None
-    n_cal = min(args.calibration_faces, len(faces) // 2) if args.target == "int8" else 0
+    n_cal = 0
+    if args.target == "int8":
+        n_cal = args.calibration_faces if len(faces) >= wanted else len(faces) // 2
     calibration = faces.take(np.arange(n_cal)) if n_cal else None
     verification = faces.take(np.arange(n_cal, len(faces)))
     print(f"faces: {len(faces)} from {faces.source} ({faces.identity_count} identities); "
@@ -342,30 +320,28 @@ def _read_faces(args: argparse.Namespace, size: tuple[int, int]) -> tuple[FaceSe
     return calibration, verification
 
 
-def _run(args: argparse.Namespace) -> int:
-    from . import edgetpu, verify
+def _crop_lfw(lfw_dir: Path, out: Path, size: int, workers: int) -> None:
+    """Detect and align the LFW pair images now (as ``facenet-train preprocess-lfw`` does)."""
+    from .preprocess import CropOptions, build_lfw_cache
 
-    if args.edgetpu and args.target != "int8":
-        raise ConversionError("--edgetpu needs --to int8: the Edge TPU runs only full-integer models")
-    if args.lfw is not None and args.lfw_cache is None:
-        raise ConversionError("--lfw needs --lfw-cache (the LFW crops made by `facenet-train preprocess-lfw`)")
-    checkpoint = find_checkpoint(args.checkpoint)
-    keras_model = load_keras(checkpoint.path)
-    model = with_batch_one(keras_model)
-    height, width = (int(d) for d in model.input_shape[1:3])
-    name = args.name or (checkpoint.path.parent.name if checkpoint.run_config else checkpoint.path.stem)
-    out = args.out or default_output(checkpoint.path, name, args.target)
+    print(f"cropping the LFW pair images of {lfw_dir} (pass --lfw-cache to reuse a preprocess-lfw cache) ...")
+    build_lfw_cache(lfw_dir, out, CropOptions(crop_size=size), workers=workers)
+
+
+def _base_card(args: argparse.Namespace, keras_model) -> ModelCard:
+    """The card before conversion: identity, preprocessing, cost, training data, terms."""
+    height, width = (int(d) for d in keras_model.input_shape[1:3])
     flops, notes = cost_of(keras_model)
-    datasets = args.training_data.split(",") if args.training_data else training_data(checkpoint.run_config)
+    datasets = args.training_data.split(",") if args.training_data else training_data(run_config(args.checkpoint))
     if not datasets:
         notes["training_data_note"] = "unknown: no run config.json beside the checkpoint and no --training-data"
-    card = ModelCard(
-        name=name,
+    return ModelCard(
+        name=args.name or (args.checkpoint.name if args.checkpoint.is_dir() else args.checkpoint.stem),
         version=args.version,
         architecture=keras_model.name,
         input_height=height,
         input_width=width,
-        embedding_size=int(model.output_shape[-1]),
+        embedding_size=int(keras_model.output_shape[-1]),
         mean=args.mean,
         std=args.std,
         compatibility_group=args.compatibility_group,
@@ -373,12 +349,30 @@ def _run(args: argparse.Namespace) -> int:
         parameters=int(keras_model.count_params()),
         training_data=datasets,
         terms=TERMS,
-        extra={"converter": {"tensorflow": tf_version(), "target": args.target, "checkpoint": str(checkpoint.path)},
+        extra={"converter": {"tensorflow": tf_version(), "target": args.target, "checkpoint": str(args.checkpoint)},
                **notes},
     )
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import edgetpu, verify
+    from .train import load_keras_model
+
+    if args.edgetpu and args.target != "int8":
+        raise ConversionError("--edgetpu needs --to int8: the Edge TPU runs only full-integer models")
+    if not args.checkpoint.exists():
+        raise ConversionError(f"checkpoint not found: {args.checkpoint}")
+    try:
+        keras_model = load_keras_model(args.checkpoint)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConversionError(f"cannot load {args.checkpoint}: {exc}") from None
+    model = with_batch_one(keras_model)
+    card = _base_card(args, keras_model)
+    out = args.out or default_output(args.checkpoint, card.name, args.target)
+    height, width = card.input_size
     calibration, verification = _read_faces(args, (height, width))
 
-    print(f"converting {checkpoint.path} to {args.target} ...")
+    print(f"converting {args.checkpoint} to {args.target} ...")
     calibration_inputs = normalise(calibration.crops, card) if calibration is not None else None
     tflite = convert_model(model, args.target, calibration_inputs)
     card = replace(card, quantization=quantization_params(tflite, args.target, calibration))
@@ -386,10 +380,18 @@ def _run(args: argparse.Namespace) -> int:
     # below with what verification and the Edge TPU tools add to the card.
     tflite, card = save_model(out, tflite, card, args.embed_card)
 
-    result = verify.verify_model(
-        out, card, keras_model, verification, lfw=args.lfw, lfw_cache=args.lfw_cache,
-        converter=(lambda: make_converter(model, "int8", calibration_inputs)) if args.target == "int8" else None,
-    )  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        lfw_cache = args.lfw_cache
+        if args.lfw is not None and lfw_cache is None:
+            lfw_cache = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lfw-crops-")))
+            _crop_lfw(args.lfw, lfw_cache, height, args.workers)
+        try:
+            result = verify.verify_model(
+                out, card, keras_model, verification, lfw=args.lfw, lfw_cache=lfw_cache,
+                converter=(lambda: make_converter(model, "int8", calibration_inputs)) if args.target == "int8" else None,
+            )  # fmt: skip
+        except (ValueError, FileNotFoundError) as exc:  # an unusable LFW folder or cache
+            raise ConversionError(f"verification of {out}: {exc}") from None
     print(verify.format_report(result))
     if result.lfw is not None:
         card = replace(card, thresholds=Thresholds(**result.lfw.thresholds), lfw=result.lfw.card_entry())

@@ -221,6 +221,8 @@ class Trainer:
         sampler = data.PKSampler(cache.labels, data.SamplerConfig(b.p, b.k, b.unlabeled, b.identity_power, config.train.seed),
                                  replicas=replicas)
         teacher_dim = cache.teacher.shape[1] if config.loss.distillation else 0
+        if teacher_dim and teacher_dim != config.model.embedding_size:
+            raise ConfigError(f"the teacher's descriptors are {teacher_dim}-d; distillation needs model.embedding_size = {teacher_dim}")
         self.spec = FeedSpec(replicas, sampler.batch_size // replicas, b.p * b.k // replicas, size, teacher_dim)
         self.batches = Batches(cache, sampler, config, self.spec)
         self.identities = sampler.identities
@@ -234,14 +236,14 @@ class Trainer:
             self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step)
         self.manager = tf.train.CheckpointManager(self.checkpoint, run_dir / CHECKPOINTS,
                                                   max_to_keep=config.train.keep_checkpoints)
-        self._step_fn = tf.function(self._distributed_step, reduce_retracing=True)
+        self._losses_fn = tf.function(self._losses, jit_compile=config.train.jit_compile)
+        self._step_fn = tf.function(self._distributed_step)
 
-    def _replica_step(self, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    def _losses(self, images: tf.Tensor, labels: tf.Tensor, teacher: tf.Tensor | None,
+                has_teacher: tf.Tensor | None) -> tuple[list[tf.Tensor], dict[str, tf.Tensor]]:
+        """(gradients, metrics) of one replica's batch; XLA-compiled when configured."""
         cfg, n = self.config.loss, self.spec.labeled
-        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-        # Every replica receives the whole batch and takes its own row: rows hold whole identities.
-        mine = {k: tf.gather(v, replica) for k, v in batch.items()}
-        x, labels = normalise(mine["images"]), mine["labels"]
+        x = normalise(images)
         mining = losses.triplet_semihard_loss if cfg.mining == "semihard" else losses.triplet_batch_hard_loss
         with tf.GradientTape() as tape:
             embeddings = self.model(x, training=True)
@@ -249,12 +251,12 @@ class Trainer:
             total = cfg.triplet * triplet.loss
             metrics = {"triplet": triplet.loss, "active_fraction": triplet.fraction_active}
             if cfg.distillation:
-                has = mine["has_teacher"]
-                distill = tf.cond(
-                    tf.reduce_any(has),
-                    lambda: losses.distillation_loss(tf.boolean_mask(embeddings, has), tf.boolean_mask(mine["teacher"], has)),
-                    lambda: tf.constant(0.0),
-                )
+                # Rows without a target are given the student's own vector (zero loss), then
+                # the mean is rescaled to the rows with one: static shapes, unlike boolean_mask.
+                target = tf.where(has_teacher[:, None], teacher, tf.stop_gradient(embeddings))
+                rows = tf.cast(tf.shape(embeddings)[0], tf.float32)
+                with_target = tf.maximum(tf.reduce_sum(tf.cast(has_teacher, tf.float32)), 1.0)
+                distill = losses.distillation_loss(embeddings, target) * rows / with_target
                 total += cfg.distillation * distill
                 metrics["distillation"] = distill
             if cfg.harmonic:
@@ -265,9 +267,15 @@ class Trainer:
                 metrics["harmonic_active_fraction"] = harmonic.fraction_active
             # Gradients are summed over replicas: scale so the update is the mean.
             scaled = total / self.strategy.num_replicas_in_sync
-        variables = self.model.trainable_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
         metrics["loss"] = total
+        return tape.gradient(scaled, self.model.trainable_variables), metrics
+
+    def _replica_step(self, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        # Every replica receives the whole batch and takes its own row: rows hold whole identities.
+        mine = {k: tf.gather(v, replica) for k, v in batch.items()}
+        gradients, metrics = self._losses_fn(mine["images"], mine["labels"], mine.get("teacher"), mine.get("has_teacher"))
+        self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
         return metrics
 
     def _distributed_step(self, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -368,10 +376,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="a .toml or .json config (see configs/)")
     parser.add_argument("--out", required=True, type=Path, help="run folder")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value, e.g. --set data.cache=/work/cache/crops --set train.steps=500")
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_config(args.config, args.set)
     result = train(config, args.out, args.resume, args.config)
     print(f"step {result.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
     print(f"saved {args.out / KERAS_MODEL} and {args.out / WEIGHTS}")

@@ -18,13 +18,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from facenet_edge.card import ModelCard
 from facenet_edge.embed import Embedder, l2_normalize
 
@@ -35,7 +35,7 @@ LFW_DROP_TARGET_POINTS = 0.3
 WORST_LAYERS = 10
 DEBUG_FACES = 64  # the layer-wise debugger runs float and int8 models per face: keep it short
 BATCH = 32
-NO_LFW_NOTE = "thresholds not calibrated: LFW was not evaluated (convert with --lfw and --lfw-cache)"
+NO_LFW_NOTE = "thresholds not calibrated: LFW was not evaluated (convert with --lfw)"
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,9 @@ def tflite_embeddings(model_path: Path, card: ModelCard, crops: np.ndarray) -> n
         return np.concatenate([embedder.embed(crops[i : i + BATCH]) for i in range(0, len(crops), BATCH)])
 
 
-def lfw_pairs(lfw_dir: Path, lfw_cache: Path, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def lfw_pairs(
+    lfw_dir: Path, lfw_cache: Path, size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(crops of every image the pairs use, index of each pair's first and second image in
     them, issame), pairs in ``pairs.txt`` fold order. Crops come from the LFW crop cache,
     matched to the pairs by ``person/file`` (the last two path parts)."""
@@ -150,10 +152,12 @@ def lfw_pairs(lfw_dir: Path, lfw_cache: Path, size: tuple[int, int]) -> tuple[np
     used: dict[int, int] = {}  # cache index -> position in the returned crops
     first, second = [], []
     for pair in pairs:
-        for path, out in zip(pair.paths(lfw_dir), (first, second)):
+        for path, out in zip(pair.paths(lfw_dir), (first, second), strict=True):
             key = "/".join(path.parts[-2:])
             if key not in where:
-                raise ValueError(f"{key} is not in the LFW crop cache {lfw_cache}; rebuild it with `facenet-train preprocess-lfw`")
+                raise ValueError(
+                    f"{key} is not in the LFW crop cache {lfw_cache}; rebuild it with `facenet-train preprocess-lfw`"
+                )
             out.append(used.setdefault(where[key], len(used)))
     crops = centre_crop(cache.crops[list(used)], size[0])
     issame = np.array([pair.issame for pair in pairs])
@@ -175,32 +179,18 @@ def lfw_scores(result) -> dict[str, Any]:
     }
 
 
-def compare_on_lfw(
-    keras: np.ndarray, tflite: np.ndarray, first: np.ndarray, second: np.ndarray, issame: np.ndarray
-) -> LfwComparison:
-    """LFW 10-fold results from both models' embeddings of the pair images."""
-    from .metrics import evaluate_distances
-
-    def scores(embeddings: np.ndarray):
-        return evaluate_distances(np.sum((embeddings[first] - embeddings[second]) ** 2, axis=1), issame)
-
-    k, t = scores(keras), scores(tflite)
-    return LfwComparison(
-        keras=lfw_scores(k),
-        tflite=lfw_scores(t),
-        thresholds={"far_1e3": t.threshold_at_far, "best_accuracy": t.best_threshold},
-        pairs=len(issame),
-    )
-
-
 def layer_errors(converter, inputs: np.ndarray, count: int = WORST_LAYERS) -> list[LayerError]:
     """The ``count`` quantized tensors with the largest RMSE / scale."""
     import tensorflow as tf
 
-    debugger = tf.lite.experimental.QuantizationDebugger(
-        converter=converter, debug_dataset=lambda: ([x[None]] for x in inputs)
-    )
-    debugger.run()
+    with warnings.catch_warnings():
+        # The debugger runs tf.lite.Interpreter (deprecated in favour of ai-edge-litert) and
+        # converts with int8 inputs: both warn on every run, neither matters here.
+        warnings.simplefilter("ignore", UserWarning)
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=converter, debug_dataset=lambda: ([x[None]] for x in inputs)
+        )
+        debugger.run()
     dump = io.StringIO()
     debugger.layer_statistics_dump(dump)
     rows = []
@@ -222,8 +212,9 @@ def verify_model(
     converter: Callable[[], Any] | None = None,
 ) -> VerifyReport:
     """Compare the TFLite model at ``model_path`` with ``keras_model`` (a float model with
-    a free batch size). ``converter``: makes the int8 converter again, for the layer-wise
-    debugger when a target is missed."""
+    a free batch size) on ``faces`` and, with ``lfw`` (the LFW folder) and ``lfw_cache``
+    (its ``preprocess-lfw`` crops), on LFW. ``converter``: makes the int8 converter again,
+    for the layer-wise debugger when a target is missed."""
     target = card.quantization.get("target", "")
     notes = []
     cosine = None
@@ -235,11 +226,16 @@ def verify_model(
         notes.append("no faces given (--calibration): Keras/TFLite agreement not measured")
     comparison = None
     if lfw is not None:
-        if lfw_cache is None:
-            raise ValueError("--lfw needs --lfw-cache: the LFW crops made by `facenet-train preprocess-lfw`")
-        crops, first, second, issame = lfw_pairs(lfw, lfw_cache, card.input_size)
-        comparison = compare_on_lfw(
-            keras_embeddings(keras_model, crops, card), tflite_embeddings(model_path, card, crops), first, second, issame
+        from .train import LfwPairs
+
+        pairs = LfwPairs.load(lfw, lfw_cache, card.input_height)
+        keras_result = pairs.evaluate(lambda crops: keras_embeddings(keras_model, crops, card))
+        tflite_result = pairs.evaluate(lambda crops: tflite_embeddings(model_path, card, crops))
+        comparison = LfwComparison(
+            keras=lfw_scores(keras_result),
+            tflite=lfw_scores(tflite_result),
+            thresholds={"far_1e3": tflite_result.threshold_at_far, "best_accuracy": tflite_result.best_threshold},
+            pairs=len(pairs.issame),
         )
     report = VerifyReport(str(model_path), target, cosine, comparison, notes=notes)
     if report.misses and converter is not None and faces is not None:

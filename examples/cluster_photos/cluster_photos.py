@@ -11,7 +11,9 @@ clustering cut at the same distance (scikit-learn's when installed, else a numpy
 nearest-neighbour chain). Distances are squared L2 between unit embeddings (0..4).
 
 Output: ``cluster_000/`` (largest first), ..., ``unclustered/`` (groups smaller than
-``--min-size``), each with ``contact_sheet.png``, plus ``summary.json``.
+``--min-size``), each with ``contact_sheet.png``, plus ``summary.json``. Contact sheets
+show the aligned crops the pipeline embedded (``Face.crop``), kept in a temporary file
+until the groups are known.
 """
 
 from __future__ import annotations
@@ -24,30 +26,29 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from facenet_edge import Detection, FacePipeline, FacenetEdgeError, ImageError, read_image
-from facenet_edge.align import align
+from facenet_edge import FacePipeline, FacenetEdgeError, ImageError, read_image
 
 log = logging.getLogger("cluster_photos")
 
 
 @dataclass(frozen=True)
 class FaceRef:
-    """Where a face was found: the photo (relative to the input folder) and the detection,
-    kept so the contact sheet can re-crop it without holding every crop in memory."""
+    """Where a face was found: the photo (relative to the input folder), the detection,
+    and the number of its aligned crop in the ``CropStore``."""
 
     path: Path
     box: np.ndarray
     score: float
-    landmarks: np.ndarray | None
+    crop: int
 
     @property
     def label(self) -> str | None:
@@ -66,6 +67,45 @@ class ScanStats:
 # ------------------------------------------------------------------ embedding
 
 
+class CropStore:
+    """The aligned face crops (all of one shape) in an unnamed temporary file, read back
+    by number for the contact sheets. Memory stays flat however many faces there are (a
+    96 x 96 crop is 27 KB); the file is private (mode 0600, no name on POSIX systems) and
+    gone when closed or when the process ends."""
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile(prefix="cluster_photos-crops-")
+        self._shape: tuple[int, ...] | None = None
+        self._size = 0
+        self.count = 0
+
+    def add(self, crop: np.ndarray) -> int:
+        """Store a crop; returns its number."""
+        if self._shape is None:
+            self._shape, self._size = crop.shape, crop.size
+        elif crop.shape != self._shape:
+            raise ValueError(f"crop shape {crop.shape} differs from the first one, {self._shape}")
+        self._file.seek(0, os.SEEK_END)
+        self._file.write(np.ascontiguousarray(crop, dtype=np.uint8).tobytes())
+        self.count += 1
+        return self.count - 1
+
+    def get(self, number: int) -> np.ndarray:
+        if not 0 <= number < self.count:
+            raise IndexError(f"crop {number} of {self.count}")
+        self._file.seek(number * self._size)
+        return np.frombuffer(self._file.read(self._size), dtype=np.uint8).reshape(self._shape)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> CropStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def image_files(root: Path) -> list[Path]:
     """Every file under ``root`` (sorted, hidden files and folders left out)."""
     found = []
@@ -76,10 +116,11 @@ def image_files(root: Path) -> list[Path]:
 
 
 def embed_folder(
-    pipeline: FacePipeline, root: Path, largest_only: bool, stats: ScanStats
+    pipeline: FacePipeline, root: Path, largest_only: bool, stats: ScanStats, crops: CropStore
 ) -> tuple[list[FaceRef], np.ndarray]:
-    """All faces under ``root`` and their (N, 128) embeddings. Files that are not readable
-    images are skipped with the reason logged."""
+    """All faces under ``root`` and their (N, 128) embeddings; each face's aligned crop
+    goes to ``crops``. Files that are not readable images are skipped with the reason
+    logged."""
     refs: list[FaceRef] = []
     embeddings: list[np.ndarray] = []
     files = image_files(root)
@@ -101,7 +142,7 @@ def embed_folder(
         if largest_only and faces:  # a labelled tree: the person is the main face, others are bystanders
             faces = [max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))]
         for face in faces:
-            refs.append(FaceRef(path.relative_to(root), face.box, face.score, face.landmarks))
+            refs.append(FaceRef(path.relative_to(root), face.box, face.score, crops.add(face.crop)))
             embeddings.append(face.embedding)
         if number % 100 == 0:
             log.info("%d of %d files, %d faces", number, len(files), len(refs))
@@ -275,42 +316,37 @@ def label_metrics(groups: list[np.ndarray], labels: list[str | None]) -> dict[st
 
 def contact_sheet(tiles: list[np.ndarray], columns: int) -> np.ndarray:
     """Tiles (equal-sized RGB crops) in a grid, row by row, on white."""
-    side = tiles[0].shape[0]
+    height, width = tiles[0].shape[:2]
     columns = min(columns, len(tiles))
     rows = math.ceil(len(tiles) / columns)
-    sheet = np.full((rows * side, columns * side, 3), 255, dtype=np.uint8)
+    sheet = np.full((rows * height, columns * width, 3), 255, dtype=np.uint8)
     for k, tile in enumerate(tiles):
         r, c = divmod(k, columns)
-        sheet[r * side : (r + 1) * side, c * side : (c + 1) * side] = tile
+        sheet[r * height : (r + 1) * height, c * width : (c + 1) * width] = tile
     return sheet
 
 
 @dataclass(frozen=True)
 class SheetSpec:
-    """Contact sheets: ``tile``-pixel aligned crops (``template``: the model's alignment),
-    ``columns`` per row, the first ``limit`` faces of a group."""
+    """Contact sheets: the aligned crops scaled to ``tile`` pixels high, ``columns`` per
+    row, the first ``limit`` faces of a group."""
 
     tile: int
     columns: int
     limit: int
-    template: str
 
 
-def aligned_tiles(root: Path, refs: list[FaceRef], size: int, template: str) -> list[np.ndarray]:
-    """Aligned crops of ``refs``, re-read from their photos (each photo read once)."""
+def sheet_tiles(crops: CropStore, refs: list[FaceRef], tile: int) -> list[np.ndarray]:
+    """The crops the model embedded for ``refs`` (no re-reading, no re-aligning), scaled to
+    ``tile`` pixels high (the width follows the model's input shape)."""
     tiles = []
-    images: dict[Path, np.ndarray | None] = {}
     for ref in refs:
-        if ref.path not in images:
-            try:
-                images[ref.path] = read_image(root / ref.path)
-            except ImageError as exc:  # changed or removed since it was embedded
-                log.warning("contact sheet: skipping %s", exc)
-                images[ref.path] = None
-        image = images[ref.path]
-        if image is not None:
-            detection = Detection(box=ref.box, score=ref.score, landmarks=ref.landmarks)
-            tiles.append(align(image, detection, (size, size), template=template))
+        crop = crops.get(ref.crop)
+        height, width = crop.shape[:2]
+        if height != tile:
+            size = (max(1, round(width * tile / height)), tile)
+            crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA if tile < height else cv2.INTER_LINEAR)
+        tiles.append(crop)
     return tiles
 
 
@@ -319,7 +355,9 @@ def link_name(path: Path) -> str:
     return "__".join(path.parts)
 
 
-def write_group(folder: Path, root: Path, refs: list[FaceRef], copy: bool, sheet: SheetSpec) -> list[str]:
+def write_group(
+    folder: Path, root: Path, refs: list[FaceRef], copy: bool, sheet: SheetSpec, crops: CropStore
+) -> list[str]:
     """One output folder: a link (or copy) of each photo, and the contact sheet.
     Returns the photos' paths relative to the input."""
     folder.mkdir()
@@ -330,7 +368,7 @@ def write_group(folder: Path, root: Path, refs: list[FaceRef], copy: bool, sheet
             shutil.copy2(root / photo, target)
         else:
             target.symlink_to((root / photo).resolve())
-    tiles = aligned_tiles(root, refs[: sheet.limit], sheet.tile, sheet.template)
+    tiles = sheet_tiles(crops, refs[: sheet.limit], sheet.tile)
     if tiles:
         image = contact_sheet(tiles, sheet.columns)
         cv2.imwrite(str(folder / "contact_sheet.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
@@ -372,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the input has one folder per person (like LFW): report purity, pairwise precision/recall",
     )
     parser.add_argument(
-        "--tile", type=int, default=112, metavar="PX", help="contact sheet tile size in pixels (default: 112)"
+        "--tile", type=int, default=112, metavar="PX", help="contact sheet tile height in pixels (default: 112)"
     )
     parser.add_argument("--columns", type=int, default=8, metavar="N", help="contact sheet columns (default: 8)")
     parser.add_argument(
@@ -394,22 +432,19 @@ def main(argv: list[str] | None = None) -> int:
             raise ImageError(f"not a folder: {args.input}")
         if args.output.exists() and (not args.output.is_dir() or any(args.output.iterdir())):
             raise FileExistsError(f"output {args.output} exists and is not an empty folder")
-        with ExitStack() as stack:
-            pipeline = stack.enter_context(
-                FacePipeline(model_path=args.model, detector=args.detector, num_threads=args.threads)
-            )
-            card = pipeline.embedder.card
-            threshold = args.threshold if args.threshold is not None else card.thresholds.default()
-            if threshold is None:
-                raise FacenetEdgeError("the model card has no threshold: pass --threshold D")
-            refs, embeddings = embed_folder(pipeline, args.input, args.largest_only, stats)
-        use_sklearn = args.method == "average" and importlib.util.find_spec("sklearn") is not None
-        if args.method == "threshold":
-            labels = threshold_components(embeddings, threshold)
-        else:
-            labels = average_clusters(embeddings, threshold, use_sklearn)
-        groups = groups_by_size(labels)
-        summary = write_output(args, refs, groups, threshold, card.alignment, stats, use_sklearn)
+        with CropStore() as crops:
+            with FacePipeline(model_path=args.model, detector=args.detector, num_threads=args.threads) as pipeline:
+                threshold = args.threshold if args.threshold is not None else pipeline.card.thresholds.default()
+                if threshold is None:
+                    raise FacenetEdgeError("the model card has no threshold: pass --threshold D")
+                refs, embeddings = embed_folder(pipeline, args.input, args.largest_only, stats, crops)
+            use_sklearn = args.method == "average" and importlib.util.find_spec("sklearn") is not None
+            if args.method == "threshold":
+                labels = threshold_components(embeddings, threshold)
+            else:
+                labels = average_clusters(embeddings, threshold, use_sklearn)
+            groups = groups_by_size(labels)
+            summary = write_output(args, refs, groups, threshold, stats, use_sklearn, crops)
     except KeyboardInterrupt:
         print(f"cluster_photos: interrupted after {stats.files} files ({stats.faces} faces)", file=sys.stderr)
         return 130
@@ -433,23 +468,23 @@ def write_output(
     refs: list[FaceRef],
     groups: list[np.ndarray],
     threshold: float,
-    template: str,
     stats: ScanStats,
     use_sklearn: bool,
+    crops: CropStore,
 ) -> dict:
     """Cluster folders, ``unclustered/``, and ``summary.json``; returns the summary."""
     args.output.mkdir(parents=True, exist_ok=True)
-    sheet = SheetSpec(args.tile, args.columns, args.sheet_max, template)
+    sheet = SheetSpec(args.tile, args.columns, args.sheet_max)
     clusters = []
     small = [i for members in groups if len(members) < args.min_size for i in members]
     for number, members in enumerate(g for g in groups if len(g) >= args.min_size):
         folder = args.output / f"cluster_{number:03d}"
-        photos = write_group(folder, args.input, [refs[i] for i in members], args.copy, sheet)
+        photos = write_group(folder, args.input, [refs[i] for i in members], args.copy, sheet, crops)
         clusters.append({"folder": folder.name, "faces": len(members), "photos": photos})
     unclustered = {"folder": "unclustered", "faces": len(small), "photos": []}
     if small:
         unclustered["photos"] = write_group(
-            args.output / "unclustered", args.input, [refs[i] for i in small], args.copy, sheet
+            args.output / "unclustered", args.input, [refs[i] for i in small], args.copy, sheet, crops
         )
     summary = {
         "input": str(args.input),

@@ -37,8 +37,8 @@ from typing import Protocol
 import cv2
 import numpy as np
 
-from facenet_edge import Face, FacePipeline, FacenetEdgeError, Frame, Vote, open_source
-from facenet_edge.gallery import Gallery, validate_name
+from facenet_edge import Face, FacePipeline, FacenetEdgeError, Frame, FrameSource, Gallery, Vote, open_source
+from facenet_edge.gallery import validate_name
 
 log = logging.getLogger("door_access")
 
@@ -266,12 +266,12 @@ def enroll_from_frames(
 def open_gallery_for_enrollment(path: Path, pipeline: FacePipeline, threshold: float | None) -> Gallery:
     """The gallery at ``path``, created when missing with the model card's threshold
     (``thresholds.far_1e3``: the distance at a false-accept rate of 1e-3 on LFW)."""
-    identity = pipeline.embedder.identity
+    identity = pipeline.identity
     if path.exists():
         gallery = Gallery.open(path)
         gallery.check_identity(identity)
         return gallery
-    threshold = threshold if threshold is not None else pipeline.embedder.card.thresholds.default()
+    threshold = threshold if threshold is not None else pipeline.card.thresholds.default()
     if threshold is None:
         raise DoorError("the model card has no threshold: pass --threshold D to create the gallery")
     return Gallery.create(path, identity, threshold)
@@ -387,6 +387,24 @@ def default_source() -> str:
     return "picamera2" if importlib.util.find_spec("picamera2") is not None else "0"
 
 
+def open_camera(args: argparse.Namespace) -> FrameSource:
+    """The camera (or test video). A live camera is read by a capture thread that keeps
+    only the newest frame (``latest_only``), so decisions are about who is at the door
+    now, however slow recognition is; a lost camera is reopened with growing pauses,
+    ``--max-retries`` times in a row. A video file is read frame by frame."""
+    return open_source(args.source or default_source(), latest_only=True, max_retries=args.max_retries)
+
+
+def retries(text: str) -> int | None:
+    """``--max-retries``: a count, or ``forever`` (None)."""
+    if text == "forever":
+        return None
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more, or 'forever'")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Recognise enrolled people at a door camera and unlock for them.",
@@ -408,6 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--source",
         default=None,
         help="camera index, 'picamera2', video file or stream URL (default: picamera2 when installed, else camera 0)",
+    )
+    parser.add_argument(
+        "--max-retries",
+        type=retries,
+        default=10,
+        metavar="N",
+        help="reconnect attempts in a row for a lost camera, or 'forever' (default: 10)",
     )
     parser.add_argument(
         "--threshold",
@@ -489,27 +514,26 @@ def enroll(args: argparse.Namespace, pipeline: FacePipeline, stack: ExitStack) -
         if not embeddings:
             raise DoorError(f"no usable photo of {name} in {args.enroll_folder}; nothing enrolled")
     else:
-        source = stack.enter_context(open_source(args.source or default_source()))
+        source = stack.enter_context(open_camera(args))
         log.info("enrolling %s: look at the camera; %d good frames needed", name, args.samples)
         embeddings = enroll_from_frames(pipeline, source, quality, args.samples, args.sample_interval)
         if len(embeddings) < args.samples:
             raise DoorError(f"the source ended after {len(embeddings)} of {args.samples} good frames; nothing enrolled")
     gallery = stack.enter_context(open_gallery_for_enrollment(args.gallery, pipeline, args.threshold))
-    added = gallery.add(name, np.stack(embeddings), pipeline.embedder.identity)
+    added = gallery.add(name, np.stack(embeddings), pipeline.identity)
     log.info("enrolled %s: %d sample(s) added to %s", name, added, args.gallery)
 
 
 def run(args: argparse.Namespace, pipeline: FacePipeline, stack: ExitStack) -> DoorStats:
     gallery = stack.enter_context(Gallery.open(args.gallery, threshold=args.threshold))
-    gallery.check_identity(pipeline.embedder.identity)
+    gallery.check_identity(pipeline.identity)
     if len(gallery) == 0:
         log.warning("gallery %s is empty: everyone will be refused", args.gallery)
     unlocker = make_unlocker(args.relay_pin, args.unlock_seconds, active_high=not args.relay_active_low)
     stack.callback(unlocker.close)
     access_log = AccessLog(args.access_log)
     stack.callback(access_log.close)
-    # OpenCV sources reopen a lost camera themselves, with growing pauses between tries.
-    source = stack.enter_context(open_source(args.source or default_source()))
+    source = stack.enter_context(open_camera(args))
     settings = DoorSettings(
         window=args.vote[0],
         min_agree=args.vote[1],

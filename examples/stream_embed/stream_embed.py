@@ -1,9 +1,10 @@
 """Stream embeddings: every face in a camera, video file or RTSP stream, with its embedding,
 written as JSON Lines or as chunked ``.npz`` files.
 
-A live source is read in a capture thread that keeps only the newest frame, so a slow
-device falls behind by dropping frames (counted and reported) instead of building a
-backlog of ever-older ones. A video file is read in step with processing: every frame is
+A live source is read through ``facenet_edge.LatestFrameSource`` (``open_source(...,
+latest_only=True)``): a capture thread keeps only the newest frame, so a slow device
+falls behind by dropping frames (counted and reported) instead of building a backlog of
+ever-older ones. A video file or a folder is read in step with processing: every frame is
 processed unless ``--every``/``--fps`` say otherwise.
 
     python stream_embed.py --model m.tflite --source 0 --out faces.jsonl
@@ -21,9 +22,8 @@ import logging
 import os
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,91 +33,11 @@ import cv2
 import numpy as np
 
 from facenet_edge import FacePipeline, FacenetEdgeError, Frame, open_source
-from facenet_edge.camera import FrameSource
 
 log = logging.getLogger("stream_embed")
 
 
 # ------------------------------------------------------------------ reading frames
-
-
-class LatestFrameReader:
-    """Iterates a live source from a capture thread, handing out only the newest frame.
-
-    A frame the consumer had not taken when the next one arrived is dropped and counted.
-    The thread owns the source from here on and closes it itself, so a read in progress
-    is never pulled from under it. An error in the source (a camera that stayed lost
-    after the source's own reconnect attempts) is raised to the consumer.
-    """
-
-    def __init__(self, source: FrameSource) -> None:
-        self.read = 0
-        self.dropped = 0
-        self._source = source
-        self._newest: Frame | None = None
-        self._done = False
-        self._error: BaseException | None = None
-        self._changed = threading.Condition()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._capture, name="capture", daemon=True)
-        self._thread.start()
-
-    def _capture(self) -> None:
-        try:
-            for frame in self._source:
-                with self._changed:
-                    if self._newest is not None:
-                        self.dropped += 1
-                    self._newest = frame
-                    self.read += 1
-                    self._changed.notify()
-                if self._stop.is_set():
-                    break
-        except Exception as exc:  # reported by the consumer, in the main thread
-            self._error = exc
-        finally:
-            self._source.close()
-            with self._changed:
-                self._done = True
-                self._changed.notify()
-
-    def __iter__(self) -> Iterator[Frame]:
-        while True:
-            with self._changed:
-                self._changed.wait_for(lambda: self._newest is not None or self._done)
-                frame, self._newest = self._newest, None
-            if frame is None:
-                if self._error is not None:
-                    raise self._error
-                return
-            yield frame
-
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Stop the capture thread (a thread stuck in a read is left to die with the process)."""
-        self._stop.set()
-        self._thread.join(timeout_s)
-
-
-class CountingReader:
-    """A file or folder read in step with processing: nothing is ever dropped."""
-
-    def __init__(self, source: FrameSource) -> None:
-        self.read = 0
-        self.dropped = 0
-        self._source = source
-
-    def __iter__(self) -> Iterator[Frame]:
-        for frame in self._source:
-            self.read += 1
-            yield frame
-
-    def close(self) -> None:
-        self._source.close()
-
-
-def is_offline(spec: str) -> bool:
-    """A video file or a folder of images (read at our pace), not a camera or stream."""
-    return not spec.isdigit() and spec != "picamera2" and "://" not in spec and Path(spec).exists()
 
 
 @dataclass
@@ -292,7 +212,7 @@ class FpsReadout:
 
 def embed_stream(
     pipeline: FacePipeline,
-    reader: LatestFrameReader | CountingReader,
+    frames: Iterable[Frame],
     writer: Writer,
     gate: FrameGate,
     file_clock: bool,
@@ -300,13 +220,21 @@ def embed_stream(
     readout: FpsReadout | None = None,
 ) -> StreamStats:
     """Process frames until the source ends, ``max_frames`` are processed, or Ctrl-C.
+    ``frames``: any source; a ``LatestFrameSource``'s ``dropped`` count is reported.
     ``file_clock``: timestamps are positions in a video file (else monotonic, turned into
     Unix time)."""
     stats = StreamStats()
     to_unix = 0.0 if file_clock else time.time() - time.monotonic()
+    taken = 0
+
+    def count() -> None:  # read = handed to us + dropped by the capture thread
+        stats.dropped = getattr(frames, "dropped", 0)
+        stats.read = taken + stats.dropped
+
     try:
-        for frame in reader:
-            stats.read, stats.dropped = reader.read, reader.dropped
+        for frame in frames:
+            taken += 1
+            count()
             if not gate(frame):
                 stats.skipped += 1
                 continue
@@ -329,11 +257,21 @@ def embed_stream(
                 break
     except KeyboardInterrupt:
         stats.interrupted = True
-    stats.read, stats.dropped = reader.read, reader.dropped
+    count()
     return stats
 
 
 # ------------------------------------------------------------------ command line
+
+
+def retries(text: str) -> int | None:
+    """``--max-retries``: a count, or ``forever`` (None)."""
+    if text == "forever":
+        return None
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more, or 'forever'")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -357,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--fps", type=float, metavar="F", help="process at most this many frames per second of the source"
     )
     parser.add_argument("--max-frames", type=int, metavar="N", help="stop after processing N frames")
+    parser.add_argument(
+        "--max-retries",
+        type=retries,
+        default=10,
+        metavar="N",
+        help="reconnect attempts in a row for a lost camera or stream, or 'forever' (default: 10)",
+    )
     parser.add_argument("--quiet", "-q", action="store_true", help="no fps readout")
     return parser
 
@@ -376,18 +321,16 @@ def main(argv: list[str] | None = None) -> int:
             # The output first: a bad --out fails before the camera is opened.
             writer = NpzChunkWriter(args.out, args.chunk) if args.out.endswith(".npz") else JsonLinesWriter(args.out)
             stack.callback(writer.close)
-            offline = is_offline(args.source)
-            # OpenCV sources reopen a lost camera or stream themselves, with growing pauses.
-            source = open_source(args.source)
-            reader = CountingReader(source) if offline else LatestFrameReader(source)
-            stack.callback(reader.close)
+            # A live source is read by a capture thread keeping only the newest frame, and
+            # reopened with growing pauses when lost; files and folders frame by frame.
+            source = stack.enter_context(open_source(args.source, latest_only=True, max_retries=args.max_retries))
             readout = None if args.quiet else FpsReadout()
             stats = embed_stream(
                 pipeline,
-                reader,
+                source,
                 writer,
                 FrameGate(every=args.every, fps=args.fps),
-                file_clock=offline and not Path(args.source).is_dir(),
+                file_clock=not source.live and not Path(args.source).is_dir(),
                 max_frames=args.max_frames,
                 readout=readout,
             )

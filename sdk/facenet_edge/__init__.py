@@ -3,16 +3,20 @@
 Names are imported on first use, so ``import facenet_edge`` stays cheap (no OpenCV,
 interpreter or SQLite until needed)::
 
-    from facenet_edge import FacePipeline, read_image
-    with FacePipeline(model_path="model.tflite") as pipeline:
-        faces = pipeline.process(read_image("photo.jpg"))
+    from facenet_edge import FacePipeline, Gallery, open_source
+    with FacePipeline(model_path="model.tflite") as pipeline, Gallery.open("people.db") as gallery:
+        with open_source("0", latest_only=True) as camera:
+            for frame in camera:
+                faces = pipeline.process(frame.image, gallery=gallery)
+
+The top-level names are the public API; docs/architecture.md lists them.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     FacenetEdgeError,
@@ -28,6 +32,7 @@ from .errors import (
 # submodule imports cv2 (same value as facenet_edge.io.MAX_PIXELS; a user setting wins).
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", "100000000")
 
+# name -> submodule it lives in (imported on first access; see __getattr__)
 _LAZY = {
     "FacePipeline": "pipeline",
     "PipelineOptions": "pipeline",
@@ -39,9 +44,23 @@ _LAZY = {
     "create_detector": "detect",
     "ModelCard": "card",
     "read_image": "io",
+    "Gallery": "gallery",
+    "Match": "gallery",
+    "Person": "gallery",
     "open_source": "camera",
     "Frame": "camera",
+    "FrameSource": "camera",
+    "LatestFrameSource": "camera",
 }
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
+    from .camera import Frame, FrameSource, LatestFrameSource, open_source
+    from .card import ModelCard
+    from .detect import Detection, create_detector
+    from .embed import Embedder, default_model_path
+    from .gallery import Gallery, Match, Person
+    from .io import read_image
+    from .pipeline import Face, FacePipeline, PipelineOptions, Vote
 
 __all__ = [
     *_LAZY,

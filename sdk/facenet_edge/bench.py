@@ -33,6 +33,7 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -171,21 +172,16 @@ def machine_info(threads: Sequence[int] | None = None) -> dict[str, Any]:
 
 
 def machine_line(machine: dict[str, Any]) -> str:
-    """One Markdown line summarising ``machine_info``."""
-    libraries = machine["libraries"]
-    runtime = machine["tflite_runtime"] or "no TFLite runtime"
-    runtime_version = libraries.get(
-        {"ai_edge_litert": "ai-edge-litert", "tflite_runtime": "tflite-runtime"}.get(runtime, "")
-    )
-    commit = (machine["git_commit"] or "no git checkout")[:12] + (
-        "+dirty" if str(machine["git_commit"]).endswith("+dirty") else ""
-    )
+    """One line summarising ``machine_info`` above the tables."""
+    libraries, runtime = machine["libraries"], machine["tflite_runtime"]
+    runtime_version = libraries.get(runtime.replace("_", "-")) if runtime else None
+    commit = machine["git_commit"] or "no git checkout"
     return (
-        f"machine: {machine['cpu']} ({machine['architecture']}), "
-        f"{machine['cores_available']} of {machine['cores']} cores, "
-        f"load {' '.join(str(v) for v in machine['load_average'])}, Python {machine['python']}, "
-        f"numpy {libraries.get('numpy', '?')}, {runtime} {runtime_version or ''}".rstrip()
-        + f", commit {commit}"
+        f"machine: {machine['cpu']} ({machine['architecture']}), {machine['cores_available']} of "
+        f"{machine['cores']} cores, load {' '.join(map(str, machine['load_average']))}, "
+        f"Python {machine['python']}, numpy {libraries.get('numpy', '?')}, "
+        f"{runtime or 'no TFLite runtime'} {runtime_version or ''}, "
+        f"commit {commit[:12]}{'+dirty' if commit.endswith('+dirty') else ''}"
     )
 
 
@@ -359,6 +355,17 @@ def add_common_arguments(parser: argparse.ArgumentParser, several_models: bool =
         action="store_true",
         help="tiny configuration (seconds): checks the script works; numbers mean little",
     )
+
+
+def positive_int(text: str) -> int:
+    """An argument that must be an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -607,7 +614,7 @@ class StreamMemory:
     """RSS of a fresh process streaming frames through the pipeline with a gallery."""
 
     frames: int
-    rss_after_load_mb: float
+    rss_after_first_frame_mb: float
     rss_peak_mb: float
     rss_final_mb: float
     source: str
@@ -627,17 +634,17 @@ CHILD = textwrap.dedent(
     gallery = Gallery.open(spec["gallery"])
     loaded = time.perf_counter()
     frame = read_image(spec["image"])
-    faces = pipeline.process(frame, gallery=gallery)
+    pipeline.process(frame, gallery=gallery)
     first = time.perf_counter()
     from facenet_edge.bench import rss_bytes
-    after_load, source = rss_bytes()
+    after_first, source = rss_bytes()
     samples = []
     for _ in range(spec["stream_frames"]):
         pipeline.process(frame, gallery=gallery)
         samples.append(rss_bytes()[0])
     print(json.dumps({
         "import_s": imported - start, "load_s": loaded - imported, "first_frame_s": first - loaded,
-        "faces": len(faces), "rss_after_load": after_load, "rss_samples": samples, "rss_source": source,
+        "rss_after_first_frame": after_first, "rss_samples": samples, "rss_source": source,
     }))
     """
 )
@@ -673,7 +680,7 @@ def run_child(
     samples = out["rss_samples"]
     memory = StreamMemory(
         frames=len(samples),
-        rss_after_load_mb=out["rss_after_load"] / MB,
+        rss_after_first_frame_mb=out["rss_after_first_frame"] / MB,
         rss_peak_mb=max(samples) / MB,
         rss_final_mb=samples[-1] / MB,
         source=out["rss_source"],
@@ -681,18 +688,15 @@ def run_child(
     return cold, memory
 
 
-class _CvThreads:
+@contextmanager
+def cv_threads(threads: int) -> Iterator[None]:
     """OpenCV's thread count (resize, warps, the Haar cascade) set for a block."""
-
-    def __init__(self, threads: int) -> None:
-        self.threads = threads
-
-    def __enter__(self) -> None:
-        self._before = cv2.getNumThreads()
-        cv2.setNumThreads(self.threads)
-
-    def __exit__(self, *exc: object) -> None:
-        cv2.setNumThreads(self._before)
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(threads)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
 
 
 def measure_stages(
@@ -705,7 +709,7 @@ def measure_stages(
     detection = None
     for name in config.detectors:
         for threads in config.threads:
-            with _CvThreads(threads), create_detector(name, num_threads=threads) as detector:
+            with cv_threads(threads), create_detector(name, num_threads=threads) as detector:
                 found = detector.detect(frame)
                 if detection is None and found:
                     detection = found[0]
@@ -745,7 +749,7 @@ def measure_pipeline(
     rows = []
     for name in config.detectors:
         for threads in config.threads:
-            with _CvThreads(threads), FacePipeline(model_path=model, detector=name, num_threads=threads) as pipeline:
+            with cv_threads(threads), FacePipeline(model_path=model, detector=name, num_threads=threads) as pipeline:
                 for count, frame in frames.items():
                     found = len(pipeline.process(frame, gallery=gallery))
                     seconds = time_calls(
@@ -760,10 +764,8 @@ def measure_pipeline(
 
 
 def latency_targets(pipeline: list[PipelineRun], cold: list[ColdStart], memory: StreamMemory | None) -> list[Target]:
-    """The issue's runtime targets, on the default detector's best thread count."""
-    one_face = [r for r in pipeline if r.faces_in_frame == 1 and r.detector == DEFAULT_DETECTOR] or [
-        r for r in pipeline if r.faces_in_frame == 1
-    ]
+    """The issue's runtime targets; FPS of the first detector measured, at its best thread count."""
+    one_face = [r for r in pipeline if r.faces_in_frame == 1 and r.detector == pipeline[0].detector]
     best = max(one_face, key=lambda r: r.fps) if one_face else None
     return [
         Target(
@@ -851,7 +853,7 @@ def print_latency(
     if memory is not None:
         print(
             f"\nRSS while streaming {memory.frames} frames ({memory.source}): "
-            f"after load {memory.rss_after_load_mb:.1f} MB, "
+            f"after the first frame {memory.rss_after_first_frame_mb:.1f} MB, "
             f"peak {memory.rss_peak_mb:.1f} MB, final {memory.rss_final_mb:.1f} MB"
         )
     print("\n## Targets\n")
@@ -871,12 +873,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME,NAME",
         help="detectors to time (default blazeface; haar is slow at 640x480)",
     )
-    parser.add_argument("--runs", type=int, metavar="N", help="timed runs per stage (default 200)")
+    parser.add_argument("--runs", type=positive_int, metavar="N", help="timed runs per stage (default 200)")
     parser.add_argument("--warmup", type=int, metavar="N", help="untimed runs first (default 20)")
-    parser.add_argument("--frames", type=int, metavar="N", help="timed frames per FPS measurement (default 200)")
-    parser.add_argument("--cold-starts", type=int, metavar="N", help="fresh processes timed (default 5)")
     parser.add_argument(
-        "--gallery-size", type=int, metavar="N", help="synthetic people in the matched gallery (default 1000)"
+        "--frames", type=positive_int, metavar="N", help="timed frames per FPS measurement (default 200)"
+    )
+    parser.add_argument("--cold-starts", type=positive_int, metavar="N", help="fresh processes timed (default 5)")
+    parser.add_argument(
+        "--gallery-size", type=positive_int, metavar="N", help="synthetic people in the matched gallery (default 1000)"
     )
     parser.add_argument(
         "--image",
@@ -931,7 +935,6 @@ def run(args: argparse.Namespace) -> int:
     with create_detector(DEFAULT_DETECTOR) as detector:
         faces = face_images(5, detector, args.image, args.lfw)
     frames = {1: compose_frame(faces, 1), 5: compose_frame(faces, 5)}
-    args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="facenet-edge-bench-") as tmp:
         jpeg = Path(tmp) / "frame.jpg"
         cv2.imwrite(str(jpeg), cv2.cvtColor(frames[1], cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])

@@ -23,6 +23,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from tqdm import tqdm
 
+from . import bench
 from .card import CardError, ModelCard
 from .detect import DEFAULT_DETECTOR, DETECTORS
 from .embed import Embedder, default_model_path
@@ -573,6 +574,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("info", parents=[common, as_json], help="model card summary")
     p.set_defaults(handler=cmd_info)
+
+    p = commands.add_parser("bench", help="latency, FPS, cold start and memory on this machine")
+    bench.add_arguments(p)
+    p.set_defaults(handler=bench.run)
     return parser
 
 

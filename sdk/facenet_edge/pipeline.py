@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from .align import align
+from .card import ModelCard, ModelIdentity
 from .detect import DEFAULT_DETECTOR, Detection, check_image, create_detector
 from .embed import Embedder, default_model_path
 from .io import read_image
@@ -25,16 +26,21 @@ if TYPE_CHECKING:  # gallery imports sqlite3; the pipeline only needs its Match 
 
 @dataclass
 class Face:
-    """One face in a frame: detection in the frame's pixels, its embedding, and the
-    gallery's answer when one was given: ``gallery.match``'s result for this face (a
-    ``Match``, whose ``accepted`` is the open-set decision, or None for an empty gallery;
-    a list of ``Match`` when ``top_k > 1``). None without a gallery."""
+    """One face in a frame: detection in the frame's pixels (``box`` x1, y1, x2, y2;
+    detector ``score``; ``landmarks`` 4 x 2, None for box-only detectors), its unit
+    ``embedding``, and the gallery's answer when one was given: ``gallery.match``'s
+    result for this face (a ``Match``, whose ``accepted`` is the open-set decision, or
+    None for an empty gallery; a list of ``Match`` when ``top_k > 1``). None without a
+    gallery. ``crop``: the aligned face the embedder saw, RGB uint8 of the model's input
+    size (``pipeline.embedder.input_size`` + 3 channels); a view into the frame's batch,
+    so keep a copy (``crop.copy()``) to hold one face past the others."""
 
     box: np.ndarray
     score: float
     landmarks: np.ndarray | None
     embedding: np.ndarray | None
     match: Match | list[Match] | None = None
+    crop: np.ndarray | None = None
 
 
 @dataclass
@@ -55,7 +61,13 @@ class PipelineOptions:
 
 
 class FacePipeline:
-    """Detector + embedder. Not thread-safe: one pipeline per thread."""
+    """Detector + embedder. Not thread-safe: one pipeline per thread.
+
+    ``embedder``: the ``Embedder`` (its ``card``, ``identity``, ``input_size``,
+    ``embed(crops)``); ``detector``: the detector backend; ``options``: the
+    ``PipelineOptions`` it was made with. ``card`` and ``identity`` are the embedder's
+    model card and model identity (what a ``Gallery`` checks), for convenience.
+    """
 
     def __init__(
         self,
@@ -83,6 +95,17 @@ class FacePipeline:
         except BaseException:
             self.embedder.close()
             raise
+
+    @property
+    def card(self) -> ModelCard:
+        """The embedding model's card (thresholds, input size, alignment, ...)."""
+        return self.embedder.card
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """The embedding model's identity, as galleries record and check it (the model
+        file is hashed once, on first use)."""
+        return self.embedder.identity
 
     @classmethod
     def create_from_options(cls, options: PipelineOptions) -> FacePipeline:
@@ -146,8 +169,8 @@ class FacePipeline:
         else:
             matches = [None] * len(detections)
         return [
-            Face(box=d.box, score=d.score, landmarks=d.landmarks, embedding=e, match=m)
-            for d, e, m in zip(detections, embeddings, matches)
+            Face(box=d.box, score=d.score, landmarks=d.landmarks, embedding=e, match=m, crop=c)
+            for d, e, m, c in zip(detections, embeddings, matches, crops)
         ]
 
     def embed_image(self, image: str | Path | np.ndarray) -> list[Face]:

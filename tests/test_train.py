@@ -1,0 +1,392 @@
+"""Config, training (tiny model, synthetic clustered faces), checkpoint/resume, LFW evaluation.
+
+The tiny model is registered in ``models.MODELS`` for this module only; the data are
+synthetic identities (a smooth colour pattern each, plus noise) written as a crop cache,
+and a fake mini-LFW of astronaut variants. No real training data is read.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow", reason="the training stack needs TensorFlow (pip install -e .[dev])")
+
+from facenet_edge.card import ModelCard  # noqa: E402
+from facenet_train import cli, data, models, preprocess, train  # noqa: E402
+from facenet_train.config import ConfigError, config_from_dict, load_config  # noqa: E402
+
+REAL_LFW = Path(__file__).parents[2] / "shared/data/lfw"
+TINY = models.ModelSpec(
+    "tiny",
+    (96, 96, 3),
+    (models.Conv("conv1", 8, 3, 2), models.MaxPool("pool1"), models.Conv("conv2", 16, 3, 2), models.MaxPool("pool2")),
+    0,
+    models.PaperReference(None, None, "tests only"),
+    "two convolutions, for tests",
+)
+DIM = 16
+IDENTITIES, FACES, UNLABELED = 8, 10, 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_model():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(models.MODELS, "tiny", TINY)
+        yield
+
+
+def write_cache(root: Path, crops: np.ndarray, labels: np.ndarray, teacher: np.ndarray | None, shard_size: int = 40) -> Path:
+    """A complete crop cache (96 px crops with an 8 px border) from arrays."""
+    root.mkdir(parents=True, exist_ok=True)
+    identities = np.array([f"synthetic/{l}" if l >= 0 else "" for l in labels])
+    shards = [data.shard_name(i) for i in range(-(-len(crops) // shard_size))]
+    for i, shard in enumerate(shards):
+        part = slice(i * shard_size, (i + 1) * shard_size)
+        n = len(labels[part])
+        data.write_npz_atomic(
+            root / shard, crops=crops[part], labels=labels[part].astype(np.int32), identities=identities[part],
+            sources=np.array(["synthetic"] * n), paths=np.array([f"/synthetic/{j}.png" for j in range(n)]),
+            boxes=np.zeros((n, 4), np.float32), landmarks=np.zeros((n, 4, 2), np.float32),
+            scores=np.ones(n, np.float32), pads=np.zeros(n, np.int32),
+        )
+        if teacher is not None:
+            np.save(root / data.teacher_name(shard), teacher[part])
+    data.CacheManifest(
+        crop_size=96, border=8, template="facenet96", detector="synthetic", aligner="synthetic", shard_size=shard_size,
+        plan="synthetic", people=[f"synthetic/{i}" for i in range(IDENTITIES)], shards=shards,
+        sources={"synthetic": {"faces": len(crops)}}, complete=True,
+    ).save(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def synthetic_cache(tmp_path_factory) -> Path:
+    """8 identities x 10 faces (one smooth random colour pattern per identity, plus noise
+    and brightness changes) and 6 unlabeled faces; teacher vectors near one direction per
+    identity, one of them missing (NaN)."""
+    rng = np.random.default_rng(0)
+    patterns = [cv2.resize(rng.random((4, 4, 3)).astype(np.float32), (112, 112), interpolation=cv2.INTER_CUBIC)
+                for _ in range(IDENTITIES + UNLABELED)]
+    labels = np.concatenate([np.repeat(np.arange(IDENTITIES), FACES), np.full(UNLABELED, -1)])
+    sources = np.concatenate([np.repeat(np.arange(IDENTITIES), FACES), IDENTITIES + np.arange(UNLABELED)])
+    crops = np.stack([np.clip(patterns[s] * 200 + rng.normal(0, 12, (112, 112, 3)) + rng.uniform(-20, 20) + 20, 0, 255)
+                      for s in sources]).astype(np.uint8)
+    directions = rng.normal(size=(IDENTITIES + UNLABELED, DIM))
+    teacher = (directions[sources] + rng.normal(0, 0.1, (len(sources), DIM))).astype(np.float32)
+    teacher[3] = np.nan
+    return write_cache(tmp_path_factory.mktemp("synthetic") / "cache", crops, labels, teacher)
+
+
+def make_config(cache: Path, **sections):
+    values = {
+        "model": {"name": "tiny", "embedding_size": DIM},
+        "data": {"cache": str(cache)},
+        "batch": {"p": 4, "k": 4},
+        "optimizer": {"learning_rate": 3e-3},
+        "schedule": {"kind": "constant", "warmup_steps": 0},
+        "train": {"steps": 40, "checkpoint_every": 20, "log_every": 5, "jit_compile": False},
+    }
+    for name, overrides in sections.items():
+        values[name] = {**values.get(name, {}), **overrides}
+    return config_from_dict(values)
+
+
+def logged(run_dir: Path, tag: str) -> list[float]:
+    """A scalar's values from the run's TensorBoard event files, in step order."""
+    points = []
+    for path in sorted((run_dir / train.LOGS).glob("events.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            points += [(event.step, float(tf.make_ndarray(v.tensor))) for v in event.summary.value if v.tag == tag]
+    return [value for _, value in sorted(points)]
+
+
+@pytest.fixture(scope="module")
+def trained_run(synthetic_cache, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    result = train.train(make_config(synthetic_cache), run_dir)
+    assert result.step == 40
+    return run_dir
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_file_round_trip_and_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "run.toml"
+    path.write_text(textwrap.dedent("""
+        [model]
+        name = "nn4_small2"
+        [data]
+        cache = "cache/aligned"
+        exclude = ["lists/overlap.txt"]
+        [batch]
+        p = 30
+        k = 4
+        [optimizer]
+        name = "adagrad"
+        learning_rate = 0.05
+        [augment]
+        jpeg_quality = [40, 80]
+        """))
+    config = load_config(path)
+    assert config.batch.p == 30 and config.optimizer.name == "adagrad" and config.loss.margin == 0.2
+    assert config.data.cache == str(tmp_path / "cache/aligned")
+    assert config.data.exclude == [str(tmp_path / "lists/overlap.txt")]
+    assert config.augment.jpeg_quality == (40, 80)
+    json_path = tmp_path / "run.json"
+    json_path.write_text(json.dumps({"batch": {"p": 8}}))
+    assert load_config(json_path).batch.p == 8
+
+    def error(text: str) -> str:
+        path.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        return str(info.value)
+
+    assert "unknown key(s) in [batch]: q" in error("[batch]\nq = 3\n")
+    assert "unknown key(s) in [config]: modle" in error("[modle]\nname = 'x'\n")
+    assert "expected int" in error("[batch]\np = '30'\n")
+    assert "expected float" in error("[optimizer]\nlearning_rate = true\n")
+    assert "adam, adagrad or sgd" in error("[optimizer]\nname = 'rmsprop'\n")
+    assert "needs data.teacher" in error("[loss]\ndistillation = 1.0\n")
+    assert "needs harmonic.old_model" in error("[loss]\nharmonic = 1.0\n")
+    assert "not valid TOML" in error("[batch\n")
+
+
+def test_every_shipped_config_loads():
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
+    assert configs
+    for path in configs:
+        config = load_config(path)
+        assert config.model.name in models.MODELS, path
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_training_lowers_the_loss(trained_run):
+    loss = logged(trained_run, "loss")
+    active = logged(trained_run, "active_fraction")
+    assert len(loss) == 8 and len(active) == 8
+    assert np.mean(loss[-2:]) < 0.5 * np.mean(loss[:2])
+    assert active[-1] < active[0]
+    assert logged(trained_run, "learning_rate")[-1] == pytest.approx(3e-3)
+    for name in (train.KERAS_MODEL, train.WEIGHTS, train.CONFIG_JSON):
+        assert (trained_run / name).is_file()
+    assert json.loads((trained_run / train.CONFIG_JSON).read_text())["model"]["name"] == "tiny"
+
+
+def test_trained_embeddings_separate_identities(trained_run, synthetic_cache):
+    cache = data.load_cache(synthetic_cache)
+    model = train.load_keras_model(trained_run)
+    labeled = cache.labels >= 0
+    embed = train.keras_embedder(model)
+    vectors = embed(cache.crops[labeled][:, 8:104, 8:104])
+    labels = cache.labels[labeled]
+    d = ((vectors[:, None] - vectors[None]) ** 2).sum(-1)
+    same = labels[:, None] == labels[None]
+    np.fill_diagonal(same, False)
+    different = labels[:, None] != labels[None]
+    assert d[same].mean() < 0.5 * d[different].mean()
+
+
+def _stop_at(step: int):
+    """A tqdm whose update raises KeyboardInterrupt once the bar reaches ``step`` (a user's Ctrl-C)."""
+
+    class StoppingBar(train.tqdm):
+        def update(self, n=1):
+            super().update(n)
+            if self.n == step:
+                raise KeyboardInterrupt
+
+    return StoppingBar
+
+
+def test_interrupt_and_resume_continue_the_same_run(synthetic_cache, tmp_path, monkeypatch, capsys):
+    config = make_config(synthetic_cache, train={"steps": 10, "checkpoint_every": 4, "log_every": 2})
+    straight = train.train(config, tmp_path / "straight")
+
+    run_dir = tmp_path / "resumed"
+    monkeypatch.setattr(train, "tqdm", _stop_at(6))
+    with pytest.raises(KeyboardInterrupt):
+        train.train(config, run_dir)
+    monkeypatch.undo()
+    assert tf.train.latest_checkpoint(str(run_dir / train.CHECKPOINTS)).endswith("ckpt-6")
+    assert not (run_dir / train.KERAS_MODEL).exists()
+    with pytest.raises(ConfigError, match="--resume"):
+        train.train(config, run_dir)
+    capsys.readouterr()
+
+    result = train.train(config, run_dir, resume=True)
+    assert "from step 6 to 10" in capsys.readouterr().out
+    assert result.step == 10
+    # Batches and augmentation are functions of the step: the resumed run is the straight run.
+    a = train.load_keras_model(tmp_path / "straight").get_weights()
+    b = train.load_keras_model(run_dir).get_weights()
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+    assert straight.metrics["loss"] == pytest.approx(result.metrics["loss"], rel=1e-3, abs=1e-5)
+
+    # Training longer: only train.steps may change.
+    longer = make_config(synthetic_cache, train={"steps": 12, "checkpoint_every": 4, "log_every": 2})
+    assert train.train(longer, run_dir, resume=True).step == 12
+    other = make_config(synthetic_cache, train={"steps": 12, "checkpoint_every": 4, "log_every": 2}, batch={"k": 3})
+    with pytest.raises(ConfigError, match="only train.steps"):
+        train.train(other, run_dir, resume=True)
+
+    # A run folder without model.keras (still training) evaluates from its latest checkpoint.
+    keras_weights = train.load_keras_model(run_dir).get_weights()
+    (run_dir / train.KERAS_MODEL).unlink()
+    for x, y in zip(keras_weights, train.load_keras_model(run_dir).get_weights()):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_distillation_and_harmonic(synthetic_cache, trained_run, tmp_path):
+    config = make_config(
+        synthetic_cache,
+        data={"teacher": True},
+        batch={"unlabeled": 4},
+        loss={"distillation": 0.5, "harmonic": 1.0, "mining": "batch_hard"},
+        harmonic={"old_model": str(trained_run / train.WEIGHTS), "old_name": "tiny", "old_embedding_size": DIM},
+        model={"init_weights": str(trained_run / train.WEIGHTS)},
+        optimizer={"name": "sgd", "learning_rate": 0.01},
+        schedule={"kind": "cosine", "warmup_steps": 2},
+        train={"steps": 4, "log_every": 2, "jit_compile": False},
+    )
+    result = train.train(config, tmp_path / "run")
+    for name in ("loss", "triplet", "distillation", "harmonic", "harmonic_active_fraction"):
+        assert np.isfinite(result.metrics[name]), name
+    # Initialised from the old model, which is also the harmonic reference: old and new agree.
+    assert result.metrics["harmonic"] < 0.2
+    assert logged(tmp_path / "run", "learning_rate")[0] == pytest.approx(0.01)
+
+
+def test_xla_compiles_every_loss_term(synthetic_cache, trained_run, tmp_path):
+    """The configs' default: the forward and backward pass under XLA (about 20 s to compile here)."""
+    config = make_config(
+        synthetic_cache,
+        data={"teacher": True},
+        batch={"unlabeled": 2},
+        loss={"distillation": 0.5, "harmonic": 1.0},
+        harmonic={"old_model": str(trained_run / train.KERAS_MODEL)},
+        train={"steps": 2, "log_every": 1, "jit_compile": True},
+    )
+    result = train.train(config, tmp_path / "run")
+    assert result.step == 2 and all(np.isfinite(v) for v in result.metrics.values())
+
+
+def test_mirrored_strategy_over_two_cpus(synthetic_cache, tmp_path):
+    """The multi-replica path (what several GPUs get), on two logical CPU devices."""
+    script = textwrap.dedent(f"""
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_train import TINY, make_config
+        from facenet_train import models, train
+        models.MODELS["tiny"] = TINY
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        config = make_config({str(synthetic_cache)!r}, train={{"steps": 3, "log_every": 1}}, batch={{"p": 4, "k": 3}})
+        result = train.train(config, {str(tmp_path / "run")!r}, strategy=strategy)
+        print("RESULT", strategy.num_replicas_in_sync, result.step, result.metrics["loss"])
+        """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    replicas, step, loss = done.stdout.split("RESULT")[1].split()
+    assert (replicas, step) == ("2", "3") and np.isfinite(float(loss))
+
+
+def test_model_and_cache_sizes_must_agree(synthetic_cache, tmp_path):
+    config = make_config(synthetic_cache, model={"name": "nns2"})
+    with pytest.raises(ConfigError, match="--crop-size 140"):
+        train.train(config, tmp_path / "run")
+
+
+def test_describe_prints_the_flop_table(capsys):
+    assert cli.main(["describe", "tiny", "--embedding-size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "conv1" in out and "params" in out
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@pytest.fixture(scope="module")
+def fake_lfw(astronaut, tmp_path_factory) -> Path:
+    """10 'people' x 2 astronaut variants and a pairs.txt of 10 folds (1 matched + 1
+    mismatched pair each)."""
+    root = tmp_path_factory.mktemp("lfw")
+    for k in range(10):
+        person = root / f"Person_{k}"
+        person.mkdir()
+        for n in (1, 2):
+            variant = cv2.resize(astronaut, (250, 250))
+            variant = np.clip(variant.astype(int) + 8 * k - 40 + 5 * n, 0, 255).astype(np.uint8)
+            if n == 2:
+                variant = np.ascontiguousarray(variant[:, ::-1])
+            cv2.imwrite(str(person / f"Person_{k}_{n:04d}.jpg"), cv2.cvtColor(variant, cv2.COLOR_RGB2BGR))
+    lines = ["10\t1"]
+    for k in range(10):
+        lines += [f"Person_{k}\t1\t2", f"Person_{k}\t1\tPerson_{(k + 1) % 10}\t2"]
+    (root / "pairs.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _tflite(model_path: Path, out: Path) -> Path:
+    """float32 TFLite of a .keras model, with a default card beside it."""
+    model = train.load_keras_model(model_path)
+    out.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    train.default_card(model).save(out.with_suffix(".json"))
+    return out
+
+
+def test_evaluate_keras_and_tflite_the_same_way(trained_run, fake_lfw, tmp_path, capsys):
+    cache = tmp_path / "lfw_cache"
+    assert cli.main(["preprocess-lfw", "--lfw", str(fake_lfw), "--out", str(cache), "--workers", "1"]) == 0
+    assert data.CacheManifest.load(cache).sources["lfw"]["faces"] == 20
+
+    keras_json, roc = tmp_path / "keras.json", tmp_path / "roc.png"
+    assert cli.main(["evaluate", "--checkpoint", str(trained_run), "--lfw", str(fake_lfw), "--aligned-cache", str(cache),
+                     "--out", str(keras_json), "--roc", str(roc)]) == 0
+    scores = json.loads(keras_json.read_text())
+    assert 0 <= scores["accuracy_mean"] <= 1 and len(scores["fold_accuracies"]) == 10
+    assert roc.stat().st_size > 1000
+
+    # Without a cache, crops are made on the spot by the same code: same scores.
+    fresh = tmp_path / "fresh.json"
+    assert cli.main(["evaluate", "--checkpoint", str(trained_run / train.KERAS_MODEL), "--lfw", str(fake_lfw),
+                     "--workers", "1", "--out", str(fresh)]) == 0
+    assert json.loads(fresh.read_text())["accuracy_mean"] == scores["accuracy_mean"]
+
+    tflite = _tflite(trained_run / train.KERAS_MODEL, tmp_path / "tiny.tflite")
+    tflite_json = tmp_path / "tflite.json"
+    assert cli.main(["evaluate", "--tflite", str(tflite), "--lfw", str(fake_lfw), "--aligned-cache", str(cache),
+                     "--out", str(tflite_json)]) == 0
+    tflite_scores = json.loads(tflite_json.read_text())
+    assert tflite_scores["fold_accuracies"] == scores["fold_accuracies"]
+    assert tflite_scores["best_threshold"] == pytest.approx(scores["best_threshold"], abs=0.01)
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_evaluate_refuses_a_cache_of_another_crop_size(trained_run, fake_lfw, tmp_path):
+    cache = tmp_path / "lfw_112"
+    preprocess.build_lfw_cache(fake_lfw, cache, preprocess.CropOptions(crop_size=112))
+    with pytest.raises(ValueError, match="--crop-size 96"):
+        cli.main(["evaluate", "--checkpoint", str(trained_run), "--lfw", str(fake_lfw), "--aligned-cache", str(cache)])
+
+
+@pytest.mark.skipif(not (REAL_LFW / "pairs.txt").is_file(), reason=f"LFW not found at {REAL_LFW} (../shared/data/lfw)")
+def test_real_lfw_pairs_name_existing_images():
+    samples = preprocess.lfw_samples(REAL_LFW)
+    assert len(samples) == len({s.path for s in samples}) > 7000
+    assert all(Path(s.path).is_file() for s in samples)
+    assert all(s.identity == f"lfw/{Path(s.path).parent.name}" for s in samples)
