@@ -229,24 +229,30 @@ def download_wheels(dest: Path, python: str, litert_version: str) -> None:
     run(cmd + [f"ai-edge-litert=={litert_version}", "numpy"])
 
 
-def fixed_inputs(model_path: Path, count: int, seed: int) -> np.ndarray:
-    """``count`` random RGB images, preprocessed as the runtime does ((pixel - mean) / std,
-    from the card when there is one) and quantized to the model's input type."""
+def quantized_io(model_path: Path) -> tuple[dict, dict]:
+    """(input, output) tensor details of an int8/uint8 model; float models are refused
+    (this check compares integer outputs step by step)."""
     from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(model_path))
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    if not all(np.issubdtype(d["dtype"], np.integer) and d["quantization"][0] > 0 for d in (inp, out)):
+        raise ArmCheckError(f"{model_path} is not a quantized int8 model: this check compares int8 outputs")
+    return inp, out
+
+
+def fixed_inputs(model_path: Path, detail: dict, count: int, seed: int) -> np.ndarray:
+    """``count`` random RGB images, preprocessed as the runtime does ((pixel - mean) / std,
+    from the card when there is one) and quantized to the model's input tensor."""
     from facenet_edge.card import ModelCard, card_path_for
 
     card_path = card_path_for(model_path)
-    mean, std = (127.5, 128.0)
-    if card_path.exists():
-        card = ModelCard.load(card_path)
-        mean, std = card.mean, card.std
-    detail = Interpreter(model_path=str(model_path)).get_input_details()[0]
+    card = ModelCard.load(card_path) if card_path.exists() else None
+    mean, std = (card.mean, card.std) if card else (ModelCard.mean, ModelCard.std)
     height, width, channels = (int(v) for v in detail["shape"][1:])
     pixels = np.random.default_rng(seed).integers(0, 256, size=(count, height, width, channels))
     values = (pixels.astype(np.float32) - mean) / std
     scale, zero_point = detail["quantization"]
-    if detail["dtype"] == np.float32:
-        return values
     info = np.iinfo(detail["dtype"])
     return np.clip(np.round(values / scale) + zero_point, info.min, info.max).astype(detail["dtype"])
 
@@ -272,27 +278,23 @@ def compare(x86: np.ndarray, arm: np.ndarray, scale: float, zero_point: int) -> 
     rows = []
     for i, (a, b) in enumerate(zip(x86, arm, strict=True)):
         diff = np.abs(a.astype(np.int32) - b.astype(np.int32))
-        fa = (a.astype(np.float64) - zero_point) * (scale or 1.0)
-        fb = (b.astype(np.float64) - zero_point) * (scale or 1.0)
+        fa = (a.astype(np.float64) - zero_point) * scale
+        fb = (b.astype(np.float64) - zero_point) * scale
         cosine = float(fa @ fb / (np.linalg.norm(fa) * np.linalg.norm(fb)))
         rows.append(InputComparison(i, int(diff.max()), int((diff > 0).sum()), cosine))
     return rows
 
 
 def check(model_path: Path, rootfs: Path, mirror: str, count: int, seed: int) -> ArmCheckResult:
-    from ai_edge_litert.interpreter import Interpreter
-
     require_host()
+    inp, out = quantized_io(model_path)
     ensure_binfmt()
     litert_version = version("ai-edge-litert")  # same LiteRT release on both sides
     build_rootfs(rootfs, mirror, litert_version)
-    inputs = fixed_inputs(model_path, count, seed)
+    inputs = fixed_inputs(model_path, inp, count, seed)
     x86_out = invoke_all(model_path, inputs)
     arm_out, arm_env = run_in_chroot(rootfs, model_path, inputs)
-    out = Interpreter(model_path=str(model_path)).get_output_details()[0]
     scale, zero_point = out["quantization"]
-    if out["dtype"] == np.float32:
-        raise ArmCheckError(f"{model_path} has a float output: this check is for int8 models")
     return ArmCheckResult(
         model=str(model_path),
         x86=environment(),

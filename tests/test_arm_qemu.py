@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "arm_qemu_check.py
 def _load_script():
     spec = importlib.util.spec_from_file_location("arm_qemu_check", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     return module
 

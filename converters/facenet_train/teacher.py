@@ -39,7 +39,7 @@ class DlibTeacher:
             import dlib
             import face_recognition_models
         except ImportError as exc:
-            raise SystemExit(
+            raise ImportError(
                 f"the dlib teacher needs the `teacher` extra ({exc.name} is missing): "
                 "pip install 'facenet-edge[teacher]'"
             ) from None

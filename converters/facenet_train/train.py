@@ -99,13 +99,17 @@ class Batches:
 
 
 def load_training_cache(config: Config) -> data.FaceCache:
-    """The crop cache the config names, minus excluded people, with teacher descriptors
-    when distillation is on."""
+    """The crop cache the config names, minus excluded people (and unlabeled faces when
+    no batch uses them), with teacher descriptors when distillation is on."""
     cache = data.load_cache(config.data.cache, with_teacher=config.data.teacher, sources=config.data.sources or None)
     excluded: set[str] = set()
     for path in config.data.exclude:
         excluded |= data.read_overlap(path)
-    return cache.without_identities(excluded) if excluded else cache
+    if excluded:
+        cache = cache.without_identities(excluded)
+    if not config.batch.unlabeled:  # unlabeled faces would only take memory (UTKFace: 0.9 GB)
+        cache = cache.subset(cache.labels >= 0)
+    return cache
 
 
 # ---------------------------------------------------------------- model, optimizer

@@ -15,6 +15,7 @@ The report is printed and saved as JSON beside the model (``model.verify.json``)
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -183,9 +184,10 @@ def layer_errors(converter, inputs: np.ndarray, count: int = WORST_LAYERS) -> li
     """The ``count`` quantized tensors with the largest RMSE / scale."""
     import tensorflow as tf
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         # The debugger runs tf.lite.Interpreter (deprecated in favour of ai-edge-litert) and
-        # converts with int8 inputs: both warn on every run, neither matters here.
+        # converts with int8 inputs: both warn on every run, and Keras' export prints its
+        # endpoints; none of it matters here.
         warnings.simplefilter("ignore", UserWarning)
         debugger = tf.lite.experimental.QuantizationDebugger(
             converter=converter, debug_dataset=lambda: ([x[None]] for x in inputs)
