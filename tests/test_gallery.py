@@ -9,9 +9,11 @@ import stat
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 
 import numpy as np
 import pytest
+from facenet_edge import gallery as gallery_module
 from facenet_edge.card import ModelIdentity
 from facenet_edge.errors import GalleryError, IncompatibleModelError
 from facenet_edge.gallery import Gallery, Match, Person, quantize
@@ -353,3 +355,157 @@ def test_kill_9_mid_write_keeps_every_reported_commit(path):
             face = np.random.default_rng(i).standard_normal(128)
             m = g.match(face, IDENTITY)[0]
             assert m.name == f"p{i}" and m.distance < 2e-3
+
+
+# ---------------------------------------------------------------- the in-memory index and search
+
+
+def _export_file(path, names, matrix):
+    """An export file (Gallery.export's format) holding ``matrix`` rows for ``names``."""
+    np.savez(
+        path,
+        format=np.array(gallery_module.EXPORT_FORMAT),
+        names=np.array(names, dtype="<U128"),
+        embeddings=matrix,
+        model_sha256=np.array(IDENTITY.sha256),
+        compatibility_group=np.array(IDENTITY.compatibility_group),
+        threshold=np.array(THRESHOLD, dtype=np.float64),
+    )
+    return path
+
+
+def _brute_force(names, matrix, query, k):
+    """(name, distance) of the k nearest people: every row renormalised, in float64."""
+    rows = matrix.astype(np.float64)
+    similarity = rows @ query.astype(np.float64) / np.linalg.norm(rows, axis=1)
+    best: dict[str, float] = {}
+    for name, value in zip(names, similarity):
+        best[name] = max(best.get(name, -np.inf), value)
+    ranked = sorted(best.items(), key=lambda item: -item[1])[:k]
+    return [name for name, _ in ranked], [min(max(2.0 - 2.0 * value, 0.0), 4.0) for _, value in ranked]
+
+
+def _random_people(rng, people=1200):
+    """(names, int8 rows): 1-5 samples a person (about 3600 rows), a person's samples near
+    each other as real ones are, people in random order of enrolment."""
+    names, rows = [], []
+    for i in rng.permutation(people):
+        count = int(rng.integers(1, 6))
+        centre = random_unit(rng, 1)
+        rows.append(quantize(unit(centre + 0.35 * rng.standard_normal((count, 128)) / np.sqrt(128))))
+        names += [f"person {i:04d}"] * count
+    return names, np.concatenate(rows)
+
+
+@pytest.mark.parametrize("small_steps", [False, True], ids=["default-steps", "small-steps"])
+def test_index_and_search_agree_with_brute_force(gallery, tmp_path, rng, monkeypatch, small_steps):
+    if small_steps:  # many load chunks, blocks and query batches, none of them whole
+        monkeypatch.setattr(gallery_module, "_LOAD_ROWS", 97)
+        monkeypatch.setattr(gallery_module, "_BLOCK_ROWS", 300)
+        monkeypatch.setattr(gallery_module, "_QUERY_COLUMNS", 4)
+    names, matrix = _random_people(rng)
+    # Two imports: the second adds samples to people of the first, so a person's rows are
+    # not next to each other in the table (the index must group them itself).
+    half = rng.random(len(names)) < 0.5
+    first = [n for n, h in zip(names, half) if h]
+    gallery.import_from(_export_file(tmp_path / "a.npz", first, matrix[half]))
+    probe = unit(matrix[~half][:1].astype(np.float32))
+    assert gallery.match(probe, IDENTITY)[0].distance > 1e-3  # loaded without the second half
+    second = [n for n, h in zip(names, half) if not h]
+    gallery.import_from(_export_file(tmp_path / "b.npz", second, matrix[~half]))
+    assert gallery.match(probe, IDENTITY)[0].distance < 1e-6  # the import invalidated the index
+
+    index = gallery._index
+    order = np.lexsort((np.arange(len(names)), index.person))
+    assert np.array_equal(order, np.arange(len(names)))  # rows grouped by person
+    stored = sorted(zip(names, map(bytes, matrix)))
+    by_id = dict(sqlite3.connect(gallery.path).execute("SELECT id, name FROM people").fetchall())
+    assert sorted(zip((by_id[int(p)] for p in index.person), map(bytes, index.matrix))) == stored
+    norms = np.linalg.norm(index.matrix.astype(np.float64), axis=1)
+    np.testing.assert_allclose(index.inv_norm, 1 / norms, rtol=1e-6)
+
+    queries = np.concatenate(
+        [
+            unit(matrix[rng.choice(len(matrix), 4)].astype(np.float32)),  # stored samples
+            unit(matrix[rng.choice(len(matrix), 4)] / 127 + 0.3 * rng.standard_normal((4, 128)) / np.sqrt(128)),
+            random_unit(rng, 2),  # nobody
+        ]
+    ).astype(np.float32)
+    for k in (1, 5, 40):
+        results = gallery.search(queries, IDENTITY, k)
+        assert len(results) == len(queries)
+        for query, found in zip(queries, results):
+            expected_names, expected_distances = _brute_force(names, matrix, query, k)
+            assert [m.name for m in found] == expected_names
+            # Both in float64; they differ only by the float32 rounding of the query's norm.
+            np.testing.assert_allclose([m.distance for m in found], expected_distances, rtol=0, atol=1e-6)
+            assert all(m.accepted == (m.distance <= THRESHOLD) for m in found)
+
+
+def test_index_holds_the_int8_matrix_and_two_numbers_a_row(gallery, tmp_path, rng, monkeypatch):
+    names, matrix = _random_people(rng, people=1000)
+    gallery.import_from(_export_file(tmp_path / "a.npz", names, matrix))
+    gallery.match(random_unit(rng, 1), IDENTITY)
+    index = gallery._index
+    n = len(names)
+    assert index.matrix.dtype == np.int8 and index.matrix.shape == (n, 128)
+    assert index.inv_norm.dtype == np.float32 and index.person.dtype == np.int32
+    assert set(vars(index)) == {"matrix", "inv_norm", "person"}  # no names, no per-sample objects
+    assert index.nbytes == n * 128 + n * 4 + n * 4
+
+    # Loading streams rows into the preallocated arrays: the peak is the index plus one chunk.
+    monkeypatch.setattr(gallery_module, "_LOAD_ROWS", 64)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        with gallery._read():
+            loaded = gallery._load_index()
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert loaded.nbytes == index.nbytes
+    assert peak < index.nbytes + 200_000, peak
+
+
+def test_person_removed_elsewhere_between_loading_and_naming(gallery, path, rng):
+    a, b = random_unit(rng, 2)
+    gallery.add("alice", a, IDENTITY)
+    gallery.add("bob", b, IDENTITY)
+    assert gallery.match(a, IDENTITY)[0].name == "alice"
+    with Gallery.open(path) as other:
+        other.remove("alice")
+    # As if the removal landed after this instance checked data_version: the search finds
+    # alice's id gone when it reads the names, reloads and searches again.
+    gallery._data_version = gallery._conn.execute("PRAGMA data_version").fetchone()[0]
+    assert [m.name for m in gallery.match(a, IDENTITY, top_k=5)[0]] == ["bob"]
+
+
+def test_person_ids_beyond_int32(gallery, path, rng):
+    small, big = random_unit(rng, 2)
+    gallery.add("small", small, IDENTITY)
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("INSERT INTO people(id, name, created, updated) VALUES (?, 'big', 0, 0)", (2**40,))
+        conn.execute(
+            "INSERT INTO samples(person_id, embedding, created) VALUES (?, ?, 0)", (2**40, quantize(big).tobytes())
+        )
+    conn.close()
+    assert [m.name for m in gallery.match(np.stack([small, big]), IDENTITY)] == ["small", "big"]
+    assert gallery._index.person.dtype == np.int64
+
+
+def test_many_equal_samples_of_one_person(gallery, tmp_path, rng, monkeypatch):
+    # Rows of one person within float32 noise of each other all survive the first pass;
+    # it must still finish and rank correctly.
+    monkeypatch.setattr(gallery_module, "_BLOCK_ROWS", 128)
+    face = random_unit(rng, 1)
+    names = [f"other {i:03d}" for i in range(300)]
+    others = quantize(random_unit(rng, 300))
+    gallery.import_from(_export_file(tmp_path / "a.npz", names[:150], others[:150]))
+    gallery.add("twin", np.repeat(face, 700, axis=0), IDENTITY)  # add keeps duplicates
+    gallery.import_from(_export_file(tmp_path / "b.npz", names[150:], others[150:]))
+    found = gallery.match(face, IDENTITY, top_k=3)[0]
+    names = ["twin"] + names
+    matrix = np.concatenate([quantize(face), others])
+    assert [m.name for m in found] == _brute_force(names, matrix, face[0], 3)[0]
+    assert found[0].distance < 1e-3

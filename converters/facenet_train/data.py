@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,17 +210,16 @@ class FaceCache:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, keep: np.ndarray) -> FaceCache:
-        arrays = {name: getattr(self, name)[keep] for name in SHARD_ARRAYS}
-        teacher = None if self.teacher is None else self.teacher[keep]
-        return FaceCache(self.manifest, teacher=teacher, **arrays)
 
-    def without_identities(self, excluded: set[str]) -> FaceCache:
-        """Drop excluded people (see ``exclude_identities``), e.g. LFW people before a model
-        is scored on LFW."""
-        people = {person_key(i) for i in excluded}
-        keep = np.array([not i or person_key(i) not in people for i in self.identities], dtype=bool)
-        return self.subset(keep)
+ShardFilter = Callable[[dict[str, np.ndarray]], np.ndarray]
+"""A shard's arrays -> boolean mask of the faces to keep."""
+
+
+def without_people(excluded: set[str]) -> ShardFilter:
+    """A ``load_cache`` filter dropping excluded people (see ``exclude_identities``), e.g.
+    LFW people before a model is scored on LFW."""
+    people = {person_key(i) for i in excluded}
+    return lambda shard: np.array([not i or person_key(i) not in people for i in shard["identities"]], dtype=bool)
 
 
 def shard_name(index: int) -> str:
@@ -245,9 +244,10 @@ def read_shard(path: str | Path, names: Sequence[str] | None = None) -> dict[str
         return {name: data[name] for name in (names or data.files)}
 
 
-def load_cache(cache_dir: str | Path, with_teacher: bool = False, sources: Sequence[str] | None = None) -> FaceCache:
-    """Load every shard of a complete cache into memory (optionally the teacher
-    descriptors, and only some sources)."""
+def load_cache(cache_dir: str | Path, with_teacher: bool = False, filters: Sequence[ShardFilter] = ()) -> FaceCache:
+    """Load a complete cache into memory (optionally with the teacher descriptors),
+    keeping the faces every filter keeps; filtering shard by shard keeps the peak memory
+    at the size of what is kept."""
     cache_dir = Path(cache_dir)
     manifest = CacheManifest.load(cache_dir)
     if not manifest.complete:
@@ -256,7 +256,9 @@ def load_cache(cache_dir: str | Path, with_teacher: bool = False, sources: Seque
     teacher_parts = []
     for shard in manifest.shards:
         arrays = read_shard(cache_dir / shard)
-        keep = np.ones(len(arrays["labels"]), dtype=bool) if sources is None else np.isin(arrays["sources"], list(sources))
+        keep = np.ones(len(arrays["labels"]), dtype=bool)
+        for f in filters:
+            keep &= f(arrays)
         for name in SHARD_ARRAYS:
             parts[name].append(arrays[name][keep])
         if with_teacher:

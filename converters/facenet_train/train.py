@@ -101,15 +101,17 @@ class Batches:
 def load_training_cache(config: Config) -> data.FaceCache:
     """The crop cache the config names, minus excluded people (and unlabeled faces when
     no batch uses them), with teacher descriptors when distillation is on."""
-    cache = data.load_cache(config.data.cache, with_teacher=config.data.teacher, sources=config.data.sources or None)
+    filters: list[data.ShardFilter] = []
+    if config.data.sources:
+        filters.append(lambda shard: np.isin(shard["sources"], config.data.sources))
     excluded: set[str] = set()
     for path in config.data.exclude:
         excluded |= data.read_overlap(path)
     if excluded:
-        cache = cache.without_identities(excluded)
+        filters.append(data.without_people(excluded))
     if not config.batch.unlabeled:  # unlabeled faces would only take memory (UTKFace: 0.9 GB)
-        cache = cache.subset(cache.labels >= 0)
-    return cache
+        filters.append(lambda shard: shard["labels"] >= 0)
+    return data.load_cache(config.data.cache, with_teacher=config.data.teacher, filters=filters)
 
 
 # ---------------------------------------------------------------- model, optimizer

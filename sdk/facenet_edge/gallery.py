@@ -24,13 +24,29 @@ Matching
     Open-set: each query gets the nearest people with their squared-L2 distance, and
     ``accepted`` says whether that distance is within the threshold. An unknown face is
     never forced onto the nearest person. A person's distance is that of their closest
-    sample. The int8 matrix is cached in memory (128 bytes/face) and dequantized on the
-    fly in blocks that stay in cache: at 100k faces that is as fast as keeping a float32
-    copy (measured) with a quarter of the memory. The dot products use numpy's own
-    single-threaded loops (``einsum``), not BLAS: OpenBLAS's thread pool made a 100k-face
-    match 10-20x slower whenever other work shared the CPU (camera, detector, embedder
-    threads on a Pi; measured at load 5 on 2 cores: 9 ms with einsum, 90-190 ms with
-    ``matmul``), while unloaded the two are within a few milliseconds.
+    sample, its int8 row renormalised to unit length.
+
+    In memory the gallery is only the int8 matrix (128 bytes per sample, rows grouped by
+    person), each row's inverse norm (float32) and its person's id (int32): 136 bytes a
+    sample, 130 MB for a million. Names stay in SQLite; the few that a search returns are
+    read with one ``SELECT ... WHERE id IN (...)``. Loading streams rows from SQLite in
+    chunks straight into the preallocated arrays, so its peak is the final size plus a
+    few MB.
+
+    A search is one pass over the matrix, block by block: each block of rows is converted
+    to float32 (``_BLOCK_ROWS`` rows, 2 MiB) and multiplied by the queries with BLAS in
+    calls of ``_GEMV_ROWS`` rows, small enough that OpenBLAS never hands them to its thread
+    pool: whenever other work shares the CPU (camera, detector and embedder threads on a
+    Pi) its threads make a match 10-30x slower (measured at load 5 on 2 cores: 4096-row
+    gemv calls took 1.2 s for 1M faces, 64-row ones 36 ms). Only rows scoring at least the
+    k-th best person so far (less a margin for float32 rounding) are kept, so nothing of
+    size N is allocated per query. The few kept rows are then scored again in float64,
+    which is the ranking returned: the same as a brute-force float computation, ties aside.
+    numpy has no int8 dot product, so the int8 -> float32 conversion bounds the speed: at
+    1M faces, on a 2-core x86 VM shared with other jobs, the pass took 4.4-5x a numpy read
+    of the same 128 MB (the conversion alone 2-2.5x; the einsum version before, 6.3x).
+    Python threads did not help there (the other core was busy); a compiled int8 kernel
+    would be needed to approach the read time.
 """
 
 from __future__ import annotations
@@ -58,8 +74,22 @@ MAX_NAME_LENGTH = 128
 EXPORT_FORMAT = "facenet-edge-gallery/1"
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
-# Rows dequantized per block while matching: 4096 x 128 float32 = 2 MiB, about an L2 cache.
+# Rows converted to float32 per step of a search: 4096 x 128 x 4 bytes = 2 MiB.
 _BLOCK_ROWS = 4096
+# Rows per BLAS call. With its default GEMM_MULTITHREAD_THRESHOLD (4), OpenBLAS runs gemv
+# on one thread below 2304 * 4 = 9216 matrix elements and gemm up to 65536 * 4 = 262144
+# multiply-adds; 64 x 128 (x _QUERY_COLUMNS queries) stays within both, so a search never
+# wakes BLAS threads.
+_GEMV_ROWS = 64
+_QUERY_COLUMNS = 32
+# Rows fetched from SQLite per step while loading the index.
+_LOAD_ROWS = 4096
+# Margin (cosine) for float32 rounding in the first pass: a row scoring within it of the
+# k-th best person is kept for the exact float64 ranking. The float32 error of one score
+# is at most about 128 * 2**-24 (< 1e-5).
+_SCORE_SLACK = 1e-4
+# Ids per "WHERE id IN (...)" (old SQLite builds allow at most 999 parameters).
+_NAME_BATCH = 500
 _BUSY_TIMEOUT_S = 10.0
 
 _SCHEMA = """
@@ -107,15 +137,17 @@ class Person:
     updated: float
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Index:
-    """In-memory copy of every sample, rows grouped by person."""
+    """In-memory copy of every sample: the int8 matrix and two numbers a row, nothing else."""
 
-    matrix: np.ndarray  # (N, 128) int8
-    inv_norm: np.ndarray  # (N,) float32: 1 / |row|, the renormalisation after dequantizing
-    person: np.ndarray  # (N,) int: index into names
-    names: list[str]
-    max_samples: int  # most samples any one person has
+    matrix: np.ndarray  # (N, 128) int8, rows grouped by person (ascending person id)
+    inv_norm: np.ndarray  # (N,) float32: 1 / |row| (0 for an all-zero row)
+    person: np.ndarray  # (N,) int32 (int64 if ids need it): people.id of each row
+
+    @property
+    def nbytes(self) -> int:
+        return self.matrix.nbytes + self.inv_norm.nbytes + self.person.nbytes
 
 
 def quantize(embeddings: np.ndarray) -> np.ndarray:
@@ -169,6 +201,134 @@ def _check_threshold(threshold: float) -> float:
 
 def _sidecars(path: Path) -> list[Path]:
     return [path, Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}-journal")]
+
+
+class _Candidates:
+    """Rows of one query that may still hold the best sample of one of its ``k`` nearest
+    people, from the float32 pass, with the score below which a row cannot matter."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.floor = -np.inf
+        self._rows: list[np.ndarray] = []
+        self._scores: list[np.ndarray] = []
+        self._count = 0
+        self._limit = 0  # prune when more rows than this are held
+
+    def add(self, rows: np.ndarray, scores: np.ndarray, person: np.ndarray) -> float:
+        """Take rows (ascending, after any added before) and their scores; return the floor."""
+        self._rows.append(rows)
+        self._scores.append(scores)
+        self._count += len(rows)
+        if self._count > self._limit or self.floor == -np.inf:
+            self._prune(person)
+        return self.floor
+
+    def rows(self, person: np.ndarray) -> np.ndarray:
+        self._prune(person)
+        return self._rows[0]
+
+    def _prune(self, person: np.ndarray) -> None:
+        rows = np.concatenate(self._rows) if len(self._rows) != 1 else self._rows[0]
+        scores = np.concatenate(self._scores) if len(self._scores) != 1 else self._scores[0]
+        if len(rows):
+            owners = person[rows]  # grouped: rows ascend and the matrix is grouped by person
+            starts = np.flatnonzero(np.concatenate(([True], owners[1:] != owners[:-1])))
+            best = np.maximum.reduceat(scores, starts)  # each person's best score
+            if len(best) >= self.k:
+                kth = np.partition(best, len(best) - self.k)[len(best) - self.k]
+                self.floor = max(self.floor, float(kth) - _SCORE_SLACK)
+            # A person's exact best is within 2 float32 errors of their float32 best.
+            own_best = np.repeat(best, np.diff(np.append(starts, len(rows))))
+            keep = (scores >= self.floor) & (scores >= own_best - _SCORE_SLACK)
+            rows, scores = rows[keep], scores[keep]
+        self._rows, self._scores, self._count = [rows], [scores], len(rows)
+        # Prune at every add (a raised floor skips later blocks), unless many rows survive
+        # (many near-equal samples of the best people): then only once they have doubled.
+        self._limit = 2 * len(rows) if len(rows) > 4 * self.k + 256 else 0
+
+
+def _nearest(index: _Index, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
+    """Per query, up to ``k`` (person id, cosine similarity), best first."""
+    found: list[list[tuple[int, float]]] = []
+    for start in range(0, len(queries), _QUERY_COLUMNS):
+        batch = queries[start : start + _QUERY_COLUMNS]
+        for query, rows in zip(batch, _scan(index, batch, k)):
+            found.append(_rank(index, query, rows, k))
+    return found
+
+
+def _scan(index: _Index, queries: np.ndarray, k: int) -> list[np.ndarray]:
+    """First pass, float32, over the whole matrix: per query, the rows that may hold the
+    best sample of one of its ``k`` nearest people."""
+    matrix, inv_norm, person = index.matrix, index.inv_norm, index.person
+    count = len(queries)
+    block = np.empty((min(_BLOCK_ROWS, len(matrix)), EMBEDDING_SIZE), dtype=np.float32)
+    # Up to 3 queries: one gemv each is faster than a gemm with so few columns (measured).
+    one_by_one = count < 4
+    if one_by_one:
+        vectors = [np.ascontiguousarray(q, dtype=np.float32) for q in queries]
+        scores = np.empty((count, len(block)), dtype=np.float32)
+    else:
+        columns = np.ascontiguousarray(queries.T, dtype=np.float32)  # (128, Q)
+        scores = np.empty((len(block), count), dtype=np.float32)
+    candidates = [_Candidates(k) for _ in range(count)]
+    floor = np.full(count, -np.inf, dtype=np.float32)
+    for start in range(0, len(matrix), _BLOCK_ROWS):
+        rows = matrix[start : start + _BLOCK_ROWS]
+        n = len(rows)
+        converted = block[:n]
+        np.copyto(converted, rows, casting="unsafe")  # int8 -> float32, exact
+        if one_by_one:
+            for vector, out in zip(vectors, scores[:, :n]):
+                _multiply(converted, vector, out)
+            out = scores[:, :n].T  # (n, Q) view
+        else:
+            out = scores[:n]
+            _multiply(converted, columns, out)
+        out *= inv_norm[start : start + n, None]
+        above = out.max(axis=0) >= floor
+        if above.any():  # rare once the floors have risen: most blocks end here
+            for j in np.flatnonzero(above):
+                hits = np.flatnonzero(out[:, j] >= floor[j])
+                floor[j] = candidates[j].add(hits + start, out[hits, j], person)
+    return [c.rows(person) for c in candidates]
+
+
+def _multiply(rows: np.ndarray, queries: np.ndarray, out: np.ndarray) -> None:
+    """``out = rows @ queries`` in BLAS calls of at most _GEMV_ROWS rows (one thread)."""
+    whole = len(rows) - len(rows) % _GEMV_ROWS
+    if whole:
+        np.matmul(
+            rows[:whole].reshape(-1, _GEMV_ROWS, EMBEDDING_SIZE),
+            queries,
+            out=out[:whole].reshape(-1, _GEMV_ROWS, *queries.shape[1:]),
+        )
+    if whole < len(rows):
+        np.matmul(rows[whole:], queries, out=out[whole:])
+
+
+def _rank(index: _Index, query: np.ndarray, rows: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """Second pass, float64, over the candidate rows: the ``k`` best people."""
+    query = query.astype(np.float64)
+    similarity = np.empty(len(rows), dtype=np.float64)
+    for start in range(0, len(rows), _BLOCK_ROWS):  # usually one step: a few rows
+        vectors = index.matrix[rows[start : start + _BLOCK_ROWS]].astype(np.float64)
+        norms = np.sqrt(np.einsum("nd,nd->n", vectors, vectors))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            part = (vectors @ query) / norms
+        part[norms == 0] = 0.0
+        similarity[start : start + len(vectors)] = part
+    found: list[tuple[int, float]] = []
+    seen: set[int] = set()
+    for i in np.argsort(-similarity, kind="stable"):  # ties: the lower row (person id) first
+        person = int(index.person[rows[i]])
+        if person not in seen:
+            seen.add(person)
+            found.append((person, float(similarity[i])))
+            if len(found) == k:
+                break
+    return found
 
 
 class Gallery:
@@ -461,20 +621,44 @@ class Gallery:
         # while a camera loop runs) commits; our own writes reset the index in _write.
         version = self._conn.execute("PRAGMA data_version").fetchone()[0]
         if self._index is None or version != self._data_version:
-            sample_names, matrix = self._samples()
-            names = list(dict.fromkeys(sample_names))  # rows come grouped by person
-            number = {name: i for i, name in enumerate(names)}
-            person = np.array([number[name] for name in sample_names], dtype=np.intp)
-            norms = np.linalg.norm(matrix.astype(np.float32), axis=1)
-            self._index = _Index(
-                matrix=matrix,
-                inv_norm=(1.0 / norms).astype(np.float32),
-                person=person,
-                names=names,
-                max_samples=int(np.bincount(person).max()) if len(person) else 0,
-            )
+            self._index = None  # let the old matrix go before the new one is built
+            self._index = self._load_index()
             self._data_version = version
         return self._index
+
+    def _load_index(self) -> _Index:
+        """Every sample, in one read snapshot, streamed into preallocated arrays."""
+        conn = self._conn
+        conn.execute("BEGIN")  # one snapshot for the count and the rows
+        try:
+            count, low, high = conn.execute("SELECT COUNT(*), MIN(person_id), MAX(person_id) FROM samples").fetchone()
+            small = np.iinfo(np.int32).min <= (low or 0) and (high or 0) <= np.iinfo(np.int32).max
+            id_type = np.int32 if small else np.int64
+            matrix = np.empty((count, EMBEDDING_SIZE), dtype=np.int8)
+            person = np.empty(count, dtype=id_type)
+            inv_norm = np.empty(count, dtype=np.float32)
+            cursor = conn.execute("SELECT person_id, embedding FROM samples ORDER BY person_id, id")
+            filled = 0
+            while rows := cursor.fetchmany(_LOAD_ROWS):
+                ids, blobs = zip(*rows)
+                chunk = np.frombuffer(b"".join(blobs), dtype=np.int8).reshape(len(rows), EMBEDDING_SIZE)
+                end = filled + len(rows)
+                if end > count:  # cannot happen inside one snapshot; never write past the end
+                    raise GalleryError(f"gallery {self.path}: samples changed while loading")
+                matrix[filled:end] = chunk
+                person[filled:end] = ids
+                floats = chunk.astype(np.float32)
+                squares = np.einsum("nd,nd->n", floats, floats)  # exact: integers below 2**24
+                with np.errstate(divide="ignore"):
+                    inverse = 1.0 / np.sqrt(squares.astype(np.float64))
+                inverse[squares == 0] = 0.0
+                inv_norm[filled:end] = inverse
+                filled = end
+        finally:
+            conn.execute("COMMIT")
+        if filled != count:
+            raise GalleryError(f"gallery {self.path}: samples changed while loading")
+        return _Index(matrix=matrix, inv_norm=inv_norm, person=person)
 
     def search(self, embeddings: np.ndarray, identity: ModelIdentity, k: int = 1) -> list[list[Match]]:
         """Up to ``k`` nearest people per query, nearest first (an empty list when the
@@ -483,12 +667,39 @@ class Gallery:
             raise ValueError(f"k must be at least 1, got {k}")
         self.check_identity(identity)
         queries = _as_unit_rows(embeddings, "match")
-        with self._read():
-            index = self._current_index()
-        if not index.names:
-            return [[] for _ in queries]
-        similarity = self._similarities(queries, index)
-        return [self._top_people(row, index, k) for row in similarity]
+        attempts = 3
+        for attempt in range(attempts):
+            with self._read():
+                index = self._current_index()
+            if not len(index.matrix):
+                return [[] for _ in queries]
+            nearest = _nearest(index, queries, k)  # outside the lock: the index is immutable
+            wanted = sorted({person for found in nearest for person, _ in found})
+            names = self._names(wanted)
+            if len(names) == len(wanted) or attempt == attempts - 1:
+                break
+            # Someone was removed since the index was loaded: load it again.
+            with self._lock:
+                if self._index is index:
+                    self._index = None
+        return [
+            [self._match(names[person], similarity) for person, similarity in found if person in names]
+            for found in nearest
+        ]
+
+    def _names(self, ids: list[int]) -> dict[int, str]:
+        """people.id -> name for ``ids`` (ids of people removed meanwhile are absent)."""
+        names: dict[int, str] = {}
+        with self._read() as conn:
+            for start in range(0, len(ids), _NAME_BATCH):
+                batch = ids[start : start + _NAME_BATCH]
+                marks = ",".join("?" * len(batch))
+                names.update(conn.execute(f"SELECT id, name FROM people WHERE id IN ({marks})", batch).fetchall())
+        return names
+
+    def _match(self, name: str, similarity: float) -> Match:
+        distance = float(np.clip(2.0 - 2.0 * similarity, 0.0, 4.0))
+        return Match(name, distance, 1.0 - distance / 2.0, distance <= self._threshold)
 
     def match(
         self, embeddings: np.ndarray, identity: ModelIdentity, top_k: int = 1
@@ -507,39 +718,6 @@ class Gallery:
         if top_k == 1:
             return [found[0] if found else None for found in results]
         return results
-
-    @staticmethod
-    def _similarities(queries: np.ndarray, index: _Index) -> np.ndarray:
-        """Cosine similarity (Q, N) of unit queries with the renormalised int8 rows."""
-        out = np.empty((len(queries), len(index.matrix)), dtype=np.float32)
-        for start in range(0, len(index.matrix), _BLOCK_ROWS):
-            block = index.matrix[start : start + _BLOCK_ROWS].astype(np.float32)
-            np.einsum("qd,nd->qn", queries, block, out=out[:, start : start + _BLOCK_ROWS])
-        out *= index.inv_norm  # the /127 cancels in the renormalisation
-        return out
-
-    def _top_people(self, similarity: np.ndarray, index: _Index, k: int) -> list[Match]:
-        """Best ``k`` distinct people for one query row of similarities."""
-        # The k best people are among the k * max_samples best samples, so only those
-        # need sorting; a person's first appearance in that order is their best sample.
-        candidates = min(len(similarity), k * index.max_samples)
-        if candidates < len(similarity):
-            top = np.argpartition(-similarity, candidates - 1)[:candidates]
-        else:
-            top = np.arange(len(similarity))
-        top = top[np.argsort(-similarity[top], kind="stable")]
-        matches: list[Match] = []
-        seen: set[int] = set()
-        for row in top:
-            person = int(index.person[row])
-            if person in seen:
-                continue
-            seen.add(person)
-            distance = float(np.clip(2.0 - 2.0 * float(similarity[row]), 0.0, 4.0))
-            matches.append(Match(index.names[person], distance, 1.0 - distance / 2.0, distance <= self._threshold))
-            if len(matches) == k:
-                break
-        return matches
 
     # ---------------------------------------------------------------- export / import
 
