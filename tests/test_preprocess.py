@@ -66,6 +66,7 @@ def test_preprocess_command_builds_the_cache(datasets, tmp_path, capsys):
 
     manifest = data.CacheManifest.load(out)
     assert manifest.complete and manifest.full_size == 112 and manifest.detector == "blazeface"
+    assert manifest.aligner == data.aligner_version() and manifest.aligner.startswith("facenet_edge.align sha256:")
     assert manifest.shards == ["shard-00000.npz", "shard-00001.npz", "shard-00002.npz"]
     assert manifest.people == ["faces/anna", "faces/bob", "faces/cy"]
     assert manifest.sources == {"faces": {"faces": 7, "direct": 6, "padded": 1, "failed": 2},
@@ -167,3 +168,21 @@ def test_summary_lists_every_source(datasets, tmp_path, capsys):
     assert lines[0].split() == ["source", "faces", "direct", "padded", "fallback", "no", "face"]
     assert lines[1].split() == ["flat", "2", "2", "0", "0", "0"]
     assert json.loads((tmp_path / "c" / data.MANIFEST_NAME).read_text())["complete"] is True
+
+
+def test_teacher_describes_every_cached_face_and_resumes(datasets, tmp_path):
+    pytest.importorskip("dlib", reason="the teacher needs the `teacher` extra (dlib-bin, face-recognition-models)")
+    pytest.importorskip("face_recognition_models", reason="the teacher needs face-recognition-models")
+    from facenet_train import teacher
+
+    samples, _, _ = preprocess.gather_samples(["faces"], datasets, limit=6)  # anna and bob: 6 faces
+    out = tmp_path / "cache"
+    preprocess.build_cache(samples, out, preprocess.CropOptions(), shard_size=4)
+    faces, seconds = teacher.compute_teacher(out, workers=1)
+    assert faces == 6 and seconds > 0
+    cache = data.load_cache(out, with_teacher=True)
+    assert cache.teacher.shape == (6, 128) and np.isfinite(cache.teacher).all()
+    # The same face in every variant: within dlib's own 0.6 tolerance of the original.
+    distances = np.linalg.norm(cache.teacher - cache.teacher[0], axis=1)
+    assert distances.max() < 0.6
+    assert teacher.compute_teacher(out, workers=1)[0] == 0  # nothing left to do

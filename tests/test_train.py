@@ -19,7 +19,6 @@ import pytest
 
 tf = pytest.importorskip("tensorflow", reason="the training stack needs TensorFlow (pip install -e .[dev])")
 
-from facenet_edge.card import ModelCard  # noqa: E402
 from facenet_train import cli, data, models, preprocess, train  # noqa: E402
 from facenet_train.config import ConfigError, config_from_dict, load_config  # noqa: E402
 
@@ -60,7 +59,7 @@ def write_cache(root: Path, crops: np.ndarray, labels: np.ndarray, teacher: np.n
         if teacher is not None:
             np.save(root / data.teacher_name(shard), teacher[part])
     data.CacheManifest(
-        crop_size=96, border=8, template="facenet96", detector="synthetic", aligner="synthetic", shard_size=shard_size,
+        crop_size=96, border=8, template="facenet96", detector="synthetic", aligner=data.aligner_version(), shard_size=shard_size,
         plan="synthetic", people=[f"synthetic/{i}" for i in range(IDENTITIES)], shards=shards,
         sources={"synthetic": {"faces": len(crops)}}, complete=True,
     ).save(root)
@@ -171,6 +170,29 @@ def test_every_shipped_config_loads():
 
 
 # ---------------------------------------------------------------- training
+
+
+def test_training_cache_leaves_out_excluded_people_and_unused_faces(synthetic_cache, tmp_path):
+    overlap = tmp_path / "overlap.txt"
+    overlap.write_text("synthetic\t3\tSomeone\n")
+    cache = train.load_training_cache(make_config(synthetic_cache, data={"exclude": [str(overlap)]}))
+    assert len(cache) == (IDENTITIES - 1) * FACES and 3 not in cache.labels and (cache.labels >= 0).all()
+    with_unlabeled = train.load_training_cache(make_config(
+        synthetic_cache, data={"teacher": True}, batch={"unlabeled": 2}, loss={"distillation": 1.0}))
+    assert len(with_unlabeled) == IDENTITIES * FACES + UNLABELED and with_unlabeled.teacher.shape == (86, DIM)
+    assert len(train.load_training_cache(make_config(synthetic_cache, data={"sources": ["other"]}))) == 0
+
+
+def test_a_cache_from_another_aligner_is_flagged(synthetic_cache, tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    manifest = data.CacheManifest.load(synthetic_cache)
+    for shard in manifest.shards:
+        (old / shard).symlink_to(synthetic_cache / shard)
+    manifest.aligner = "facenet_edge.align v0"
+    manifest.save(old)
+    with pytest.warns(UserWarning, match="rerun preprocess into a new folder"):
+        train.load_training_cache(make_config(old))
 
 
 def test_training_lowers_the_loss(trained_run):

@@ -112,7 +112,7 @@ class HarmonicConfig:
 class TrainConfig:
     """Loop settings. ``eval_every`` > 0 scores LFW from ``lfw_cache`` (a
     ``preprocess-lfw`` folder) with pairs from ``lfw``. ``jit_compile``: XLA for the
-    forward and backward pass (on the 2-core CPU: 18 vs 14 images/s for nn4_small2)."""
+    forward and backward pass (nearly twice the images/s on the 2-core CPU: docs/training.md)."""
 
     steps: int = 100_000
     seed: int = 0
@@ -142,16 +142,20 @@ class Config:
 
     def validate(self) -> Config:
         """Check values that would otherwise fail late (after the cache has loaded)."""
+        o, s, loss, d, t = self.optimizer, self.schedule, self.loss, self.data, self.train
         checks = [
-            (self.optimizer.name in ("adam", "adagrad", "sgd"), f"optimizer.name {self.optimizer.name!r}: adam, adagrad or sgd"),
-            (self.schedule.kind in ("constant", "cosine", "step"), f"schedule.kind {self.schedule.kind!r}: constant, cosine or step"),
-            (self.loss.mining in ("semihard", "batch_hard"), f"loss.mining {self.loss.mining!r}: semihard or batch_hard"),
-            (self.loss.distillation == 0 or self.data.teacher, "loss.distillation > 0 needs data.teacher = true"),
-            (not self.data.teacher or self.loss.distillation > 0, "data.teacher = true loads targets only the distillation loss uses: set loss.distillation"),
-            (self.batch.unlabeled == 0 or self.loss.distillation > 0, "batch.unlabeled > 0 only feeds the distillation loss: set loss.distillation"),
-            (self.loss.harmonic == 0 or bool(self.harmonic.old_model), "loss.harmonic > 0 needs harmonic.old_model"),
-            (self.train.eval_every == 0 or bool(self.train.lfw and self.train.lfw_cache), "train.eval_every > 0 needs train.lfw and train.lfw_cache"),
-            (self.train.steps > 0 and self.train.checkpoint_every > 0 and self.train.log_every > 0, "train.steps, checkpoint_every and log_every must be > 0"),
+            (o.name in ("adam", "adagrad", "sgd"), f"optimizer.name {o.name!r}: adam, adagrad or sgd"),
+            (s.kind in ("constant", "cosine", "step"), f"schedule.kind {s.kind!r}: constant, cosine or step"),
+            (loss.mining in ("semihard", "batch_hard"), f"loss.mining {loss.mining!r}: semihard or batch_hard"),
+            (loss.distillation == 0 or d.teacher, "loss.distillation > 0 needs data.teacher = true"),
+            (not d.teacher or loss.distillation > 0,
+             "data.teacher = true loads targets only the distillation loss uses: set loss.distillation"),
+            (self.batch.unlabeled == 0 or loss.distillation > 0,
+             "batch.unlabeled > 0 only feeds the distillation loss: set loss.distillation"),
+            (loss.harmonic == 0 or bool(self.harmonic.old_model), "loss.harmonic > 0 needs harmonic.old_model"),
+            (t.eval_every == 0 or bool(t.lfw and t.lfw_cache), "train.eval_every > 0 needs train.lfw and train.lfw_cache"),
+            (t.steps > 0 and t.checkpoint_every > 0 and t.log_every > 0,
+             "train.steps, checkpoint_every and log_every must be > 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -8,8 +8,10 @@ memory (80k faces at 112x112x3 are about 3 GB) and draws batches from it with
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +24,23 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", "
 CACHE_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FAILURES_NAME = "failures.tsv"
+
+
+def aligner_version() -> str:
+    """A hash of ``facenet_edge.align``'s source: any change to the runtime's cropping
+    changes it, so a cache made by another aligner is recognised as such."""
+    from facenet_edge import align
+
+    return f"facenet_edge.align sha256:{hashlib.sha256(Path(align.__file__).read_bytes()).hexdigest()[:12]}"
+
+
+def check_aligner(manifest: CacheManifest, where: str | Path) -> None:
+    """Warn when a cache was cropped by another version of the runtime's aligner: its crops
+    are no longer exactly what the device makes."""
+    current = aligner_version()
+    if manifest.aligner != current:
+        warnings.warn(f"crop cache {where} was made by {manifest.aligner!r}, the runtime now aligns with "
+                      f"{current!r}: rerun preprocess into a new folder so crops match the device's", stacklevel=2)
 
 
 @dataclass(frozen=True)
@@ -251,7 +270,8 @@ def load_cache(cache_dir: str | Path, with_teacher: bool = False, filters: Seque
     cache_dir = Path(cache_dir)
     manifest = CacheManifest.load(cache_dir)
     if not manifest.complete:
-        raise ValueError(f"crop cache {cache_dir} is incomplete; rerun `facenet-train preprocess` with the same arguments to finish it")
+        raise ValueError(f"crop cache {cache_dir} is incomplete; rerun `facenet-train preprocess` "
+                         "with the same arguments to finish it")
     parts: dict[str, list[np.ndarray]] = defaultdict(list)
     teacher_parts = []
     for shard in manifest.shards:

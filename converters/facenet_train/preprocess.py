@@ -31,7 +31,6 @@ from facenet_edge.io import read_image
 from . import data
 from .data import CacheManifest, Sample
 
-ALIGNER = "facenet_edge.align v1"
 NO_LANDMARKS = np.full((4, 2), np.nan, np.float32)
 
 
@@ -147,8 +146,8 @@ def _cropper(options: CropOptions, workers: int) -> Iterator[Callable[[list], It
         yield lambda items: pool.imap(_process, items, chunksize=8)
 
 
-def _plan(samples: Sequence[Sample], options: CropOptions, shard_size: int, people: list[str]) -> str:
-    digest = hashlib.sha256(json.dumps([asdict(options), shard_size, people]).encode())
+def _plan(samples: Sequence[Sample], options: CropOptions, shard_size: int, people: list[str], aligner: str) -> str:
+    digest = hashlib.sha256(json.dumps([asdict(options), shard_size, people, aligner]).encode())
     for s in samples:
         digest.update(f"{s.path}\0{s.identity}\0{s.source}\n".encode())
     return digest.hexdigest()
@@ -190,17 +189,19 @@ def build_cache(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     people = data.label_table(samples)
-    plan = _plan(samples, options, shard_size, people)
+    aligner = data.aligner_version()
+    plan = _plan(samples, options, shard_size, people, aligner)
     shards = [data.shard_name(i) for i in range(-(-len(samples) // shard_size))]
     manifest = CacheManifest(
         crop_size=options.crop_size, border=options.border, template=options.template,
-        detector=options.detector, aligner=ALIGNER, shard_size=shard_size, plan=plan,
+        detector=options.detector, aligner=aligner, shard_size=shard_size, plan=plan,
         people=people, shards=shards, excluded_identities=sorted(excluded),
     )
     if (out / data.MANIFEST_NAME).is_file():
         previous = CacheManifest.load(out)
         if previous.plan != plan:
-            raise ValueError(f"{out} holds a cache made from other images or settings; choose another --out")
+            raise ValueError(f"{out} holds a cache made from other images or settings (or by another aligner: "
+                             f"{previous.aligner}); choose another --out")
         manifest = previous
     manifest.save(out)
 

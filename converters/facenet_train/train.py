@@ -111,7 +111,9 @@ def load_training_cache(config: Config) -> data.FaceCache:
         filters.append(data.without_people(excluded))
     if not config.batch.unlabeled:  # unlabeled faces would only take memory (UTKFace: 0.9 GB)
         filters.append(lambda shard: shard["labels"] >= 0)
-    return data.load_cache(config.data.cache, with_teacher=config.data.teacher, filters=filters)
+    cache = data.load_cache(config.data.cache, with_teacher=config.data.teacher, filters=filters)
+    data.check_aligner(cache.manifest, config.data.cache)
+    return cache
 
 
 # ---------------------------------------------------------------- model, optimizer
@@ -138,7 +140,8 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return tf.where(step < self.warmup, self.peak * (step + 1) / self.warmup, later)
 
     def get_config(self):
-        return {"peak": self.peak, "warmup": self.warmup}
+        after = keras.saving.serialize_keras_object(self.after) if callable(self.after) else self.after
+        return {"peak": self.peak, "warmup": self.warmup, "after": after}
 
 
 def make_schedule(config: Config) -> WarmupSchedule:
@@ -228,7 +231,8 @@ class Trainer:
                                  replicas=replicas)
         teacher_dim = cache.teacher.shape[1] if config.loss.distillation else 0
         if teacher_dim and teacher_dim != config.model.embedding_size:
-            raise ConfigError(f"the teacher's descriptors are {teacher_dim}-d; distillation needs model.embedding_size = {teacher_dim}")
+            raise ConfigError(f"the teacher's descriptors are {teacher_dim}-d; "
+                              f"distillation needs model.embedding_size = {teacher_dim}")
         self.spec = FeedSpec(replicas, sampler.batch_size // replicas, b.p * b.k // replicas, size, teacher_dim)
         self.batches = Batches(cache, sampler, config, self.spec)
         self.identities = sampler.identities
@@ -350,7 +354,8 @@ def prepare_run_dir(config: Config, config_file: Path | None, run_dir: Path, res
         previous = json.loads(saved.read_text())
         compare = lambda d: {**d, "train": {**d["train"], "steps": None}}  # noqa: E731
         if compare(previous) != json.loads(json.dumps(compare(current))):
-            raise ConfigError(f"{config_file or 'the config'} differs from the run's {saved}; only train.steps may change on --resume")
+            raise ConfigError(f"{config_file or 'the config'} differs from the run's {saved}; "
+                              "only train.steps may change on --resume")
     elif not resume and (run_dir / CHECKPOINTS).exists():
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -438,6 +443,7 @@ class LfwPairs:
         from .verify import lfw_pairs
 
         manifest = data.CacheManifest.load(lfw_cache)
+        data.check_aligner(manifest, lfw_cache)
         if manifest.crop_size != size:
             raise ValueError(f"LFW cache {lfw_cache} holds {manifest.crop_size}px crops, the model takes {size}px; "
                              f"rebuild it with `facenet-train preprocess-lfw --crop-size {size}`")
