@@ -50,7 +50,8 @@ from facenet_edge.io import read_image
 from facenet_train.convert import TARGETS
 from facenet_train.lfw import Pair, read_pairs
 from facenet_train.metrics import LfwResult, evaluate_distances
-from facenet_train.preprocess import ALIGNER, LFW_CENTRE_FALLBACK, CropOptions, crop_face
+from facenet_train.data import aligner_version
+from facenet_train.preprocess import LFW_CENTRE_FALLBACK, CropOptions, crop_face
 
 __all__ = [
     "DEFAULT_OUT",
@@ -199,7 +200,7 @@ class LfwFaces:
     @property
     def protocol(self) -> str:
         """Recorded in the embedding cache: a change of aligner or protocol invalidates it."""
-        return f"{ALIGNER}; {self.name}; pad retries {self._options.pad_retries}; centre {LFW_CENTRE_FALLBACK:.4f}"
+        return f"{aligner_version()}; {self.name}; pad retries {self._options.pad_retries}; centre {LFW_CENTRE_FALLBACK:.4f}"
 
     def find(self, path: Path, image: np.ndarray) -> tuple[Detection, int]:
         if path not in self._found:
