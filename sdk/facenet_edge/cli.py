@@ -456,16 +456,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _distance(text: str) -> float:
     try:
         value = float(text)
@@ -496,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--detector", choices=sorted(DETECTORS), default=DEFAULT_DETECTOR, help="face detector (default: %(default)s)"
     )
     common.add_argument(
-        "--threads", type=_positive_int, metavar="N", help="CPU threads for the models (default: the runtime's)"
+        "--threads", type=bench.positive_int, metavar="N", help="CPU threads for the models (default: the runtime's)"
     )
     common.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     as_json = argparse.ArgumentParser(add_help=False)
@@ -520,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("identify", parents=[common, as_json, threshold], help="who is in these images")
     p.add_argument("--gallery", required=True, metavar="G")
-    p.add_argument("--top-k", type=_positive_int, default=1, metavar="K", help="candidates per face (default: 1)")
+    p.add_argument("--top-k", type=bench.positive_int, default=1, metavar="K", help="candidates per face (default: 1)")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.set_defaults(handler=cmd_identify)
 
@@ -555,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--source", required=True, metavar="SRC", help="camera index, video file, RTSP URL, picamera2 or image folder"
     )
     p.add_argument("--gallery", required=True, metavar="G")
-    p.add_argument("--max-frames", type=_positive_int, metavar="N", help="stop after N frames")
+    p.add_argument("--max-frames", type=bench.positive_int, metavar="N", help="stop after N frames")
     p.add_argument(
         "--vote",
         type=_vote,
