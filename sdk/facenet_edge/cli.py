@@ -126,6 +126,24 @@ def _pipeline(args: argparse.Namespace) -> FacePipeline:
     return FacePipeline(model_path=_model_path(args), detector=args.detector, num_threads=args.threads)
 
 
+def _faces_per_image(
+    pipeline: FacePipeline, args: argparse.Namespace, failures: _Failures, what: str
+) -> Iterator[tuple[str, list[Face]]]:
+    """(path, faces) for each readable image; unreadable images and images without a face
+    are recorded in ``failures`` (an unreadable one is also reported in JSON and skipped)."""
+    for path in _progress(args.images, args, what):
+        try:
+            faces = pipeline.process(read_image(path))
+        except ImageError as exc:
+            failures.add(exc)
+            if args.json:
+                _print_json({"path": path, "faces": [], "error": _one_line(exc)})
+            continue
+        if not faces:
+            failures.add(NoFaceError(f"no face found in {path}"))
+        yield path, faces
+
+
 def _threshold(args: argparse.Namespace, card: ModelCard, model: Path) -> float:
     """--threshold, else the model card's default open-set threshold."""
     threshold = args.threshold if args.threshold is not None else card.thresholds.default()
@@ -231,16 +249,7 @@ def cmd_identify(args: argparse.Namespace) -> int:
         pipeline = stack.enter_context(_pipeline(args))
         identity = pipeline.embedder.identity
         gallery.check_identity(identity)
-        for path in _progress(args.images, args, "identifying"):
-            try:
-                faces = pipeline.process(read_image(path))
-            except ImageError as exc:
-                failures.add(exc)
-                if args.json:
-                    _print_json({"path": path, "faces": [], "error": _one_line(exc)})
-                continue
-            if not faces:
-                failures.add(NoFaceError(f"no face found in {path}"))
+        for path, faces in _faces_per_image(pipeline, args, failures, "identifying"):
             results = gallery.search(np.stack([f.embedding for f in faces]), identity, args.top_k) if faces else []
             if args.json:
                 _print_json({"path": path, "faces": [_identified_json(f, r) for f, r in zip(faces, results)]})
@@ -315,16 +324,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         out = stack.enter_context(_private_file(Path(args.out))) if args.out is not None else None
         pipeline = stack.enter_context(_pipeline(args))
-        for path in _progress(args.images, args, "embedding"):
-            try:
-                faces = pipeline.process(read_image(path))
-            except ImageError as exc:
-                failures.add(exc)
-                if args.json:
-                    _print_json({"path": path, "faces": [], "error": _one_line(exc)})
-                continue
-            if not faces:
-                failures.add(NoFaceError(f"no face found in {path}"))
+        for path, faces in _faces_per_image(pipeline, args, failures, "embedding"):
             if args.json:
                 faces_json = [
                     {**_face_json(f), "embedding": np.asarray(f.embedding, np.float32).tolist()} for f in faces
