@@ -5,7 +5,8 @@ synthetic galleries, test frames, the ``--model/--out/--quick`` arguments) live 
 ``facenet_edge.bench``, because ``facenet-edge bench`` ships in the wheel and needs them on
 a Raspberry Pi; they are re-exported here so every script imports from one place. What
 only the scripts need is defined here: which models to compare, and LFW (pairs, our
-detector's face per image, embeddings cached per model and detector, 10-fold scores).
+detector's face per image, embeddings cached per model and detector, 10-fold scores
+within one model or across two).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ __all__ = [
     "describe_with",
     "lfw_embeddings",
     "lfw_result",
+    "lfw_cross_result",
     "add_lfw_arguments",
 ]
 
@@ -273,9 +275,18 @@ def lfw_embeddings(
 def lfw_result(lfw: LfwPairs, descriptors: np.ndarray) -> LfwResult:
     """10-fold LFW scores of squared L2 distances between unit descriptors (dlib's are
     not unit length; ours already are)."""
-    unit = l2_normalize(descriptors)
+    return lfw_cross_result(lfw, descriptors, descriptors)
+
+
+def lfw_cross_result(lfw: LfwPairs, gallery: np.ndarray, probes: np.ndarray) -> LfwResult:
+    """10-fold LFW scores across two models: each pair's first image as ``gallery``
+    describes it against its second as ``probes`` does (descriptors per image of
+    ``lfw.images``, scaled to unit length here), squared L2."""
+    if gallery.shape != probes.shape:
+        raise ValueError(f"gallery descriptors {gallery.shape} and probe descriptors {probes.shape} differ in shape")
     first, second = lfw.pair_indices()
-    return evaluate_distances(np.sum((unit[first] - unit[second]) ** 2, axis=1), lfw.issame, n_folds=lfw.folds)
+    distances = np.sum((l2_normalize(gallery)[first] - l2_normalize(probes)[second]) ** 2, axis=1)
+    return evaluate_distances(distances, lfw.issame, n_folds=lfw.folds)
 
 
 def add_lfw_arguments(parser: argparse.ArgumentParser) -> None:

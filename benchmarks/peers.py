@@ -7,7 +7,12 @@ box, as the distillation teacher in ``facenet_train.teacher`` is) then
 ``face_recognition_model_v1.compute_face_descriptor``. dlib-bin is built without BLAS, so
 its network runs on the calling thread whatever ``--threads`` says; the CPU/wall column
 shows how many cores each side really kept busy. With LFW (``--lfw``), the 10-fold
-accuracy of every peer, through the same detector (cached like ``accuracy.py``'s).
+accuracy of every peer, through the same detector (cached like ``accuracy.py``'s), and
+for each of our models a cross-model row ("dlib gallery × MODEL probes", target
+``cross``): each pair's first image described by dlib (scaled to unit length), its second
+by our model. It asks whether a face_recognition gallery can be imported without
+re-enrolling anyone; only a model distilled into dlib's descriptor space can score well
+there, any other is near chance.
 
     python benchmarks/peers.py [--model M_float32.tflite --model M_int8.tflite] [--threads 1] [--pairs N]
 """
@@ -37,6 +42,7 @@ from common import (
     describe_with,
     face_images,
     fmt,
+    lfw_cross_result,
     lfw_embeddings,
     lfw_result,
     load_lfw,
@@ -205,22 +211,42 @@ def ratio_target(
 
 
 def lfw_accuracy(models: Sequence[ModelUnderTest], peer: DlibPeer | None, args: argparse.Namespace) -> list[dict]:
-    """LFW 10-fold scores of every peer through the same detector and boxes."""
+    """LFW 10-fold scores of every peer through the same detector and boxes, then, with
+    dlib, one cross-model row per model of ours: dlib's gallery against its probes."""
     lfw = load_lfw(args.lfw, args.pairs or (QUICK_PAIRS if args.quick else None))
     cache = args.cache or args.out / "cache"
-    scores = []
+    scores, cross = [], []
+    dlib_descriptors = None
     with LfwFaces(args.detector, args.threads) as faces:
         if peer is not None:
             print(f"{DLIB} on LFW ...", file=sys.stderr, flush=True)
-            descriptors, _ = lfw_embeddings(lfw, faces, f"dlib-{peer.version}", peer.describe, cache)
-            scores.append({"peer": DLIB, "target": "float32", **lfw_scores(lfw_result(lfw, descriptors))})
+            dlib_descriptors, _ = lfw_embeddings(lfw, faces, f"dlib-{peer.version}", peer.describe, cache)
+            scores.append({"peer": DLIB, "target": "float32", **lfw_scores(lfw_result(lfw, dlib_descriptors))})
         for model in models:
             print(f"{model.label} on LFW ...", file=sys.stderr, flush=True)
             with Embedder.from_path(model.path, num_threads=args.threads) as embedder:
                 key = f"{model.label}-{embedder.identity.sha256[:12]}"
                 descriptors, _ = lfw_embeddings(lfw, faces, key, describe_with(embedder), cache)
             scores.append({"peer": model.label, "target": model.target, **lfw_scores(lfw_result(lfw, descriptors))})
-    return [{**score, "pairs": len(lfw.pairs)} for score in scores]
+            if dlib_descriptors is None:
+                continue
+            if descriptors.shape != dlib_descriptors.shape:
+                dims = f"{descriptors.shape[1]}-d, dlib {dlib_descriptors.shape[1]}-d"
+                print(f"{model.label}: {dims}: no cross-model row", file=sys.stderr, flush=True)
+                continue
+            # A face_recognition gallery (dlib's descriptors) matched by our model's probes.
+            result = lfw_cross_result(lfw, dlib_descriptors, descriptors)
+            cross.append(
+                {
+                    "peer": f"dlib gallery × {model.label} probes",
+                    "target": "cross",
+                    "cross": True,
+                    "gallery": DLIB,
+                    "probes": model.label,
+                    **lfw_scores(result),
+                }
+            )
+    return [{**score, "cross": score.get("cross", False), "pairs": len(lfw.pairs)} for score in scores + cross]
 
 
 def print_tables(rows: Sequence[PeerLatency], accuracy: list[dict], targets: Sequence[Target], note: str) -> None:
@@ -253,6 +279,11 @@ def print_tables(rows: Sequence[PeerLatency], accuracy: list[dict], targets: Seq
                 ],
             )
         )
+        if any(a["cross"] for a in accuracy):
+            print(
+                "\nCross rows: each pair's first image described by dlib (unit length), its second by our model;"
+                " near chance unless the model was distilled into dlib's descriptor space."
+            )
     print("\n## Targets\n")
     print(targets_table(targets))
 

@@ -1,6 +1,7 @@
 """The benchmark scripts in benchmarks/ on tiny configurations (``--quick``, the tiny test
 model): each runs, prints Markdown tables and writes well-formed JSON with the expected
 keys. No timing is asserted: numbers from a test run on a shared machine mean nothing.
+harmonic_cross.py runs on random-weight Keras models and a fake LFW of astronaut variants.
 
 LFW parts skip when ../shared/data/lfw is absent, dlib parts when dlib is not installed.
 """
@@ -40,10 +41,11 @@ def common() -> types.ModuleType:
     return module
 
 
-def run_benchmark(name: str, out: Path, *args: str) -> dict:
-    """Run benchmarks/NAME.py --quick, check the shared report layout, return its JSON."""
+def run_benchmark(name: str, out: Path, *args: str, quick: bool = True) -> dict:
+    """Run benchmarks/NAME.py (--quick unless ``quick`` is false), check the shared report
+    layout, return its JSON."""
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / f"{name}.py"), "--quick", "--out", str(out), *args],
+        [sys.executable, str(BENCHMARKS / f"{name}.py"), *(["--quick"] if quick else []), "--out", str(out), *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -110,6 +112,26 @@ def test_lfw_subsample_keeps_every_fold_balanced(common, tmp_path):
         assert fold.sum() == 2 and (~fold).sum() == 2
     first, second = lfw.pair_indices()
     assert len(lfw.images) == 40 + 40 and first.max() < len(lfw.images) and second.max() < len(lfw.images)
+
+
+def test_cross_model_lfw_scores_a_gallery_against_other_probes(common, tmp_path):
+    lines = ["10 2"]
+    for fold in range(10):
+        lines += [f"P{fold}_{i} 1 2" for i in range(2)] + [f"A{fold}_{i} 1 B{fold}_{i} 1" for i in range(2)]
+    (tmp_path / "pairs.txt").write_text("\n".join(lines) + "\n")
+    lfw = common.load_lfw(tmp_path)
+    rng = np.random.default_rng(0)
+    probes = embed_module.l2_normalize(rng.standard_normal((len(lfw.images), 16)))
+    first, second = lfw.pair_indices()
+    probes[second[lfw.issame]] = probes[first[lfw.issame]]  # matched pairs: the same face vector
+    gallery = 7.5 * probes  # dlib-like: the same directions, not unit length
+    same = common.lfw_result(lfw, probes)
+    cross = common.lfw_cross_result(lfw, gallery, probes)
+    assert cross.accuracy_mean == same.accuracy_mean == 1.0
+    other = common.lfw_cross_result(lfw, rng.standard_normal(probes.shape), probes)  # another space: chance
+    assert other.accuracy_mean < 1.0
+    with pytest.raises(ValueError, match="differ in shape"):
+        common.lfw_cross_result(lfw, gallery[:, :8], probes)
 
 
 def test_conversions_are_the_converters_siblings_with_cards(common, tmp_path):
@@ -227,3 +249,56 @@ def test_peers(tiny_model, tmp_path):
     assert report["targets"][0]["measured"] is not None  # int8 embed / dlib descriptor
     if LFW is not None:
         assert "dlib ResNet v1" in {a["peer"] for a in results["lfw"]}
+        cross = [a for a in results["lfw"] if a["cross"]]
+        assert [(a["peer"], a["target"], a["gallery"], a["probes"]) for a in cross] == [
+            (f"dlib gallery × {m} probes", "cross", "dlib ResNet v1", m) for m in ("tiny_int8", "tiny_float")
+        ]
+        for a in cross:
+            assert 0.0 <= a["accuracy_mean"] <= 1.0 and 0.0 <= a["auc"] <= 1.0
+            assert a["pairs"] == 20
+
+
+@pytest.fixture(scope="module")
+def tiny_lfw_crops(astronaut, tmp_path_factory) -> tuple[Path, Path]:
+    """(a fake LFW: 10 'people' x 2 astronaut variants, 10 folds of 1 matched + 1
+    mismatched pair; its `facenet-train preprocess-lfw` crop cache, 96 px)."""
+    cv2 = pytest.importorskip("cv2")
+    preprocess = pytest.importorskip("facenet_train.preprocess")
+    root = tmp_path_factory.mktemp("lfw")
+    lfw = root / "lfw"
+    for k in range(10):
+        (lfw / f"Person_{k}").mkdir(parents=True)
+        for n in (1, 2):
+            variant = np.clip(cv2.resize(astronaut, (250, 250)).astype(int) + 8 * k - 40 + 5 * n, 0, 255)
+            variant = variant.astype(np.uint8)[:, :: 3 - 2 * n]  # the second image mirrored
+            cv2.imwrite(str(lfw / f"Person_{k}" / f"Person_{k}_{n:04d}.jpg"), np.ascontiguousarray(variant[..., ::-1]))
+    lines = ["10\t1"]
+    for k in range(10):
+        lines += [f"Person_{k}\t1\t2", f"Person_{k}\t1\tPerson_{(k + 1) % 10}\t2"]
+    (lfw / "pairs.txt").write_text("\n".join(lines) + "\n")
+    preprocess.build_lfw_cache(lfw, root / "crops", preprocess.CropOptions())
+    return lfw, root / "crops"
+
+
+def test_harmonic_cross(tiny_lfw_crops, tmp_path):
+    tf = pytest.importorskip("tensorflow", reason="harmonic_cross.py embeds with Keras models (the train extra)")
+    lfw, crops = tiny_lfw_crops
+    paths = {}
+    for name, seed in (("old", 0), ("other", 1)):
+        tf.keras.utils.set_random_seed(seed)
+        inputs = tf.keras.Input((96, 96, 3))
+        x = tf.keras.layers.Conv2D(4, 3, strides=4, activation="relu")(inputs)
+        outputs = tf.keras.layers.Dense(8)(tf.keras.layers.GlobalAveragePooling2D()(x))
+        paths[name] = tmp_path / f"{name}.keras"
+        tf.keras.Model(inputs, outputs, name=name).save(paths[name])
+    out = tmp_path / "out"
+    new = ["--new", f"other={paths['other']}", "--new", f"same={paths['old']}"]
+    args = ["--old", str(paths["old"]), *new, "--lfw", str(lfw), "--lfw-cache", str(crops)]
+    results = run_benchmark("harmonic_cross", out, *args, quick=False)["results"]
+    assert 0.0 <= results["old"]["lfw"]["accuracy_mean"] <= 1.0
+    assert set(results["new"]) == {"other", "same"}
+    for scores in results["new"].values():
+        for key in ("lfw", "cross_lfw"):
+            assert 0.0 <= scores[key]["accuracy_mean"] <= 1.0
+    # The old model as its own successor: gallery and probes agree, so cross = its own scores.
+    assert results["new"]["same"]["cross_lfw"] == results["new"]["same"]["lfw"] == results["old"]["lfw"]

@@ -2,11 +2,12 @@
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
 from facenet_train.lfw import LfwOverlap, Pair, lfw_overlap, read_pairs
-from facenet_train.metrics import evaluate_distances, plot_roc
+from facenet_train.metrics import evaluate_distances, failure_sheet, plot_roc
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 STEP = 1e-3  # evaluate_distances' default grid step
@@ -199,3 +200,17 @@ def test_plot_roc_writes_a_png(tmp_path):
     path = plot_roc(results, tmp_path / "roc.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 10_000
+
+
+def test_failure_sheet_shows_the_worst_errors_of_each_kind(tmp_path):
+    crops = np.stack([np.full((96, 96, 3), 40 * i, np.uint8) for i in range(6)])
+    first, second = np.array([0, 1, 2, 3, 4]), np.array([1, 2, 3, 4, 5])
+    issame = np.array([True, True, False, False, True])
+    distances = np.array([0.2, 1.5, 0.3, 2.0, 1.2])  # two rejects (1.5, 1.2), one accept (0.3) at 1.0
+    path, errors = failure_sheet(crops, first, second, distances, issame, 1.0, tmp_path / "f.png")
+    assert errors == {"false_rejects": 2, "false_accepts": 1}
+    sheet = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    assert sheet.shape == (18 + 2 * (96 + 18), 4 * 96 + 12, 3)
+    # Worst reject first: pair 1 (crops 1 and 2) tops the left column; the accept (crops 2, 3) the right.
+    assert sheet[18 + 48, 48, 0] == 40 and sheet[18 + 48, 96 + 48, 0] == 80
+    assert sheet[18 + 48, 2 * 96 + 12 + 48, 0] == 80 and sheet[18 + 48, 3 * 96 + 12 + 48, 0] == 120

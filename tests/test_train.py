@@ -19,7 +19,7 @@ import pytest
 
 tf = pytest.importorskip("tensorflow", reason="the training stack needs TensorFlow (pip install -e .[dev])")
 
-from facenet_train import cli, data, models, preprocess, train  # noqa: E402
+from facenet_train import cli, data, models, preprocess, train, weights  # noqa: E402
 from facenet_train.config import ConfigError, config_from_dict, load_config  # noqa: E402
 
 REAL_LFW = Path(__file__).parents[2] / "shared/data/lfw"
@@ -292,6 +292,33 @@ def test_distillation_and_harmonic(synthetic_cache, trained_run, tmp_path):
     assert logged(tmp_path / "run", "learning_rate")[0] == pytest.approx(0.01)
 
 
+def test_compact_weights_round_trip_and_feed_training(synthetic_cache, trained_run, tmp_path, capsys):
+    assert cli.main(["export-weights", str(trained_run), "--out", str(tmp_path / "w.npz")]) == 0
+    assert "w.npz" in capsys.readouterr().out
+    original = train.load_keras_model(trained_run)
+    restored = train.load_keras_model(tmp_path / "w.npz")
+    assert restored.name == "tiny" and restored.output_shape[-1] == DIM
+    crops = np.random.default_rng(1).random((4, 96, 96, 3)).astype(np.float32)
+    cosine = np.sum(original(crops).numpy() * restored(crops).numpy(), axis=1)
+    assert cosine.min() > 0.9999  # float16 kernels: a rounding, not a different model
+    # Both a harmonic reference and a starting point, without naming the architecture.
+    config = make_config(
+        synthetic_cache, loss={"harmonic": 1.0}, model={"init_weights": str(tmp_path / "w.npz")},
+        harmonic={"old_model": str(tmp_path / "w.npz")}, train={"steps": 2, "log_every": 1, "jit_compile": False},
+    )
+    result = train.train(config, tmp_path / "run")
+    assert result.metrics["harmonic"] < 0.2
+
+
+def test_compact_weights_refuse_another_model_or_file(trained_run, tmp_path):
+    weights.save_compact(train.load_keras_model(trained_run), tmp_path / "w.npz")
+    with pytest.raises(ValueError, match=r"embedding_dense/kernel is \(16, 16\), tiny needs \(16, 17\)"):
+        weights.load_into(models.build_model("tiny", embedding_size=DIM + 1), tmp_path / "w.npz")
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(ValueError, match="not a compact weights file"):
+        weights.load_compact(tmp_path / "other.npz")
+
+
 def test_xla_compiles_every_loss_term(synthetic_cache, trained_run, tmp_path):
     """The configs' default: the forward and backward pass under XLA (about 20 s to compile here)."""
     config = make_config(
@@ -376,12 +403,14 @@ def test_evaluate_keras_and_tflite_the_same_way(trained_run, fake_lfw, tmp_path,
     assert cli.main(["preprocess-lfw", "--lfw", str(fake_lfw), "--out", str(cache), "--workers", "1"]) == 0
     assert data.CacheManifest.load(cache).sources["lfw"]["faces"] == 20
 
-    keras_json, roc = tmp_path / "keras.json", tmp_path / "roc.png"
+    keras_json, roc, failures = tmp_path / "keras.json", tmp_path / "roc.png", tmp_path / "failures.png"
     assert cli.main(["evaluate", "--checkpoint", str(trained_run), "--lfw", str(fake_lfw), "--aligned-cache", str(cache),
-                     "--out", str(keras_json), "--roc", str(roc)]) == 0
+                     "--out", str(keras_json), "--roc", str(roc), "--failures", str(failures)]) == 0
     scores = json.loads(keras_json.read_text())
     assert 0 <= scores["accuracy_mean"] <= 1 and len(scores["fold_accuracies"]) == 10
     assert roc.stat().st_size > 1000
+    assert "false rejects and" in capsys.readouterr().out
+    assert cv2.imread(str(failures)).shape[1] == 4 * 96 + 12
 
     # Without a cache, crops are made on the spot by the same code: same scores.
     fresh = tmp_path / "fresh.json"

@@ -1,4 +1,4 @@
-"""``facenet-train``: preprocess, teacher, train, evaluate, describe, convert.
+"""``facenet-train``: preprocess, teacher, train, evaluate, describe, convert, export-weights.
 
 Only the chosen command's module is imported (its arguments are added then), so
 ``facenet-train --help`` and ``preprocess`` do not pay for importing TensorFlow, and
@@ -33,6 +33,7 @@ COMMANDS: dict[str, Command] = {
     "describe": Command("facenet_train.cli", "parameters and FLOPs of a model in the registry",
                         "add_describe_arguments", "run_describe"),
     "convert": Command("facenet_train.convert", "convert a trained model to TFLite with its model card"),
+    "export-weights": Command("facenet_train.weights", "write a run's float weights as a compact .npz (to commit)"),
 }
 
 

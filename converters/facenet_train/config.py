@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     """``name``: a key of ``facenet_train.models.MODELS``. ``init_weights``: a
-    ``.weights.h5`` to start from (e.g. the old model of a harmonic run)."""
+    ``.weights.h5`` or compact ``.npz`` to start from (e.g. the old model of a harmonic run)."""
 
     name: str = "nn4_small2"
     embedding_size: int = 128
@@ -101,7 +101,8 @@ class LossConfig:
 @dataclass(frozen=True)
 class HarmonicConfig:
     """The frozen old model whose embedding space the new one must stay compatible with:
-    ``old_model`` is a ``.weights.h5`` of architecture ``old_name`` (or a ``.keras``)."""
+    ``old_model`` is a ``.weights.h5`` of architecture ``old_name`` (or a ``.keras``, or a
+    compact ``.npz`` from ``facenet-train export-weights``, which names its own architecture)."""
 
     old_model: str = ""
     old_name: str = "nn4_small2"

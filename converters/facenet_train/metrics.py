@@ -152,3 +152,38 @@ def plot_roc(results: dict[str, LfwResult], path_png: str | Path) -> Path:
     path = Path(path_png)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return path
+
+
+def failure_sheet(
+    crops: np.ndarray, first: np.ndarray, second: np.ndarray, distances, issame, threshold: float,
+    path_png: str | Path, count: int = 24,
+) -> tuple[Path, dict[str, int]]:
+    """The ``count`` worst false rejects (same person, farthest) and false accepts (different
+    people, closest) at ``threshold`` as a contact sheet: one row per pair, its two crops
+    side by side and the distance under them, rejects in the left column, accepts in the
+    right. Returns the PNG's path and the number of errors of each kind."""
+    import cv2
+
+    d, same = np.asarray(distances, np.float64), np.asarray(issame, bool)
+    rejects = np.flatnonzero(same & (d >= threshold))
+    accepts = np.flatnonzero(~same & (d < threshold))
+    columns = [rejects[np.argsort(-d[rejects])][:count], accepts[np.argsort(d[accepts])][:count]]
+    size = crops.shape[1]
+    label_h, gap = 18, 12
+    cell = np.full((size + label_h, 2 * size, 3), 255, np.uint8)
+    rows = max(1, *(len(c) for c in columns))
+    sheet = np.full((label_h + rows * (size + label_h), 4 * size + gap, 3), 255, np.uint8)
+    for col, (title, pairs) in enumerate(zip(("false rejects (same person)", "false accepts (different people)"), columns)):
+        x0 = col * (2 * size + gap)
+        cv2.putText(sheet, title, (x0 + 2, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        for row, pair in enumerate(pairs):
+            tile = cell.copy()
+            tile[:size, :size], tile[:size, size:] = crops[first[pair]], crops[second[pair]]
+            cv2.putText(tile, f"pair {pair}: d={d[pair]:.3f}", (2, size + 13), cv2.FONT_HERSHEY_SIMPLEX, 0.38,
+                        (0, 0, 0), 1, cv2.LINE_AA)
+            y0 = label_h + row * (size + label_h)
+            sheet[y0:y0 + size + label_h, x0:x0 + 2 * size] = tile
+    path = Path(path_png)
+    if not cv2.imwrite(str(path), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"could not write {path}")
+    return path, {"false_rejects": int(len(rejects)), "false_accepts": int(len(accepts))}

@@ -39,6 +39,7 @@ from . import data, losses
 from .augment import augment_batch
 from .config import Config, ConfigError, load_config
 from .models import MODELS, build_model
+from .weights import load_compact, load_into
 
 CHECKPOINTS = "checkpoints"
 LOGS = "logs"
@@ -177,6 +178,8 @@ def load_old_model(config: Config) -> keras.Model:
     h = config.harmonic
     if h.old_model.endswith(".keras"):
         old = keras.models.load_model(h.old_model, compile=False)
+    elif h.old_model.endswith(".npz"):
+        old = load_compact(h.old_model)
     else:
         old = build_model(h.old_name, embedding_size=h.old_embedding_size)
         old.load_weights(h.old_model)
@@ -372,7 +375,10 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, config_file
     cache = load_training_cache(config)
     trainer = Trainer(config, run_dir, cache, strategy)
     if config.model.init_weights and not trainer.manager.latest_checkpoint:
-        trainer.model.load_weights(config.model.init_weights)
+        if config.model.init_weights.endswith(".npz"):
+            load_into(trainer.model, config.model.init_weights)
+        else:
+            trainer.model.load_weights(config.model.init_weights)
     start = trainer.restore() if resume else 0
     print(f"{len(cache)} faces, {trainer.identities} identities with 2+ faces; {trainer.spec.replicas} replica(s); "
           f"from step {start} to {config.train.steps}")
@@ -449,12 +455,15 @@ class LfwPairs:
                              f"rebuild it with `facenet-train preprocess-lfw --crop-size {size}`")
         return cls(*lfw_pairs(Path(lfw_dir), Path(lfw_cache), (size, size)))
 
+    def distances(self, embed: Embed) -> np.ndarray:
+        """Squared L2 distance of every pair."""
+        embeddings = np.concatenate([embed(self.crops[i:i + EVAL_BATCH]) for i in range(0, len(self.crops), EVAL_BATCH)])
+        return np.sum((embeddings[self.first] - embeddings[self.second]) ** 2, axis=1)
+
     def evaluate(self, embed: Embed):
         from .metrics import evaluate_distances
 
-        embeddings = np.concatenate([embed(self.crops[i:i + EVAL_BATCH]) for i in range(0, len(self.crops), EVAL_BATCH)])
-        distances = np.sum((embeddings[self.first] - embeddings[self.second]) ** 2, axis=1)
-        return evaluate_distances(distances, self.issame)
+        return evaluate_distances(self.distances(embed), self.issame)
 
 
 def lfw_summary(result) -> dict[str, float]:
@@ -464,9 +473,11 @@ def lfw_summary(result) -> dict[str, float]:
 
 
 def load_keras_model(path: str | Path) -> keras.Model:
-    """A ``.keras`` file; a run folder's ``model.keras``; or, for a run still training,
-    its config's architecture with the latest checkpoint's weights."""
+    """A ``.keras`` file; a compact weights ``.npz``; a run folder's ``model.keras``; or, for
+    a run still training, its config's architecture with the latest checkpoint's weights."""
     path = Path(path)
+    if path.suffix == ".npz":
+        return load_compact(path)
     if path.is_dir() and not (path / KERAS_MODEL).is_file():
         config_path, checkpoints = path / CONFIG_JSON, path / CHECKPOINTS
         latest = tf.train.latest_checkpoint(str(checkpoints))
@@ -492,10 +503,12 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="processes for crops made now")
     parser.add_argument("--out", type=Path, help="write the scores as JSON")
     parser.add_argument("--roc", type=Path, help="draw the ROC curve (PNG)")
+    parser.add_argument("--failures", type=Path,
+                        help="contact sheet (PNG) of the worst false rejects and false accepts at the best threshold")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .metrics import plot_roc
+    from .metrics import evaluate_distances, failure_sheet, plot_roc
     from .preprocess import CropOptions, build_lfw_cache
 
     if args.tflite:
@@ -512,7 +525,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if cache is None:
             cache = Path(scratch)
             build_lfw_cache(args.lfw, cache, CropOptions(crop_size=height, detector=args.detector), workers=args.workers)
-        result = LfwPairs.load(args.lfw, cache, height).evaluate(embed)
+        pairs = LfwPairs.load(args.lfw, cache, height)
+        distances = pairs.distances(embed)
+        result = evaluate_distances(distances, pairs.issame)
         fallback = sum(c.get("fallback", 0) for c in data.CacheManifest.load(cache).sources.values())
     print(f"{name}: {result.summary()}")
     if fallback:
@@ -523,4 +538,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         args.out.write_text(json.dumps(scores, indent=1) + "\n")
     if args.roc:
         plot_roc({name: result}, args.roc)
+    if args.failures:
+        path, errors = failure_sheet(pairs.crops, pairs.first, pairs.second, distances, pairs.issame,
+                                     result.best_threshold, args.failures)
+        print(f"{errors['false_rejects']} false rejects and {errors['false_accepts']} false accepts at "
+              f"{result.best_threshold:.3f}; the worst are in {path}")
     return 0
