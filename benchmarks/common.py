@@ -52,7 +52,7 @@ from facenet_train.convert import TARGETS
 from facenet_train.lfw import Pair, read_pairs
 from facenet_train.metrics import LfwResult, evaluate_distances
 from facenet_train.data import aligner_version
-from facenet_train.preprocess import LFW_CENTRE_FALLBACK, CropOptions, crop_face
+from facenet_train.preprocess import LFW_CENTRE_FALLBACK, PICK_RULE, CropOptions, crop_face
 
 __all__ = [
     "DEFAULT_OUT",
@@ -188,7 +188,7 @@ def load_lfw(root: Path, pairs: int | None = None) -> LfwPairs:
 class LfwFaces:
     """Our detector's face in each LFW image, found once per run, with the protocol of
     ``facenet-train preprocess-lfw`` (``facenet_train.preprocess.crop_face``): the most
-    central large face, retries on black-padded copies, a centred box when nothing is
+    subject covering the image centre (else the largest, most central face), retries on black-padded copies, a centred box when nothing is
     found, so every pair is scored. ``outcome``: 0 found, > 0 found after padding by
     that many pixels, -1 centre box."""
 
@@ -202,7 +202,8 @@ class LfwFaces:
     @property
     def protocol(self) -> str:
         """Recorded in the embedding cache: a change of aligner or protocol invalidates it."""
-        return f"{aligner_version()}; {self.name}; pad retries {self._options.pad_retries}; centre {LFW_CENTRE_FALLBACK:.4f}"
+        return (f"{aligner_version()}; {self.name}; {PICK_RULE}; pad retries {self._options.pad_retries}; "
+                f"centre {LFW_CENTRE_FALLBACK:.4f}")
 
     def find(self, path: Path, image: np.ndarray) -> tuple[Detection, int]:
         if path not in self._found:
