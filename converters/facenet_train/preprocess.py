@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from facenet_edge.align import align
-from facenet_edge.detect import Detection, create_detector
+from facenet_edge.detect import Detection, create_detector, main_face
 from facenet_edge.errors import ImageError
 from facenet_edge.io import read_image
 
@@ -72,33 +72,6 @@ class FaceResult:
 PICK_RULE = "subject covering the centre, else large and central"
 
 
-def pick_face(detections: Sequence[Detection], shape: tuple[int, ...]) -> Detection:
-    """The photo's subject: the largest face whose box covers the image centre; when none
-    does, the largest, most central face (box area, down-weighted up to half for a face
-    whose centre is at a corner).
-
-    LFW and the wild training sets are cropped around their subject, so a bigger face
-    beside it is a bystander: ranking by area alone picked a bystander in about 20 of
-    LFW's 7,701 pair images."""
-    height, width = shape[:2]
-    centre = np.array([width / 2, height / 2])
-    half_diagonal = float(np.hypot(width, height)) / 2
-
-    def area(d: Detection) -> float:
-        x1, y1, x2, y2 = d.box
-        return float((x2 - x1) * (y2 - y1))
-
-    covering = [d for d in detections if d.box[0] <= centre[0] <= d.box[2] and d.box[1] <= centre[1] <= d.box[3]]
-    if covering:
-        return max(covering, key=area)
-
-    def merit(d: Detection) -> float:
-        distance = float(np.hypot(*((d.box[:2] + d.box[2:]) / 2 - centre)))
-        return area(d) * (1 - 0.5 * min(distance / half_diagonal, 1.0))
-
-    return max(detections, key=merit)
-
-
 def pad_image(image: np.ndarray, pad: int) -> np.ndarray:
     return cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
 
@@ -115,7 +88,7 @@ def crop_face(detector, image: np.ndarray, options: CropOptions, index: int = 0)
         padded = pad_image(image, pad) if pad else image
         detections = detector.detect(padded)
         if detections:
-            face = shift_detection(pick_face(detections, padded.shape), -pad)
+            face = shift_detection(main_face(detections, padded.shape), -pad)
             # Align from the unpadded image: what falls outside it is filled the way the
             # runtime fills it (edge pixels replicated), not with the detector's black.
             crop = align(image, face, size, border=options.border, template=options.template)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from . import bench
 from .card import CardError, ModelCard
-from .detect import DEFAULT_DETECTOR, DETECTORS
+from .detect import DEFAULT_DETECTOR, DETECTORS, main_face
 from .embed import Embedder, default_model_path
 from .errors import (
     FacenetEdgeError,
@@ -285,17 +285,18 @@ def _print_identified(path: str, number: int, face: Face, found: list[Match]) ->
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Are the (largest) faces of two images the same person?"""
+    """Are the subjects of two photos (``main_face``) the same person?"""
     with _pipeline(args) as pipeline:
         threshold = _threshold(args, pipeline.embedder.card, pipeline.embedder.model_path)
         embeddings = []
         for path in (args.image1, args.image2):
-            faces = pipeline.process(read_image(path))
-            face = _largest_face(faces)
-            if face is None:
+            image = read_image(path)
+            faces = pipeline.process(image)
+            if not faces:
                 raise NoFaceError(f"no face found in {path}")
+            face = main_face(faces, image.shape)
             if len(faces) > 1:
-                _say(f"{len(faces)} faces in {path}; comparing the largest")
+                _say(f"{len(faces)} faces in {path}; comparing the one covering the centre (else the largest)")
             embeddings.append(np.asarray(face.embedding, dtype=np.float64))
     distance = float(np.sum((embeddings[0] - embeddings[1]) ** 2))
     similarity = 1.0 - distance / 2.0
