@@ -183,6 +183,23 @@ def test_training_cache_leaves_out_excluded_people_and_unused_faces(synthetic_ca
     assert len(train.load_training_cache(make_config(synthetic_cache, data={"sources": ["other"]}))) == 0
 
 
+def test_partial_teacher_trains_before_every_shard_is_described(synthetic_cache, tmp_path):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for path in synthetic_cache.iterdir():
+        if path.name != data.teacher_name(data.shard_name(1)):
+            (partial / path.name).symlink_to(path)
+    config = make_config(partial, data={"teacher": True}, batch={"unlabeled": 2}, loss={"distillation": 1.0})
+    with pytest.raises(FileNotFoundError, match="teacher descriptors missing"):
+        train.load_training_cache(config)
+    config = make_config(partial, data={"teacher": True, "partial_teacher": True}, batch={"unlabeled": 2},
+                         loss={"distillation": 1.0})
+    cache = train.load_training_cache(config)
+    # Shard 1 (faces 40-79, all labeled) has no descriptors: NaN rows, faces kept.
+    assert len(cache) == IDENTITIES * FACES + UNLABELED and cache.teacher.shape == (86, DIM)
+    assert np.isnan(cache.teacher[40:80]).all() and np.isfinite(cache.teacher[80:]).all()
+
+
 def test_a_cache_from_another_aligner_is_flagged(synthetic_cache, tmp_path):
     old = tmp_path / "old"
     old.mkdir()

@@ -41,12 +41,15 @@ class DataConfig:
     """``cache``: a ``facenet-train preprocess`` folder. ``sources``: the cached sources
     to train on (empty: all). ``exclude``: identity lists (lfw-overlap format) left out,
     so a model scored on LFW never saw an LFW person. ``teacher``: load the cached dlib
-    descriptors (needed when the distillation weight is not 0)."""
+    descriptors (needed when the distillation weight is not 0). ``partial_teacher``: train
+    while ``facenet-train teacher`` has not finished: faces of shards without descriptors
+    get no distillation target (labeled ones still see the triplet loss)."""
 
     cache: str = "cache/aligned"
     sources: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     teacher: bool = False
+    partial_teacher: bool = False
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,7 @@ class Config:
             (s.kind in ("constant", "cosine", "step"), f"schedule.kind {s.kind!r}: constant, cosine or step"),
             (loss.mining in ("semihard", "batch_hard"), f"loss.mining {loss.mining!r}: semihard or batch_hard"),
             (loss.distillation == 0 or d.teacher, "loss.distillation > 0 needs data.teacher = true"),
+            (d.teacher or not d.partial_teacher, "data.partial_teacher needs data.teacher = true"),
             (not d.teacher or loss.distillation > 0,
              "data.teacher = true loads targets only the distillation loss uses: set loss.distillation"),
             (self.batch.unlabeled == 0 or loss.distillation > 0,

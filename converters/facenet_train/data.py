@@ -245,6 +245,9 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.npz"
 
 
+TEACHER_SIZE = 128  # dlib's face descriptor
+
+
 def teacher_name(shard: str) -> str:
     return shard.replace("shard-", "teacher-").replace(".npz", ".npy")
 
@@ -263,10 +266,13 @@ def read_shard(path: str | Path, names: Sequence[str] | None = None) -> dict[str
         return {name: data[name] for name in (names or data.files)}
 
 
-def load_cache(cache_dir: str | Path, with_teacher: bool = False, filters: Sequence[ShardFilter] = ()) -> FaceCache:
+def load_cache(cache_dir: str | Path, with_teacher: bool = False, filters: Sequence[ShardFilter] = (),
+               partial_teacher: bool = False) -> FaceCache:
     """Load a complete cache into memory (optionally with the teacher descriptors),
     keeping the faces every filter keeps; filtering shard by shard keeps the peak memory
-    at the size of what is kept."""
+    at the size of what is kept. ``partial_teacher``: a shard whose teacher file is not
+    written yet gets NaN descriptors (no distillation target) and loses its unlabeled
+    faces, which nothing but the distillation loss uses."""
     cache_dir = Path(cache_dir)
     manifest = CacheManifest.load(cache_dir)
     if not manifest.complete:
@@ -279,13 +285,17 @@ def load_cache(cache_dir: str | Path, with_teacher: bool = False, filters: Seque
         keep = np.ones(len(arrays["labels"]), dtype=bool)
         for f in filters:
             keep &= f(arrays)
+        teacher_path = cache_dir / teacher_name(shard)
+        missing = with_teacher and not teacher_path.is_file()
+        if missing and not partial_teacher:
+            raise FileNotFoundError(f"teacher descriptors missing: {teacher_path}; "
+                                    f"run `facenet-train teacher --cache {cache_dir}`")
+        if missing:
+            keep &= arrays["labels"] >= 0
         for name in SHARD_ARRAYS:
             parts[name].append(arrays[name][keep])
-        if with_teacher:
-            path = cache_dir / teacher_name(shard)
-            if not path.is_file():
-                raise FileNotFoundError(f"teacher descriptors missing: {path}; run `facenet-train teacher --cache {cache_dir}`")
-            teacher_parts.append(np.load(path)[keep])
+        if with_teacher:  # a missing shard's rows: a count, filled once the width is known
+            teacher_parts.append(int(np.count_nonzero(keep)) if missing else np.load(teacher_path)[keep])
     size = manifest.full_size
     empty = {
         "crops": np.zeros((0, size, size, 3), np.uint8),
@@ -296,7 +306,11 @@ def load_cache(cache_dir: str | Path, with_teacher: bool = False, filters: Seque
         name: np.concatenate(parts[name]) if parts[name] else empty.get(name, np.zeros(0))
         for name in SHARD_ARRAYS
     }
-    teacher = np.concatenate(teacher_parts).astype(np.float32) if teacher_parts else None
+    teacher = None
+    if with_teacher:
+        width = next((t.shape[1] for t in teacher_parts if isinstance(t, np.ndarray)), TEACHER_SIZE)
+        teacher = np.concatenate([np.full((t, width), np.nan) if isinstance(t, int) else t for t in teacher_parts]
+                                 or [np.zeros((0, width))]).astype(np.float32)
     return FaceCache(manifest, teacher=teacher, **arrays)
 
 

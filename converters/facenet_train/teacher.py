@@ -28,8 +28,6 @@ from facenet_edge.io import read_image
 
 from . import data
 
-DESCRIPTOR_SIZE = 128
-
 
 class DlibTeacher:
     """dlib's five-point shape predictor + ResNet face recognition model."""
@@ -66,7 +64,7 @@ def _describe(item: tuple[str, np.ndarray]) -> np.ndarray:
     try:
         image = read_image(path)
     except ImageError:  # the file changed since preprocessing: no target for this face
-        return np.full(DESCRIPTOR_SIZE, np.nan, np.float32)
+        return np.full(data.TEACHER_SIZE, np.nan, np.float32)
     return _worker["teacher"].describe(image, box)
 
 
@@ -106,7 +104,7 @@ def compute_teacher(cache_dir: str | Path, workers: int = 1) -> tuple[int, float
 
 
 def _save(path: Path, rows: list[np.ndarray]) -> None:
-    array = np.stack(rows) if rows else np.zeros((0, DESCRIPTOR_SIZE), np.float32)
+    array = np.stack(rows) if rows else np.zeros((0, data.TEACHER_SIZE), np.float32)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         np.save(f, array.astype(np.float32))

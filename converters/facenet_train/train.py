@@ -112,7 +112,11 @@ def load_training_cache(config: Config) -> data.FaceCache:
         filters.append(data.without_people(excluded))
     if not config.batch.unlabeled:  # unlabeled faces would only take memory (UTKFace: 0.9 GB)
         filters.append(lambda shard: shard["labels"] >= 0)
-    cache = data.load_cache(config.data.cache, with_teacher=config.data.teacher, filters=filters)
+    cache = data.load_cache(config.data.cache, with_teacher=config.data.teacher, filters=filters,
+                            partial_teacher=config.data.partial_teacher)
+    if cache.teacher is not None and np.isnan(cache.teacher).any():
+        without = int(np.isnan(cache.teacher).any(axis=1).sum())
+        print(f"{without} of {len(cache.teacher)} faces have no teacher descriptor: triplet loss only for them")
     data.check_aligner(cache.manifest, config.data.cache)
     return cache
 
