@@ -24,6 +24,7 @@ from facenet_edge.embed import Embedder  # noqa: E402
 from facenet_train import cli, convert, edgetpu, verify  # noqa: E402
 from facenet_train.faces import load_faces, spread_across_identities  # noqa: E402
 from facenet_train.models import L2Normalize  # noqa: E402
+from facenet_train.runtime_lfw import load_lfw  # noqa: E402
 from facenet_train.tflite_graph import embed_metadata, read_graph, read_metadata  # noqa: E402
 from facenet_train.train import load_keras_model  # noqa: E402
 
@@ -373,8 +374,17 @@ def test_lfw_thresholds_go_into_the_card(work, astronaut):
     card = ModelCard.load(card_path_for(out))
     report = json.loads(verify.report_path_for(out).read_text())
     assert card.lfw["pairs"] == report["lfw"]["pairs"] == 20
-    assert card.thresholds.far_1e3 == report["lfw"]["thresholds"]["far_1e3"] is not None
-    assert card.thresholds.best_accuracy == report["lfw"]["tflite"]["best_threshold"]
     assert card.lfw["accuracy_mean"] == report["lfw"]["tflite"]["accuracy_mean"]
+    # The runtime path (full images, default detector) sets the thresholds the runtime uses,
+    # and `facenet-train evaluate --runtime-path` reproduces it.
+    runtime = card.lfw["runtime_path"]
+    assert runtime["detector"] == "blazeface" and runtime["pairs"] == 20
+    images = len(load_lfw(lfw).images)
+    assert runtime["found"] + runtime["found_after_padding"] + runtime["centre_box"] == images
+    assert card.thresholds.far_1e3 == runtime["threshold_at_far"] is not None
+    assert card.thresholds.best_accuracy == runtime["best_threshold"]
+    again = work / "runtime.json"
+    assert cli.main(["evaluate", "--tflite", str(out), "--lfw", str(lfw), "--runtime-path", "--out", str(again)]) == 0
+    assert json.loads(again.read_text())["accuracy_mean"] == runtime["accuracy_mean"]
     assert "thresholds_note" not in card.extra
     assert report["cosine"] is None and report["notes"]  # no --calibration: said, not measured

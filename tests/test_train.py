@@ -444,6 +444,18 @@ def test_evaluate_keras_and_tflite_the_same_way(trained_run, fake_lfw, tmp_path,
     assert tflite_scores["best_threshold"] == pytest.approx(scores["best_threshold"], abs=0.01)
     assert "accuracy" in capsys.readouterr().out
 
+    # The runtime path: full images through detector, aligner and interpreter, no crop cache.
+    runtime_json = tmp_path / "runtime.json"
+    assert cli.main(["evaluate", "--tflite", str(tflite), "--lfw", str(fake_lfw), "--runtime-path",
+                     "--out", str(runtime_json)]) == 0
+    runtime = json.loads(runtime_json.read_text())
+    assert runtime["detector"] == "blazeface" and runtime["pairs"] == 20 and runtime["found"] == 20
+    assert 0 <= runtime["accuracy_mean"] <= 1 and len(runtime["fold_accuracies"]) == 10
+    assert "runtime path" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="neither --aligned-cache"):
+        cli.main(["evaluate", "--tflite", str(tflite), "--lfw", str(fake_lfw), "--runtime-path",
+                  "--aligned-cache", str(cache)])
+
 
 def test_evaluate_refuses_a_cache_of_another_crop_size(trained_run, fake_lfw, tmp_path):
     cache = tmp_path / "lfw_112"

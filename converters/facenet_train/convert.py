@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 from facenet_edge.card import ModelCard, Thresholds, card_path_for
+from facenet_edge.detect import DEFAULT_DETECTOR
 
 from .faces import FaceSet, load_faces
 from .tflite_graph import embed_metadata, read_graph, read_metadata
@@ -394,7 +395,15 @@ def _run(args: argparse.Namespace) -> int:
             raise ConversionError(f"verification of {out}: {exc}") from None
     print(verify.format_report(result))
     if result.lfw is not None:
-        card = replace(card, thresholds=Thresholds(**result.lfw.thresholds), lfw=result.lfw.card_entry())
+        # What users get: full LFW images through the runtime's default detector and
+        # aligner; its thresholds are the ones the runtime applies.
+        from .runtime_lfw import evaluate_runtime_path
+
+        runtime = evaluate_runtime_path(out, args.lfw, DEFAULT_DETECTOR)
+        print(f"  LFW through the runtime path ({DEFAULT_DETECTOR}): {runtime.result.summary()}")
+        card = replace(card, thresholds=Thresholds(far_1e3=runtime.result.threshold_at_far,
+                                                   best_accuracy=runtime.result.best_threshold),
+                       lfw={**result.lfw.card_entry(), "runtime_path": runtime.card_entry()})
     else:
         card = replace(card, extra={**card.extra, "thresholds_note": verify.NO_LFW_NOTE})
         print(f"thresholds: {verify.NO_LFW_NOTE}")

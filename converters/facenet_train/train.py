@@ -502,8 +502,11 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--tflite", type=Path, help="a .tflite model with its card (.json) beside it")
     parser.add_argument("--lfw", required=True, type=Path, help="LFW folder (one folder per person, pairs.txt)")
     parser.add_argument("--aligned-cache", type=Path, help="`facenet-train preprocess-lfw` output (default: crop now)")
+    parser.add_argument("--runtime-path", action="store_true",
+                        help="with --tflite: the full LFW images through the runtime (detector, aligner, "
+                             "interpreter), as the model card's `lfw.runtime_path` numbers are measured")
     parser.add_argument("--detector", default="blazeface", choices=["blazeface", "haar"],
-                        help="detector for crops made now (without --aligned-cache)")
+                        help="detector for crops made now (without --aligned-cache) or for --runtime-path")
     parser.add_argument("--workers", type=int, default=2, help="processes for crops made now")
     parser.add_argument("--out", type=Path, help="write the scores as JSON")
     parser.add_argument("--roc", type=Path, help="draw the ROC curve (PNG)")
@@ -515,6 +518,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .metrics import evaluate_distances, failure_sheet, plot_roc
     from .preprocess import CropOptions, build_lfw_cache
 
+    if args.runtime_path:
+        return _run_evaluate_runtime_path(args)
     if args.tflite:
         embed, (height, width) = tflite_embedder(args.tflite)
         name = args.tflite.stem
@@ -547,4 +552,22 @@ def run_evaluate(args: argparse.Namespace) -> int:
                                      result.best_threshold, args.failures)
         print(f"{errors['false_rejects']} false rejects and {errors['false_accepts']} false accepts at "
               f"{result.best_threshold:.3f}; the worst are in {path}")
+    return 0
+
+
+def _run_evaluate_runtime_path(args: argparse.Namespace) -> int:
+    from .metrics import plot_roc
+    from .runtime_lfw import evaluate_runtime_path
+
+    if not args.tflite or args.aligned_cache or args.failures:
+        raise ValueError("--runtime-path scores a --tflite model on the full LFW images: "
+                         "it takes neither --aligned-cache nor --failures")
+    run = evaluate_runtime_path(args.tflite, args.lfw, args.detector)
+    print(f"{args.tflite.stem} (runtime path, {args.detector}): {run.result.summary()}")
+    print(f"faces: {run.found} found, {run.padded} after padding, {run.centre_box} centre boxes")
+    if args.out:
+        args.out.write_text(json.dumps({"model": str(args.tflite), **run.card_entry(),
+                                        "fold_accuracies": [float(a) for a in run.result.fold_accuracies]}, indent=1) + "\n")
+    if args.roc:
+        plot_roc({args.tflite.stem: run.result}, args.roc)
     return 0
