@@ -12,7 +12,9 @@ for each of our models a cross-model row ("dlib gallery × MODEL probes", target
 ``cross``): each pair's first image described by dlib (scaled to unit length), its second
 by our model. It asks whether a face_recognition gallery can be imported without
 re-enrolling anyone; only a model distilled into dlib's descriptor space can score well
-there, any other is near chance.
+there, any other is near chance. A model distilled from centred descriptors
+(``loss.center_teacher``) carries the centre in its card (``extra.teacher_mean``), and
+dlib's descriptors are compared as ``unit(d - teacher_mean)``.
 
     python benchmarks/peers.py [--model M_float32.tflite --model M_int8.tflite] [--threads 1] [--pairs N]
 """
@@ -234,8 +236,10 @@ def lfw_accuracy(models: Sequence[ModelUnderTest], peer: DlibPeer | None, args: 
                 dims = f"{descriptors.shape[1]}-d, dlib {dlib_descriptors.shape[1]}-d"
                 print(f"{model.label}: {dims}: no cross-model row", file=sys.stderr, flush=True)
                 continue
-            # A face_recognition gallery (dlib's descriptors) matched by our model's probes.
-            result = lfw_cross_result(lfw, dlib_descriptors, descriptors)
+            # A face_recognition gallery (dlib's descriptors) matched by our model's probes;
+            # a model distilled from centred descriptors names the centre in its card.
+            centre = np.asarray(model.card.extra.get("teacher_mean", np.zeros(dlib_descriptors.shape[1])), np.float32)
+            result = lfw_cross_result(lfw, dlib_descriptors - centre, descriptors)
             cross.append(
                 {
                     "peer": f"dlib gallery × {model.label} probes",

@@ -306,6 +306,13 @@ def test_distillation_and_harmonic(synthetic_cache, trained_run, tmp_path):
         assert np.isfinite(result.metrics[name]), name
     # Initialised from the old model, which is also the harmonic reference: old and new agree.
     assert result.metrics["harmonic"] < 0.2
+    # Distilled towards centred teacher descriptors: the centre travels with the weights.
+    mean = weights.teacher_mean_of(tmp_path / "run")
+    cache = train.load_training_cache(config)
+    assert mean.shape == (DIM,) and np.allclose(mean, np.nanmean(cache.teacher[np.isfinite(cache.teacher).all(1)], 0))
+    exported = weights.save_compact(train.load_keras_model(tmp_path / "run"), tmp_path / "w.npz", mean)
+    assert np.array_equal(weights.teacher_mean_of(exported), mean)
+    assert weights.teacher_mean_of(trained_run) is None
     assert logged(tmp_path / "run", "learning_rate")[0] == pytest.approx(0.01)
 
 

@@ -91,13 +91,19 @@ class ScheduleConfig:
 @dataclass(frozen=True)
 class LossConfig:
     """Weights of the loss terms. ``mining``: semihard (FaceNet) or batch_hard.
-    ``distillation``: towards the cached dlib descriptors. ``harmonic``: mixed old/new
-    triplets (needs ``[harmonic] old_model``)."""
+    ``distillation``: towards the cached dlib descriptors. ``center_teacher``: distil
+    towards the descriptors minus their mean over the training faces (saved as
+    ``teacher_mean.npy`` in the run): dlib's descriptors all lie in a narrow cone (scaled
+    to unit length, two different people are 0.33 apart in squared L2 and two photos of
+    one person 0.10; centred, 2.0 and 0.59), and a student pulled into that cone has no
+    room for the triplet margin (measured: LFW fell from 80.8 % to 75.2 % in 80 steps).
+    ``harmonic``: mixed old/new triplets (needs ``[harmonic] old_model``)."""
 
     triplet: float = 1.0
     mining: str = "semihard"
     margin: float = 0.2
     distillation: float = 0.0
+    center_teacher: bool = True
     harmonic: float = 0.0
 
 

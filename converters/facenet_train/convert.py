@@ -43,6 +43,7 @@ from facenet_edge.detect import DEFAULT_DETECTOR
 
 from .faces import FaceSet, load_faces
 from .tflite_graph import embed_metadata, read_graph, read_metadata
+from .weights import teacher_mean_of
 
 TARGETS = ("float32", "float16", "int8")
 DYNAMIC_RANGE_NAMES = ("dynamic", "dynamic-range", "dynamic_range", "drq", "hybrid")
@@ -336,6 +337,9 @@ def _base_card(args: argparse.Namespace, keras_model) -> ModelCard:
     datasets = args.training_data.split(",") if args.training_data else training_data(run_config(args.checkpoint))
     if not datasets:
         notes["training_data_note"] = "unknown: no run config.json beside the checkpoint and no --training-data"
+    mean = teacher_mean_of(args.checkpoint)
+    if mean is not None:  # a teacher's descriptor d compares with this model's embeddings as unit(d - mean)
+        notes["teacher_mean"] = [round(float(v), 6) for v in mean]
     return ModelCard(
         name=args.name or (args.checkpoint.name if args.checkpoint.is_dir() else args.checkpoint.stem),
         version=args.version,

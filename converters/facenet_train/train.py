@@ -45,6 +45,7 @@ CHECKPOINTS = "checkpoints"
 LOGS = "logs"
 CONFIG_JSON = "config.json"
 WEIGHTS = "model.weights.h5"
+TEACHER_MEAN = "teacher_mean.npy"  # subtracted from the teacher's descriptors (loss.center_teacher)
 KERAS_MODEL = "model.keras"
 EVAL_BATCH = 128
 
@@ -371,12 +372,25 @@ def prepare_run_dir(config: Config, config_file: Path | None, run_dir: Path, res
         shutil.copyfile(config_file, run_dir / f"config{config_file.suffix}")
 
 
+def teacher_mean(teacher: np.ndarray, run_dir: Path, resume: bool) -> np.ndarray:
+    """The mean teacher descriptor over the faces that have one, fixed for the whole run
+    (a resumed run reads it back: the faces described may have grown since)."""
+    path = run_dir / TEACHER_MEAN
+    if resume and path.is_file():
+        return np.load(path)
+    mean = np.nanmean(teacher[np.isfinite(teacher).all(axis=1)], axis=0).astype(np.float32)
+    np.save(path, mean)
+    return mean
+
+
 def train(config: Config, run_dir: str | Path, resume: bool = False, config_file: str | Path | None = None,
           strategy: tf.distribute.Strategy | None = None) -> TrainResult:
     """Train (or continue) the run in ``run_dir``."""
     run_dir = Path(run_dir)
     prepare_run_dir(config, Path(config_file) if config_file else None, run_dir, resume)
     cache = load_training_cache(config)
+    if config.loss.distillation and config.loss.center_teacher:
+        cache.teacher = cache.teacher - teacher_mean(cache.teacher, run_dir, resume)
     trainer = Trainer(config, run_dir, cache, strategy)
     if config.model.init_weights and not trainer.manager.latest_checkpoint:
         if config.model.init_weights.endswith(".npz"):

@@ -15,23 +15,28 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import keras
 import numpy as np
 
-from .models import build_model
+if TYPE_CHECKING:  # TensorFlow is imported only where a model is built
+    import keras
 
 FORMAT = "facenet-train compact weights v1"
 
 
-def save_compact(model: keras.Model, path: str | Path) -> Path:
-    """Write ``model``'s variables (trainable and not) to ``path`` (.npz)."""
+def save_compact(model: keras.Model, path: str | Path, teacher_mean: np.ndarray | None = None) -> Path:
+    """Write ``model``'s variables (trainable and not) to ``path`` (.npz), with the mean
+    teacher descriptor of a distilled run (needed to compare the teacher's descriptors
+    with this model's embeddings)."""
     path = Path(path)
     arrays = {}
     for variable in model.variables:
         value = np.asarray(variable.numpy())
         arrays[variable.path] = value.astype(np.float16 if value.ndim >= 2 else np.float32)
     meta = {"format": FORMAT, "architecture": model.name, "embedding_size": int(model.output_shape[-1])}
+    if teacher_mean is not None:
+        meta["teacher_mean"] = np.asarray(teacher_mean, np.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
@@ -42,7 +47,8 @@ def save_compact(model: keras.Model, path: str | Path) -> Path:
 
 def _read(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     with np.load(path) as data:
-        meta = {k.removeprefix("meta/"): data[k].item() for k in data.files if k.startswith("meta/")}
+        meta = {k.removeprefix("meta/"): data[k] if data[k].ndim else data[k].item()
+                for k in data.files if k.startswith("meta/")}
         arrays = {k: data[k] for k in data.files if not k.startswith("meta/")}
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a compact weights file (written by `facenet-train export-weights`)")
@@ -66,10 +72,24 @@ def load_into(model: keras.Model, path: str | Path) -> None:
 
 def load_compact(path: str | Path) -> keras.Model:
     """The model stored in ``path``, rebuilt from its architecture name."""
+    from .models import build_model
+
     meta, _ = _read(Path(path))
     model = build_model(str(meta["architecture"]), embedding_size=int(meta["embedding_size"]))
     load_into(model, path)
     return model
+
+
+def teacher_mean_of(checkpoint: str | Path) -> np.ndarray | None:
+    """The mean teacher descriptor a distilled model was trained against (a run folder's
+    ``teacher_mean.npy`` or a compact file's), None for other models."""
+    from .train import TEACHER_MEAN
+
+    checkpoint = Path(checkpoint)
+    if checkpoint.suffix == ".npz":
+        return _read(checkpoint)[0].get("teacher_mean")
+    path = checkpoint / TEACHER_MEAN
+    return np.load(path) if checkpoint.is_dir() and path.is_file() else None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +100,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .train import load_keras_model
 
-    path = save_compact(load_keras_model(args.checkpoint), args.out)
+    path = save_compact(load_keras_model(args.checkpoint), args.out, teacher_mean_of(args.checkpoint))
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)")
     return 0
