@@ -336,6 +336,7 @@ def test_run_folder_config_names_the_training_data(tmp_path, work):
     for checkpoint in (run, run / "model.keras"):
         config = convert.run_config(checkpoint)
         assert convert.training_data(config) == ["Pins Face Recognition [pins]", "UTKFace [utkface]"]
+    assert convert.dataset_label("pins") == "Pins Face Recognition [pins]" and convert.dataset_label("X") == "X"
     assert convert.default_output(run, "m", "int8") == run / "m_int8.tflite"
     assert convert.run_config(work / "tiny.keras") is None
 

@@ -208,7 +208,12 @@ def training_data(run_config: dict[str, Any] | None) -> list[str]:
     manifest = Path(data.get("cache", "")) / "manifest.json"
     if not sources and manifest.is_file():
         sources = sorted(json.loads(manifest.read_text()).get("sources", {}))
-    return [f"{DATASET_NAMES[s]} [{s}]" if s in DATASET_NAMES else s for s in sources]
+    return [dataset_label(s) for s in sources]
+
+
+def dataset_label(key: str) -> str:
+    """``celeba_aligned`` -> ``CelebA (aligned) [celeba_aligned]``; other names as given."""
+    return f"{DATASET_NAMES[key]} [{key}]" if key in DATASET_NAMES else key
 
 
 def save_model(path: Path, model: bytes, card: ModelCard, embed_card: bool = True) -> tuple[bytes, ModelCard]:
@@ -284,8 +289,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="model name for the card (default: the run folder's or checkpoint's name)")
     parser.add_argument("--version", default="1", help="model version for the card (default 1)")
     parser.add_argument("--compatibility-group", help="shared by models trained to give comparable embeddings (harmonic)")
-    parser.add_argument("--training-data", help="datasets the model was trained on, comma-separated "
-                                                "(default: from the run folder's config.json)")
+    parser.add_argument("--training-data", help="datasets the model was trained on, comma-separated keys of "
+                                                "`datasets.py` or names (default: from the run folder's config.json)")
     parser.add_argument("--mean", type=float, default=ModelCard.mean, help="input normalisation: (pixel - mean) / std")
     parser.add_argument("--std", type=float, default=ModelCard.std)
     parser.add_argument("--no-embed-card", dest="embed_card", action="store_false",
@@ -334,7 +339,8 @@ def _base_card(args: argparse.Namespace, keras_model) -> ModelCard:
     """The card before conversion: identity, preprocessing, cost, training data, terms."""
     height, width = (int(d) for d in keras_model.input_shape[1:3])
     flops, notes = cost_of(keras_model)
-    datasets = args.training_data.split(",") if args.training_data else training_data(run_config(args.checkpoint))
+    datasets = ([dataset_label(d.strip()) for d in args.training_data.split(",")] if args.training_data
+                else training_data(run_config(args.checkpoint)))
     if not datasets:
         notes["training_data_note"] = "unknown: no run config.json beside the checkpoint and no --training-data"
     mean = teacher_mean_of(args.checkpoint)
