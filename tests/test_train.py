@@ -19,7 +19,7 @@ import pytest
 
 tf = pytest.importorskip("tensorflow", reason="the training stack needs TensorFlow (pip install -e .[dev])")
 
-from facenet_train import cli, data, models, preprocess, train, weights  # noqa: E402
+from facenet_train import cli, data, models, preprocess, teacher_head, train, weights  # noqa: E402
 from facenet_train.config import ConfigError, config_from_dict, load_config  # noqa: E402
 
 REAL_LFW = Path(__file__).parents[2] / "shared/data/lfw"
@@ -341,6 +341,46 @@ def test_compact_weights_refuse_another_model_or_file(trained_run, tmp_path):
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
     with pytest.raises(ValueError, match="not a compact weights file"):
         weights.load_compact(tmp_path / "other.npz")
+
+
+def test_teacher_head_recovers_a_linear_map():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(500, 12))
+    kernel, bias = rng.normal(size=(12, 6)), rng.normal(size=6)
+    targets = features @ kernel + bias
+    fitted_kernel, fitted_bias = teacher_head.fit_head(features, targets, ridge=1e-9)
+    fitted = features @ fitted_kernel + fitted_bias
+    # Unit targets are not linear in the features: the fit points the same way, at another length.
+    cosine = np.sum(fitted * targets, axis=1) / np.linalg.norm(fitted, axis=1) / np.linalg.norm(targets, axis=1)
+    assert cosine.mean() > 0.95
+
+
+def test_teacher_head_moves_the_student_into_the_teacher_space(synthetic_cache, trained_run, tmp_path, capsys):
+    out = tmp_path / "head.weights.h5"
+    argv = ["teacher-head", str(trained_run), "--cache", str(synthetic_cache), "--faces", "60", "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert "mean cosine to the centred teacher" in capsys.readouterr().out
+    cache = data.load_cache(synthetic_cache, with_teacher=True)
+    keep = np.isfinite(cache.teacher).all(axis=1)
+    teacher = cache.teacher[keep] - cache.teacher[keep].mean(axis=0)
+    teacher /= np.linalg.norm(teacher, axis=1, keepdims=True)
+    crops = normalise_crops(cache.crops[keep])
+
+    def cosine(model):
+        return float(np.mean(np.sum(model(crops).numpy() * teacher, axis=1)))
+
+    student = train.load_keras_model(trained_run)
+    before = cosine(student)
+    student.load_weights(out)
+    assert cosine(student) > before + 0.2
+    with pytest.raises(ValueError, match="faces with teacher descriptors"):
+        cli.main(["teacher-head", str(trained_run), "--cache", str(synthetic_cache), "--faces", "500", "--out", str(out)])
+
+
+def normalise_crops(crops: np.ndarray) -> np.ndarray:
+    from facenet_train.augment import centre_crop
+
+    return train.normalise(centre_crop(crops, 96))
 
 
 def test_xla_compiles_every_loss_term(synthetic_cache, trained_run, tmp_path):

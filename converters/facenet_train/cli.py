@@ -27,6 +27,8 @@ COMMANDS: dict[str, Command] = {
     "preprocess-lfw": Command("facenet_train.preprocess", "detect, align and cache the LFW images used by the pairs",
                               "add_lfw_arguments", "run_lfw"),
     "teacher": Command("facenet_train.teacher", "cache dlib ResNet descriptors of the cached faces (distillation targets)"),
+    "teacher-head": Command("facenet_train.teacher_head",
+                            "refit a trained model's embedding layer to the teacher (a distillation start)"),
     "train": Command("facenet_train.train", "train an embedding model from a config file"),
     "evaluate": Command("facenet_train.train", "LFW 10-fold verification of a Keras run or a TFLite model",
                         "add_evaluate_arguments", "run_evaluate"),

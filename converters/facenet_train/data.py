@@ -267,12 +267,12 @@ def read_shard(path: str | Path, names: Sequence[str] | None = None) -> dict[str
 
 
 def load_cache(cache_dir: str | Path, with_teacher: bool = False, filters: Sequence[ShardFilter] = (),
-               partial_teacher: bool = False) -> FaceCache:
+               partial_teacher: bool = False, max_shards: int | None = None) -> FaceCache:
     """Load a complete cache into memory (optionally with the teacher descriptors),
     keeping the faces every filter keeps; filtering shard by shard keeps the peak memory
     at the size of what is kept. ``partial_teacher``: a shard whose teacher file is not
     written yet gets NaN descriptors (no distillation target) and loses its unlabeled
-    faces, which nothing but the distillation loss uses."""
+    faces, which nothing but the distillation loss uses. ``max_shards``: only the first ones."""
     cache_dir = Path(cache_dir)
     manifest = CacheManifest.load(cache_dir)
     if not manifest.complete:
@@ -280,7 +280,7 @@ def load_cache(cache_dir: str | Path, with_teacher: bool = False, filters: Seque
                          "with the same arguments to finish it")
     parts: dict[str, list[np.ndarray]] = defaultdict(list)
     teacher_parts = []
-    for shard in manifest.shards:
+    for shard in manifest.shards[:max_shards]:
         arrays = read_shard(cache_dir / shard)
         keep = np.ones(len(arrays["labels"]), dtype=bool)
         for f in filters:

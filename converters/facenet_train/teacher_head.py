@@ -1,0 +1,74 @@
+"""Start a distillation run inside the teacher's space: refit a trained model's embedding
+layer to the teacher by ridge regression on its own penultimate features.
+
+Switching a trained student to a new target space by gradient descent first wrecks what
+it knew (measured: 80 steps of triplet + distillation took the interim model from 80.8 %
+to 74.3 % on LFW). A linear head fitted in closed form puts the embeddings in the (centred,
+unit) teacher space at once (77.97 % on LFW, cosine to the teacher 0.52 on the fitted
+faces), and training continues from there.
+
+    facenet-train teacher-head RUN_OR_WEIGHTS --cache CROP_CACHE --out head.weights.h5
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from . import data
+
+BATCH = 200
+
+
+def fit_head(features: np.ndarray, targets: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+    """(kernel, bias) minimising ``|[features, 1] W - unit(targets)|^2 + ridge |W|^2``
+    (the bias is regularised too)."""
+    x = np.hstack([features, np.ones((len(features), 1))]).astype(np.float64)
+    y = targets / np.linalg.norm(targets, axis=1, keepdims=True)
+    w = np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1]), x.T @ y)
+    return w[:-1].astype(np.float32), w[-1].astype(np.float32)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, help="the trained student: run folder, .keras or compact .npz")
+    parser.add_argument("--cache", required=True, type=Path, help="crop cache with teacher descriptors")
+    parser.add_argument("--shards", type=int, help="use only the first N shards of the cache (default: all)")
+    parser.add_argument("--faces", type=int, default=8000, help="faces to fit on, drawn at random (default 8000)")
+    parser.add_argument("--ridge", type=float, default=10.0, help="ridge penalty (default 10)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, type=Path, help="the student with the new head (.weights.h5)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import keras
+
+    from .augment import centre_crop
+    from .train import load_keras_model, normalise
+
+    if not args.out.name.endswith(".weights.h5"):
+        raise ValueError(f"--out {args.out}: Keras writes weights to a file named *.weights.h5")
+    cache = data.load_cache(args.cache, with_teacher=True, max_shards=args.shards)
+    described = np.flatnonzero(np.isfinite(cache.teacher).all(axis=1))
+    if len(described) < args.faces:
+        raise ValueError(f"{args.cache} has {len(described)} faces with teacher descriptors; --faces asks for {args.faces}")
+    chosen = np.random.default_rng(args.seed).choice(described, args.faces, replace=False)
+    model = load_keras_model(args.checkpoint)
+    dense = model.get_layer("embedding_dense")
+    penultimate = keras.Model(model.input, dense.input)
+    size = int(model.input_shape[1])
+    features = np.concatenate([
+        penultimate(normalise(centre_crop(cache.crops[chosen[i:i + BATCH]], size)), training=False).numpy()
+        for i in range(0, len(chosen), BATCH)
+    ])
+    targets = cache.teacher[chosen] - cache.teacher[described].mean(axis=0)
+    kernel, bias = fit_head(features, targets, args.ridge)
+    dense.set_weights([kernel, bias])
+    fitted = features @ kernel + bias
+    cosine = np.sum(fitted / np.linalg.norm(fitted, axis=1, keepdims=True)
+                    * targets / np.linalg.norm(targets, axis=1, keepdims=True), axis=1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    model.save_weights(args.out)
+    print(f"head fitted on {args.faces} faces: mean cosine to the centred teacher {cosine.mean():.3f}; wrote {args.out}")
+    return 0
