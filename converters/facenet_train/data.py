@@ -248,6 +248,11 @@ def shard_name(index: int) -> str:
 TEACHER_SIZE = 128  # dlib's face descriptor
 
 
+def teacher_centre(teacher: np.ndarray) -> np.ndarray:
+    """The mean descriptor over the faces that have one (rows without are NaN)."""
+    return teacher[np.isfinite(teacher).all(axis=1)].mean(axis=0).astype(np.float32)
+
+
 def teacher_name(shard: str) -> str:
     return shard.replace("shard-", "teacher-").replace(".npz", ".npy")
 

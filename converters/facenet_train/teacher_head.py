@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         penultimate(normalise(centre_crop(cache.crops[chosen[i:i + BATCH]], size)), training=False).numpy()
         for i in range(0, len(chosen), BATCH)
     ])
-    targets = cache.teacher[chosen] - cache.teacher[described].mean(axis=0)
+    targets = cache.teacher[chosen] - data.teacher_centre(cache.teacher)
     kernel, bias = fit_head(features, targets, args.ridge)
     dense.set_weights([kernel, bias])
     fitted = features @ kernel + bias

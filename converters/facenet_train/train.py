@@ -378,7 +378,7 @@ def teacher_mean(teacher: np.ndarray, run_dir: Path, resume: bool) -> np.ndarray
     path = run_dir / TEACHER_MEAN
     if resume and path.is_file():
         return np.load(path)
-    mean = np.nanmean(teacher[np.isfinite(teacher).all(axis=1)], axis=0).astype(np.float32)
+    mean = data.teacher_centre(teacher)
     np.save(path, mean)
     return mean
 
