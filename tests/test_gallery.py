@@ -90,7 +90,7 @@ def test_int8_storage_is_128_bytes_per_face(gallery, path, rng):
         assert np.array_equal(np.frombuffer(blob, dtype=np.int8), np.round(np.clip(face, -1, 1) * 127).astype(np.int8))
 
 
-def test_top_k_ordering_matches_brute_force(gallery, rng):
+def test_top_k_ordering_matches_brute_force(gallery, rng, first_pass):
     stored: dict[str, np.ndarray] = {}
     for i in range(40):
         faces = random_unit(rng, int(rng.integers(1, 5)))
@@ -397,8 +397,18 @@ def _random_people(rng, people=1200):
     return names, np.concatenate(rows)
 
 
+@pytest.fixture(params=["int8", "float32"])
+def first_pass(request, monkeypatch):
+    """Each search runs with SimSIMD's int8 first pass and with numpy's float32 one."""
+    if request.param == "int8":
+        monkeypatch.setattr(gallery_module, "_simsimd", pytest.importorskip("simsimd", reason="facenet-edge[search] not installed"))
+    else:
+        monkeypatch.setattr(gallery_module, "_simsimd", None)
+    return request.param
+
+
 @pytest.mark.parametrize("small_steps", [False, True], ids=["default-steps", "small-steps"])
-def test_index_and_search_agree_with_brute_force(gallery, tmp_path, rng, monkeypatch, small_steps):
+def test_index_and_search_agree_with_brute_force(gallery, tmp_path, rng, monkeypatch, small_steps, first_pass):
     if small_steps:  # many load chunks, blocks and query batches, none of them whole
         monkeypatch.setattr(gallery_module, "_LOAD_ROWS", 97)
         monkeypatch.setattr(gallery_module, "_BLOCK_ROWS", 300)
@@ -494,7 +504,7 @@ def test_person_ids_beyond_int32(gallery, path, rng):
     assert gallery._index.person.dtype == np.int64
 
 
-def test_many_equal_samples_of_one_person(gallery, tmp_path, rng, monkeypatch):
+def test_many_equal_samples_of_one_person(gallery, tmp_path, rng, monkeypatch, first_pass):
     # Rows of one person within float32 noise of each other all survive the first pass;
     # it must still finish and rank correctly.
     monkeypatch.setattr(gallery_module, "_BLOCK_ROWS", 128)

@@ -402,7 +402,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, config_file
           f"from step {start} to {config.train.steps}")
     evaluate = None
     if config.train.eval_every:
-        pairs = LfwPairs.load(config.train.lfw, config.train.lfw_cache, cache.manifest.crop_size)
+        pairs = LfwCropPairs.load(config.train.lfw, config.train.lfw_cache, cache.manifest.crop_size)
         evaluate = lambda model: lfw_summary(pairs.evaluate(keras_embedder(model)))  # noqa: E731
     return trainer.run(evaluate)
 
@@ -454,8 +454,11 @@ def default_card(model: keras.Model) -> ModelCard:
 
 
 @dataclass(frozen=True)
-class LfwPairs:
-    """LFW's pairs as crops plus indices, in ``pairs.txt`` fold order."""
+class LfwCropPairs:
+    """LFW's pairs as pre-cut crops (``preprocess-lfw`` cache) plus indices, in ``pairs.txt`` fold order.
+
+    For whole images through the runtime detector, see :class:`facenet_train.runtime_lfw.LfwPairs`.
+    """
 
     crops: np.ndarray
     first: np.ndarray
@@ -463,7 +466,7 @@ class LfwPairs:
     issame: np.ndarray
 
     @classmethod
-    def load(cls, lfw_dir: str | Path, lfw_cache: str | Path, size: int) -> LfwPairs:
+    def load(cls, lfw_dir: str | Path, lfw_cache: str | Path, size: int) -> LfwCropPairs:
         from .verify import lfw_pairs
 
         manifest = data.CacheManifest.load(lfw_cache)
@@ -548,7 +551,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if cache is None:
             cache = Path(scratch)
             build_lfw_cache(args.lfw, cache, CropOptions(crop_size=height, detector=args.detector), workers=args.workers)
-        pairs = LfwPairs.load(args.lfw, cache, height)
+        pairs = LfwCropPairs.load(args.lfw, cache, height)
         distances = pairs.distances(embed)
         result = evaluate_distances(distances, pairs.issame)
         fallback = sum(c.get("fallback", 0) for c in data.CacheManifest.load(cache).sources.values())

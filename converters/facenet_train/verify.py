@@ -228,9 +228,9 @@ def verify_model(
         notes.append("no faces given (--calibration): Keras/TFLite agreement not measured")
     comparison = None
     if lfw is not None:
-        from .train import LfwPairs
+        from .train import LfwCropPairs
 
-        pairs = LfwPairs.load(lfw, lfw_cache, card.input_height)
+        pairs = LfwCropPairs.load(lfw, lfw_cache, card.input_height)
         keras_result = pairs.evaluate(lambda crops: keras_embeddings(keras_model, crops, card))
         tflite_result = pairs.evaluate(lambda crops: tflite_embeddings(model_path, card, crops))
         comparison = LfwComparison(

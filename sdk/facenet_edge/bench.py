@@ -59,6 +59,7 @@ SHARED_LFW = Path("../shared/data/lfw")
 LIBRARIES = (
     "facenet-edge",
     "numpy",
+    "simsimd",
     "opencv-python-headless",
     "opencv-python",
     "ai-edge-litert",

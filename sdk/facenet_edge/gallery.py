@@ -33,20 +33,22 @@ Matching
     chunks straight into the preallocated arrays, so its peak is the final size plus a
     few MB.
 
-    A search is one pass over the matrix, block by block: each block of rows is converted
-    to float32 (``_BLOCK_ROWS`` rows, 2 MiB) and multiplied by the queries with BLAS in
-    calls of ``_GEMV_ROWS`` rows, small enough that OpenBLAS never hands them to its thread
-    pool: whenever other work shares the CPU (camera, detector and embedder threads on a
-    Pi) its threads make a match 10-30x slower (measured at load 5 on 2 cores: 4096-row
-    gemv calls took 1.2 s for 1M faces, 64-row ones 36 ms). Only rows scoring at least the
-    k-th best person so far (less a margin for float32 rounding) are kept, so nothing of
-    size N is allocated per query. The few kept rows are then scored again in float64,
-    which is the ranking returned: the same as a brute-force float computation, ties aside.
-    numpy has no int8 dot product, so the int8 -> float32 conversion bounds the speed: at
-    1M faces, on a 2-core x86 VM shared with other jobs, the pass took 4.4-5x a numpy read
-    of the same 128 MB (the conversion alone 2-2.5x; the einsum version before, 6.3x).
-    Python threads did not help there (the other core was busy); a compiled int8 kernel
-    would be needed to approach the read time.
+    A search is one pass over the matrix, block by block (``_BLOCK_ROWS`` rows). With
+    SimSIMD installed (``pip install facenet-edge[search]``; wheels for x86-64 and aarch64,
+    not 32-bit ARM) each query is quantized to int8 and the blocks are multiplied as stored
+    with its int8 dot-product kernels (AVX2 / NEON), one thread. Without it, each block is
+    converted to float32 (2 MiB) and multiplied with BLAS in calls of ``_GEMV_ROWS`` rows,
+    small enough that OpenBLAS never hands them to its thread pool: whenever other work
+    shares the CPU (camera, detector and embedder threads on a Pi) its threads make a match
+    10-30x slower (measured at load 5 on 2 cores: 4096-row gemv calls took 1.2 s for 1M
+    faces, 64-row ones 36 ms). numpy has no int8 dot product, so there the conversion
+    bounds the speed (about 4x a numpy read of the same bytes at 1M faces; the int8 kernel
+    is close to the read: docs/benchmarks.md). Only rows scoring at least the k-th best
+    person so far, less a margin for the first pass's error (float32 rounding; the int8
+    query's quantization error, bounded per query), are kept, so nothing of size N is
+    allocated per query. The few kept rows are then scored again in float64 with the exact
+    query, which is the ranking returned: the same as a brute-force float computation,
+    ties aside, whichever first pass ran.
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+try:  # optional (facenet-edge[search]): an int8 dot product, so a search reads the matrix as stored
+    import simsimd as _simsimd
+except ImportError:
+    _simsimd = None
 
 from .card import ModelIdentity
 from .errors import GalleryError, IncompatibleModelError
@@ -150,6 +157,11 @@ class _Index:
         return self.matrix.nbytes + self.inv_norm.nbytes + self.person.nbytes
 
 
+def first_pass() -> str:
+    """Which first pass searches run on this install: "simsimd int8" or "numpy float32"."""
+    return "simsimd int8" if _simsimd is not None else "numpy float32"
+
+
 def quantize(embeddings: np.ndarray) -> np.ndarray:
     """Float embeddings -> int8 as stored: ``round(clip(e, -1, 1) * 127)``."""
     return np.round(np.clip(embeddings, -1.0, 1.0) * 127.0).astype(np.int8)
@@ -205,10 +217,11 @@ def _sidecars(path: Path) -> list[Path]:
 
 class _Candidates:
     """Rows of one query that may still hold the best sample of one of its ``k`` nearest
-    people, from the float32 pass, with the score below which a row cannot matter."""
+    people, from the first pass, with the score below which a row cannot matter."""
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, slack: float):
         self.k = k
+        self.slack = slack  # how far a first-pass score may be from the exact one
         self.floor = -np.inf
         self._rows: list[np.ndarray] = []
         self._scores: list[np.ndarray] = []
@@ -237,10 +250,10 @@ class _Candidates:
             best = np.maximum.reduceat(scores, starts)  # each person's best score
             if len(best) >= self.k:
                 kth = np.partition(best, len(best) - self.k)[len(best) - self.k]
-                self.floor = max(self.floor, float(kth) - _SCORE_SLACK)
-            # A person's exact best is within 2 float32 errors of their float32 best.
+                self.floor = max(self.floor, float(kth) - self.slack)
+            # A person's exact best is within the slack of their first-pass best.
             own_best = np.repeat(best, np.diff(np.append(starts, len(rows))))
-            keep = (scores >= self.floor) & (scores >= own_best - _SCORE_SLACK)
+            keep = (scores >= self.floor) & (scores >= own_best - self.slack)
             rows, scores = rows[keep], scores[keep]
         self._rows, self._scores, self._count = [rows], [scores], len(rows)
         # Prune at every add (a raised floor skips later blocks), unless many rows survive
@@ -259,40 +272,81 @@ def _nearest(index: _Index, queries: np.ndarray, k: int) -> list[list[tuple[int,
 
 
 def _scan(index: _Index, queries: np.ndarray, k: int) -> list[np.ndarray]:
-    """First pass, float32, over the whole matrix: per query, the rows that may hold the
-    best sample of one of its ``k`` nearest people."""
+    """First pass over the whole matrix: per query, the rows that may hold the best sample
+    of one of its ``k`` nearest people."""
     matrix, inv_norm, person = index.matrix, index.inv_norm, index.person
-    count = len(queries)
-    block = np.empty((min(_BLOCK_ROWS, len(matrix)), EMBEDDING_SIZE), dtype=np.float32)
-    # Up to 3 queries: one gemv each is faster than a gemm with so few columns (measured).
-    one_by_one = count < 4
-    if one_by_one:
-        vectors = [np.ascontiguousarray(q, dtype=np.float32) for q in queries]
-        scores = np.empty((count, len(block)), dtype=np.float32)
-    else:
-        columns = np.ascontiguousarray(queries.T, dtype=np.float32)  # (128, Q)
-        scores = np.empty((len(block), count), dtype=np.float32)
-    candidates = [_Candidates(k) for _ in range(count)]
-    floor = np.full(count, -np.inf, dtype=np.float32)
+    block_rows = min(_BLOCK_ROWS, len(matrix))
+    scorer = _Int8Scores(queries) if _simsimd is not None else _Float32Scores(queries, block_rows)
+    candidates = [_Candidates(k, slack) for slack in scorer.slack]
+    floor = np.full(len(queries), -np.inf, dtype=np.float32)
     for start in range(0, len(matrix), _BLOCK_ROWS):
         rows = matrix[start : start + _BLOCK_ROWS]
-        n = len(rows)
-        converted = block[:n]
-        np.copyto(converted, rows, casting="unsafe")  # int8 -> float32, exact
-        if one_by_one:
-            for vector, out in zip(vectors, scores[:, :n]):
-                _multiply(converted, vector, out)
-            out = scores[:, :n].T  # (n, Q) view
-        else:
-            out = scores[:n]
-            _multiply(converted, columns, out)
-        out *= inv_norm[start : start + n, None]
+        out = scorer.dot(rows)  # (n, Q): each row times each (scaled) query
+        out *= inv_norm[start : start + len(rows), None]
+        out *= scorer.inv_scale
         above = out.max(axis=0) >= floor
         if above.any():  # rare once the floors have risen: most blocks end here
             for j in np.flatnonzero(above):
                 hits = np.flatnonzero(out[:, j] >= floor[j])
                 floor[j] = candidates[j].add(hits + start, out[hits, j], person)
     return [c.rows(person) for c in candidates]
+
+
+class _Float32Scores:
+    """Block scores with numpy: int8 rows converted to float32, times the float32 queries.
+
+    numpy has no int8 dot product, so the conversion bounds the speed (about 4x a read of
+    the matrix at 1M faces on the development VM)."""
+
+    def __init__(self, queries: np.ndarray, block_rows: int):
+        count = len(queries)
+        self.slack = [_SCORE_SLACK] * count
+        self.inv_scale = np.ones(count, dtype=np.float32)
+        self._block = np.empty((block_rows, EMBEDDING_SIZE), dtype=np.float32)
+        # Up to 3 queries: one gemv each is faster than a gemm with so few columns (measured).
+        self._one_by_one = count < 4
+        if self._one_by_one:
+            self._vectors = [np.ascontiguousarray(q, dtype=np.float32) for q in queries]
+            self._scores = np.empty((count, block_rows), dtype=np.float32)
+        else:
+            self._columns = np.ascontiguousarray(queries.T, dtype=np.float32)  # (128, Q)
+            self._scores = np.empty((block_rows, count), dtype=np.float32)
+
+    def dot(self, rows: np.ndarray) -> np.ndarray:
+        n = len(rows)
+        converted = self._block[:n]
+        np.copyto(converted, rows, casting="unsafe")  # int8 -> float32, exact
+        if self._one_by_one:
+            for vector, out in zip(self._vectors, self._scores[:, :n]):
+                _multiply(converted, vector, out)
+            return self._scores[:, :n].T  # (n, Q) view
+        out = self._scores[:n]
+        _multiply(converted, self._columns, out)
+        return out
+
+
+class _Int8Scores:
+    """Block scores with SimSIMD's int8 dot product: each query is quantized to int8 at its
+    own scale, so the matrix is read once, as stored, with no conversion.
+
+    Quantizing the query moves every cosine by at most ``eps = |q - q8 / scale|``; a row
+    within ``2 * eps`` of the k-th best person is kept, and the float64 second pass ranks
+    the kept rows with the exact query, so results equal the float32 path's."""
+
+    def __init__(self, queries: np.ndarray):
+        scale = 127.0 / np.abs(queries.astype(np.float64)).max(axis=1)  # unit rows: max > 0
+        quantized = np.round(queries * scale[:, None])
+        error = np.linalg.norm(queries - quantized / scale[:, None], axis=1)
+        self.slack = [float(2.0 * e) + _SCORE_SLACK for e in error]
+        self.inv_scale = (1.0 / scale).astype(np.float32)
+        self._queries = quantized.astype(np.int8)
+
+    def dot(self, rows: np.ndarray) -> np.ndarray:
+        # Exact: integer sums below 128 * 127 * 127 < 2**24 are exact in float32. No ``out=``:
+        # simsimd 6.5 returns None from it without a reference (None's count drops per call
+        # until CPython 3.11 aborts).
+        out = np.asarray(_simsimd.cdist(self._queries, rows, metric="dot", out_dtype="float32"))
+        return out.T  # (n, Q) view
 
 
 def _multiply(rows: np.ndarray, queries: np.ndarray, out: np.ndarray) -> None:
