@@ -21,10 +21,10 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from unittest import mock
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 from common import (
@@ -45,10 +45,10 @@ from common import (
     write_json,
 )
 
+from facenet_edge import gallery as gallery_module
 from facenet_edge.bench import int_list
 from facenet_edge.card import ModelIdentity
 from facenet_edge.embed import Embedder
-from facenet_edge import gallery as gallery_module
 from facenet_edge.gallery import Gallery
 
 SIZES = (1_000, 10_000, 100_000, 1_000_000)
@@ -88,7 +88,6 @@ class Scale:
     enroll_s: float
     file_mb: float
     first_match_s: float  # loads the index from SQLite, then searches
-    first_pass: str  # gallery.first_pass() of the top1 / top5 rows
     top1: Percentiles
     top5: Percentiles
     top1_float32: Percentiles | None  # numpy's float32 first pass, when the default is int8
@@ -154,7 +153,6 @@ def measure_scale(people: int, directory: Path, runs: int, identity: ModelIdenti
         enroll_s=enroll_s,
         file_mb=path.stat().st_size / MB,
         first_match_s=first_match_s,
-        first_pass=gallery_module.first_pass(),
         top1=top1,
         top5=top5,
         top1_float32=top1_float32,
@@ -283,6 +281,7 @@ def run(args: argparse.Namespace) -> int:
             }
             for s in scales
         ],
+        "first_pass": gallery_module.first_pass(),  # of top1 / top5; top1_float32 is numpy's
         "add_ms_per_person": 1000 * add_s,
         "add_people": add_people,
         "plot": str(png) if png else None,

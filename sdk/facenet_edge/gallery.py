@@ -281,9 +281,8 @@ def _scan(index: _Index, queries: np.ndarray, k: int) -> list[np.ndarray]:
     floor = np.full(len(queries), -np.inf, dtype=np.float32)
     for start in range(0, len(matrix), _BLOCK_ROWS):
         rows = matrix[start : start + _BLOCK_ROWS]
-        out = scorer.dot(rows)  # (n, Q): each row times each (scaled) query
+        out = scorer.dot(rows)  # (n, Q): each row times each query
         out *= inv_norm[start : start + len(rows), None]
-        out *= scorer.inv_scale
         above = out.max(axis=0) >= floor
         if above.any():  # rare once the floors have risen: most blocks end here
             for j in np.flatnonzero(above):
@@ -301,7 +300,6 @@ class _Float32Scores:
     def __init__(self, queries: np.ndarray, block_rows: int):
         count = len(queries)
         self.slack = [_SCORE_SLACK] * count
-        self.inv_scale = np.ones(count, dtype=np.float32)
         self._block = np.empty((block_rows, EMBEDDING_SIZE), dtype=np.float32)
         # Up to 3 queries: one gemv each is faster than a gemm with so few columns (measured).
         self._one_by_one = count < 4
@@ -338,7 +336,7 @@ class _Int8Scores:
         quantized = np.round(queries * scale[:, None])
         error = np.linalg.norm(queries - quantized / scale[:, None], axis=1)
         self.slack = [float(2.0 * e) + _SCORE_SLACK for e in error]
-        self.inv_scale = (1.0 / scale).astype(np.float32)
+        self._inv_scale = (1.0 / scale).astype(np.float32)[:, None]
         self._queries = quantized.astype(np.int8)
 
     def dot(self, rows: np.ndarray) -> np.ndarray:
@@ -346,6 +344,7 @@ class _Int8Scores:
         # simsimd 6.5 returns None from it without a reference (None's count drops per call
         # until CPython 3.11 aborts).
         out = np.asarray(_simsimd.cdist(self._queries, rows, metric="dot", out_dtype="float32"))
+        out *= self._inv_scale  # back to the unit query's scale
         return out.T  # (n, Q) view
 
 
