@@ -42,8 +42,8 @@ Matching
     shares the CPU (camera, detector and embedder threads on a Pi) its threads make a match
     10-30x slower (measured at load 5 on 2 cores: 4096-row gemv calls took 1.2 s for 1M
     faces, 64-row ones 36 ms). numpy has no int8 dot product, so there the conversion
-    bounds the speed (about 4x a numpy read of the same bytes at 1M faces; the int8 kernel
-    is close to the read: docs/benchmarks.md). Only rows scoring at least the k-th best
+    bounds the speed (about 5x a numpy read of the same bytes at 1M faces against 3.4x
+    with the int8 kernel, on the development VM: docs/benchmarks.md). Only rows scoring at least the k-th best
     person so far, less a margin for the first pass's error (float32 rounding; the int8
     query's quantization error, bounded per query), are kept, so nothing of size N is
     allocated per query. The few kept rows are then scored again in float64 with the exact
@@ -294,7 +294,7 @@ def _scan(index: _Index, queries: np.ndarray, k: int) -> list[np.ndarray]:
 class _Float32Scores:
     """Block scores with numpy: int8 rows converted to float32, times the float32 queries.
 
-    numpy has no int8 dot product, so the conversion bounds the speed (about 4x a read of
+    numpy has no int8 dot product, so the conversion bounds the speed (about 5x a read of
     the matrix at 1M faces on the development VM)."""
 
     def __init__(self, queries: np.ndarray, block_rows: int):
