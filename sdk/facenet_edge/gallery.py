@@ -43,10 +43,10 @@ Matching
     10-30x slower (measured at load 5 on 2 cores: 4096-row gemv calls took 1.2 s for 1M
     faces, 64-row ones 36 ms). numpy has no int8 dot product, so there the conversion
     bounds the speed (about 5x a numpy read of the same bytes at 1M faces against 3.4x
-    with the int8 kernel, on the development VM: docs/benchmarks.md). Only rows scoring at least the k-th best
-    person so far, less a margin for the first pass's error (float32 rounding; the int8
-    query's quantization error, bounded per query), are kept, so nothing of size N is
-    allocated per query. The few kept rows are then scored again in float64 with the exact
+    with the int8 kernel, on the development VM: docs/benchmarks.md). Only rows scoring at
+    least the k-th best person so far, less a margin for the first pass's error (float32
+    rounding; the int8 query's quantization error, bounded per query), are kept, so nothing
+    of size N is allocated per query. The few kept rows are then scored again in float64 with the exact
     query, which is the ranking returned: the same as a brute-force float computation,
     ties aside, whichever first pass ran.
 """
