@@ -64,10 +64,6 @@ def run_benchmark(name: str, out: Path, *args: str, quick: bool = True) -> dict:
     return report
 
 
-def has_face_photo() -> bool:
-    return importlib.util.find_spec("skimage") is not None or LFW is not None
-
-
 # ---------------------------------------------------------------- helpers
 
 
@@ -89,10 +85,19 @@ def test_targets_and_table():
     assert len(table) == 5 and "NOT MET" in table[3] and "not measured (not run)" in table[4]
 
 
-def test_frames_hold_the_faces(astronaut):  # the fixture skips without scikit-image
+def test_machine_line_names_the_package_not_a_missing_checkout():
+    machine = bench.machine_info((1,))
+    line = bench.machine_line({**machine, "git_commit": None})  # an installed wheel: no checkout
+    assert f"facenet-edge {machine['libraries']['facenet-edge']}" in line and "commit" not in line
+    line = bench.machine_line({**machine, "git_commit": "0123456789abcdef+dirty"})
+    assert line.endswith("(commit 0123456789ab+dirty)")
+
+
+def test_frames_hold_the_faces():
+    # The shipped photo: no flags, no scikit-image, no LFW needed.
     with create_detector("haar") as detector:
         faces = bench.face_images(1, detector, lfw=None)
-        assert faces[0].source == "skimage.data.astronaut"
+        assert faces[0].source == "astronaut"
         for count in (1, 5):
             frame = bench.compose_frame(faces, count)
             assert frame.shape == (480, 640, 3) and frame.dtype == np.uint8
@@ -162,7 +167,6 @@ def test_lfw_cache_embeds_each_image_once(common, tmp_path):
 # ---------------------------------------------------------------- the scripts
 
 
-@pytest.mark.skipif(not has_face_photo(), reason="no face photo: needs scikit-image (astronaut) or LFW")
 def test_latency(tiny_model, tmp_path):
     report = run_benchmark("latency", tmp_path, "--model", str(tiny_model.int8))
     results = report["results"]
@@ -180,6 +184,16 @@ def test_latency(tiny_model, tmp_path):
 def test_bench_command_is_registered(capsys):
     assert cli_main(["bench", "--help"]) == 0
     assert "--quick" in capsys.readouterr().out
+
+
+def test_bench_json_prints_the_report(tiny_model, tmp_path, capsys):
+    args = ["bench", "--quick", "--json", "--model", str(tiny_model.int8), "--out", str(tmp_path), "--lfw", str(tmp_path)]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    (line,) = out.splitlines()  # one JSON object, no tables
+    report = json.loads(line)
+    assert report == json.loads((tmp_path / "latency.json").read_text())
+    assert report["results"]["faces"] == ["astronaut"]  # the shipped photo; the empty --lfw adds none
 
 
 def test_bench_without_a_model_says_pass_model(monkeypatch, tmp_path, capsys):
@@ -232,8 +246,6 @@ def test_accuracy(tiny_model, tmp_path):
 
 
 def test_peers(tiny_model, tmp_path):
-    if not has_face_photo():
-        pytest.skip("no face photo: needs scikit-image (astronaut) or LFW")
     models = ["--model", str(tiny_model.int8), "--model", str(tiny_model.float32)]
     report = run_benchmark("peers", tmp_path, *models, "--pairs", "20")
     results = report["results"]

@@ -1,9 +1,9 @@
 """``facenet-edge bench``: latency per stage, cold start, pipeline FPS and memory, on this machine.
 
 This is also ``benchmarks/latency.py``. It ships in the wheel so a Raspberry Pi user can run
-it after ``pip install facenet-edge``: it needs only the runtime's dependencies, plus psutil
-if installed (else RSS is read from ``/proc/self/statm``) and scikit-image or ``--image`` for
-a face photo. The helpers every benchmark script shares live here too (machine info,
+it after ``pip install .``: it needs only the runtime's dependencies, plus psutil if
+installed (else RSS is read from ``/proc/self/statm``); its face photo ships in the wheel
+(``BENCH_PHOTO``). The helpers every benchmark script shares live here too (machine info,
 percentiles, Markdown tables, JSON output, targets, synthetic galleries, test frames);
 ``benchmarks/common.py`` re-exports them.
 
@@ -54,6 +54,8 @@ from .io import read_image
 from .pipeline import FacePipeline
 
 DEFAULT_OUT = Path("runs/benchmarks")
+# A public-domain face photo shipped as package data, so the benchmark runs with no flags on a device.
+BENCH_PHOTO = Path(__file__).resolve().parent / "data" / "astronaut.jpg"
 # Where the project keeps LFW, relative to the repository root (a source checkout only).
 SHARED_LFW = Path("../shared/data/lfw")
 LIBRARIES = (
@@ -176,13 +178,16 @@ def machine_line(machine: dict[str, Any]) -> str:
     """One line summarising ``machine_info`` above the tables."""
     libraries, runtime = machine["libraries"], machine["tflite_runtime"]
     runtime_version = libraries.get(runtime.replace("_", "-")) if runtime else None
-    commit = machine["git_commit"] or "no git checkout"
+    commit = machine["git_commit"]
+    # A device runs an installed wheel: its version says what ran; a checkout adds its commit.
+    source = f"facenet-edge {libraries.get('facenet-edge', '?')}"
+    if commit:
+        source += f" (commit {commit[:12]}{'+dirty' if commit.endswith('+dirty') else ''})"
     return (
         f"machine: {machine['cpu']} ({machine['architecture']}), {machine['cores_available']} of "
         f"{machine['cores']} cores, load {' '.join(map(str, machine['load_average']))}, "
         f"Python {machine['python']}, numpy {libraries.get('numpy', '?')}, "
-        f"{runtime or 'no TFLite runtime'} {runtime_version or ''}, "
-        f"commit {commit[:12]}{'+dirty' if commit.endswith('+dirty') else ''}"
+        f"{runtime or 'no TFLite runtime'} {runtime_version or ''}, {source}"
     )
 
 
@@ -484,13 +489,10 @@ class FaceImage:
 
 def _photo_candidates(images: Sequence[Path], lfw: Path | None) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
     """(name, loader) of face photos in order of preference: ``--image`` files, the
-    astronaut (scikit-image), then the first photo of each LFW person."""
+    shipped astronaut photo, then the first photo of each LFW person."""
     for path in images:
         yield str(path), lambda path=path: read_image(path)
-    if importlib.util.find_spec("skimage") is not None:
-        from skimage import data
-
-        yield "skimage.data.astronaut", lambda: np.ascontiguousarray(data.astronaut())
+    yield "astronaut", lambda: read_image(BENCH_PHOTO)
     if lfw is not None:
         for person in sorted(p for p in lfw.iterdir() if p.is_dir()):
             first = person / f"{person.name}_0001.jpg"
@@ -511,10 +513,7 @@ def face_images(
         if detections:
             found.append(FaceImage(image, detections[0], source))
     if not found:
-        raise FacenetEdgeError(
-            "no face photo to benchmark with: pass --image PATH (a photo with a face), "
-            "or install scikit-image for its astronaut test image"
-        )
+        raise FacenetEdgeError("the detector found no face in the benchmark photos; pass --image PATH (a photo with a face)")
     return found
 
 
@@ -789,14 +788,12 @@ def latency_targets(pipeline: list[PipelineRun], cold: list[ColdStart], memory: 
 
 
 def print_latency(
-    model_line: str,
     stages: list[StageTiming],
     pipeline: list[PipelineRun],
     cold: list[ColdStart],
     memory: StreamMemory | None,
     targets: list[Target],
 ) -> None:
-    print(model_line)
     print("\n## Latency per stage (ms)\n")
     print(
         markdown_table(
@@ -889,7 +886,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="PATH",
-        help="face photo(s) to build the test frames from (default: the astronaut, LFW)",
+        help="face photo(s) to build the test frames from (default: the astronaut photo shipped in the "
+        "package, then LFW's when --lfw is found)",
     )
     parser.add_argument(
         "--lfw",
@@ -902,6 +900,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--delegate",
         choices=["edgetpu"],
         help="run the embedding model on a Coral Edge TPU (the *_edgetpu.tflite model)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the report (the contents of latency.json) as one JSON object instead of the tables",
     )
 
 
@@ -931,16 +934,23 @@ def run(args: argparse.Namespace) -> int:
         raise ModelError(f"--delegate edgetpu needs the edgetpu_compiler output (*{EDGETPU_SUFFIX}), got {model}")
     edgetpu = uses_edgetpu(model, args.delegate)
     machine = machine_info(config.threads)
-    print("# facenet-edge latency benchmark\n")
-    print(machine_line(machine))
+    with Embedder.from_path(model, delegate=args.delegate) as embedder:
+        card, identity = embedder.card, embedder.identity
     with create_detector(DEFAULT_DETECTOR) as detector:
         faces = face_images(5, detector, args.image, args.lfw)
+    model_line = (
+        f"model: {card.name} {card.version} ({model}), input {card.input_width}x{card.input_height}, "
+        f"{model.stat().st_size / MB:.2f} MB{', Edge TPU' if edgetpu else ''}; "
+        f"faces from {', '.join(f.source for f in faces)}"
+    )
+    if not args.json:  # what is measured, before the minutes of measuring
+        print("# facenet-edge latency benchmark\n")
+        print(machine_line(machine))
+        print(model_line, flush=True)
     frames = {1: compose_frame(faces, 1), 5: compose_frame(faces, 5)}
     with tempfile.TemporaryDirectory(prefix="facenet-edge-bench-") as tmp:
         jpeg = Path(tmp) / "frame.jpg"
         cv2.imwrite(str(jpeg), cv2.cvtColor(frames[1], cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
-        with Embedder.from_path(model, delegate=args.delegate) as embedder:
-            card, identity = embedder.card, embedder.identity
         gallery_path = Path(tmp) / "gallery.db"
         bulk_enroll(gallery_path, identity, config.gallery_size)
         with Gallery.open(gallery_path) as gallery:
@@ -962,16 +972,6 @@ def run(args: argparse.Namespace) -> int:
         "size_bytes": model.stat().st_size,
         "edgetpu": edgetpu,
     }
-    print_latency(
-        f"model: {card.name} {card.version} ({model}), input {card.input_width}x{card.input_height}, "
-        f"{model.stat().st_size / MB:.2f} MB{', Edge TPU' if edgetpu else ''}; "
-        f"faces from {', '.join(f.source for f in faces)}",
-        stages,
-        pipeline,
-        cold,
-        memory,
-        targets,
-    )
     results = {
         "model": model_info,
         "faces": [f.source for f in faces],
@@ -980,10 +980,14 @@ def run(args: argparse.Namespace) -> int:
         "cold_start": cold,
         "memory": memory,
     }
-    path = write_json(
-        args.out / "latency.json", report("latency", machine, dataclasses.asdict(config), results, targets)
-    )
-    print(f"\nwrote {path}")
+    data = report("latency", machine, dataclasses.asdict(config), results, targets)
+    path = write_json(args.out / "latency.json", data)
+    if args.json:
+        print(json.dumps(data, default=_jsonable, allow_nan=False), flush=True)
+        print(f"wrote {path}", file=sys.stderr)
+    else:
+        print_latency(stages, pipeline, cold, memory, targets)
+        print(f"\nwrote {path}")
     return 0
 
 
