@@ -65,10 +65,24 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     return parser
 
 
+# Installed by the ``train`` extra only: ``pip install .`` (a device) gets the script without them.
+TRAINING_STACK = {"tensorflow", "keras", "matplotlib", "tomli"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(argv).parse_args(argv)
-    return int(args.run(args) or 0)
+    try:
+        args = build_parser(argv).parse_args(argv)
+        return int(args.run(args) or 0)
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").partition(".")[0]
+        if missing not in TRAINING_STACK:
+            raise
+        print(
+            f"facenet-train: error: the training stack needs `pip install 'facenet-edge[train]'` (no module {missing!r})",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":
