@@ -244,6 +244,26 @@ def test_export_import(gallery, path, tmp_path, rng):
         gallery.import_from(junk)
 
 
+def test_import_knows_samples_by_content_not_name(gallery, tmp_path, rng):
+    gallery.add("alice", random_unit(rng, 2), IDENTITY)
+    gallery.add("bob", random_unit(rng, 1), IDENTITY)
+    export = tmp_path / "before-rename.npz"
+    gallery.export(export)
+    gallery.rename("alice", "Alice Smith")
+    before = gallery.list()
+    assert gallery.import_from(export) == 0  # alice's samples are Alice Smith's now
+    assert gallery.list() == before  # nobody created, nobody's "updated" touched
+
+    gallery.add("carol", random_unit(rng, 1), IDENTITY)
+    gallery.export(export)
+    gallery.remove("carol")
+    before = {p.name: p for p in gallery.list()}
+    assert gallery.import_from(export) == 1
+    after = {p.name: p for p in gallery.list()}
+    assert after["carol"].samples == 1
+    assert {name: after[name] for name in before} == before  # only the person who gained a sample changed
+
+
 def test_files_are_private(tmp_path, rng):
     old = os.umask(0)  # without our care, SQLite would create these 0644 or 0666
     try:
