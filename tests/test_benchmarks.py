@@ -187,7 +187,8 @@ def test_bench_command_is_registered(capsys):
 
 
 def test_bench_json_prints_the_report(tiny_model, tmp_path, capsys):
-    args = ["bench", "--quick", "--json", "--model", str(tiny_model.int8), "--out", str(tmp_path), "--lfw", str(tmp_path)]
+    args = ["bench", "--quick", "--json", "--model", str(tiny_model.int8), "--out", str(tmp_path)]
+    args += ["--lfw", str(tmp_path)]
     assert cli_main(args) == 0
     out = capsys.readouterr().out
     (line,) = out.splitlines()  # one JSON object, no tables

@@ -79,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if missing not in TRAINING_STACK:
             raise
         print(
-            f"facenet-train: error: the training stack needs `pip install 'facenet-edge[train]'` (no module {missing!r})",
+            "facenet-train: error: the training stack needs `pip install 'facenet-edge[train]'` "
+            f"(no module {missing!r})",
             file=sys.stderr,
         )
         return 1
