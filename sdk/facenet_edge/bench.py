@@ -513,7 +513,9 @@ def face_images(
         if detections:
             found.append(FaceImage(image, detections[0], source))
     if not found:
-        raise FacenetEdgeError("the detector found no face in the benchmark photos; pass --image PATH (a photo with a face)")
+        raise FacenetEdgeError(
+            "the detector found no face in the benchmark photos; pass --image PATH (a photo with a face)"
+        )
     return found
 
 
