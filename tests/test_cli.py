@@ -9,6 +9,7 @@ not assert that a transformed photo is *recognised* (accepted); see
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -19,13 +20,16 @@ import struct
 import subprocess
 import sys
 import zlib
+from datetime import datetime
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from facenet_edge import card_summary
 from facenet_edge import embed as embed_module
-from facenet_edge.cli import ExitCode, main
+from facenet_edge.card import ModelCard
+from facenet_edge.cli import ExitCode, build_parser, main
 from facenet_edge.embed import Embedder
 from facenet_edge.gallery import Gallery
 
@@ -148,24 +152,31 @@ def test_flipped_copy_ranks_above_a_decoy(gallery, model, images, capsys):
 
 def test_enroll_adds_samples(gallery, model, images, capsys):
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "enroll",
-                "--gallery",
-                gallery,
-                "--name",
-                NAME,
-                "--model",
-                model,
-                "--json",
-                images["flipped"],
-                images["astronaut"],
-            ]
-        )
-        == 0
+    argv = ["enroll", "--gallery", gallery, "--name", NAME, "--model", model]
+    assert main([*argv, "--json", images["flipped"], images["astronaut"]]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "gallery": gallery,
+        "name": NAME,
+        "added": 2,
+        "skipped": [],
+        "person_samples": 3,
+        "gallery_people": 1,
+        "gallery_samples": 3,
+    }
+    assert main(["enroll", "--gallery", gallery, "--name", "twin", "--model", model, images["flipped"]]) == 0
+    assert capsys.readouterr().out == (
+        f"enrolled 'twin': 1 sample(s) added, 0 image(s) skipped; 'twin' now has 1 sample(s); "
+        f"{gallery} holds 4 sample(s) of 2 people\n"
     )
-    assert json.loads(capsys.readouterr().out) == {"gallery": gallery, "name": NAME, "added": 2, "samples": 3}
+
+
+def test_enroll_subject_of_a_group_photo(gallery, model, images, capsys):
+    capsys.readouterr()
+    argv = ["enroll", "--gallery", gallery, "--name", "pair", "--model", model, "--json", images["two_faces"]]
+    assert main([*argv, "--subject"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["added"] == 1
+    assert "2 faces in" in captured.err and "enrolling the one covering the centre" in captured.err
 
 
 def test_verify(model, images, capsys):
@@ -272,15 +283,78 @@ def test_stream_over_a_folder(gallery, tmp_path, model, images, capsys):
     decisions = json_lines(capsys.readouterr().out)
     # Frames 1 and 2 show the astronaut: the vote settles on frame 2; frame 4 is never read.
     assert [(d["frame"], d["name"]) for d in decisions] == [(2, NAME)]
+    (decision,) = decisions
+    # Seconds since the first frame, to the millisecond; the wall-clock time in ISO 8601.
+    assert decision["t"] >= 0 and round(decision["t"], 3) == decision["t"]
+    assert datetime.fromisoformat(decision["time"]).tzinfo is not None
+
+    rc = main(["stream", "--source", str(folder), "--gallery", gallery, "--model", model, "--vote", "3:2"])
+    assert rc == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(rf"frame 2 t=\d+\.\d{{3}}: {NAME}", line)
 
 
 def test_info(model, capsys):
     assert main(["info", "--model", model]) == 0
     out = capsys.readouterr().out
-    assert "tiny_int8 0" in out and re.search(r"threshold far@1e-3 +1\.000", out)
+    assert "tiny_int8 0" in out and re.search(r"^threshold, FAR 1e-3 +1\.000$", out, re.M)
+    # An aligned table: every value starts in the same column.
+    columns = {len(re.match(r"\S+(?:[ ,]\S+)*? {2,}", line).group()) for line in out.splitlines()}
+    assert len(columns) == 1
     assert main(["info", "--model", model, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["card"]["input_height"] == 96 and len(info["sha256"]) == 64
+
+
+def test_info_rounds_and_hides_build_paths():
+    card = ModelCard(
+        name="m",
+        version="1",
+        architecture="a",
+        input_height=96,
+        input_width=96,
+        lfw={"accuracy_mean": 0.9111666666666667, "accuracy_std": 0.010879389280245073, "far_target": 0.001,
+             "val_mean": 0.2843333333333333, "val_std": 0.02848196310337863, "auc": 0.9719841111111112,
+             "runtime_path": {"accuracy_mean": 0.9118333333333334, "detector": "blazeface"}},
+        quantization={"target": "int8", "calibration": {"faces": 300, "identities": 66, "source": "crop cache /x/y"}},
+    )
+    rows = {row.key: row.value for row in card_summary.summary(card, Path(__file__), "0" * 64)}
+    assert rows["LFW, runtime path"] == "accuracy 91.18 %, blazeface detector"
+    assert rows["LFW, aligned crops"] == "accuracy 91.12 ± 1.09 %, VAL@FAR 1e-3 28.43 ± 2.85 %, AUC 0.972"
+    assert rows["quantization"] == "int8; calibrated on 300 faces of 66 identities"
+    text = "\n".join(value for key, value in rows.items() if key != "model")
+    assert "/x/y" not in text and "{" not in text
+
+
+def test_every_option_has_help():
+    def parsers(parser: argparse.ArgumentParser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    for parser in parsers(build_parser()):
+        for action in parser._actions:
+            if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                assert action.help, f"{parser.prog} {action.option_strings or action.dest}"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["gallery", "list", "--gallery", "g", "--model", "m.tflite"],
+        ["gallery", "remove", "x", "--gallery", "g", "--threads", "2"],
+        ["gallery", "export", "f.npz", "--gallery", "g", "--detector", "haar"],
+        ["info", "--detector", "haar"],
+        ["info", "--threads", "2"],
+        ["verify", "--quiet", "a.jpg", "b.jpg"],
+        ["stream", "--source", "0", "--gallery", "g", "--quiet"],
+    ],
+)
+def test_options_that_would_do_nothing_are_refused(argv, capsys):
+    assert main(argv) == ExitCode.USAGE
+    assert "unrecognized arguments" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- errors
@@ -297,25 +371,28 @@ def test_info(model, capsys):
         ("two_faces", ExitCode.MULTIPLE_FACES, "2 faces found in"),
     ],
 )
-def test_enroll_bad_image_leaves_gallery_intact(gallery, model, images, capsys, image, code, words):
-    before = snapshot(gallery)
+def test_enroll_skips_a_bad_image_and_enrols_the_rest(gallery, model, images, capsys, image, code, words):
     capsys.readouterr()
-    # A good image first: nothing is written unless every image has exactly one face.
-    rc = main(
-        ["enroll", "--gallery", gallery, "--name", "someone", "--model", model, images["astronaut"], images[image]]
-    )
-    assert rc == code
-    line = error_line(capsys)
-    assert words in line and Path(images[image]).name in line
-    assert snapshot(gallery) == before
+    argv = ["enroll", "--gallery", gallery, "--name", "someone", "--model", model, "--json"]
+    rc = main([*argv, images["astronaut"], images[image], images["flipped"]])
+    assert rc == code  # non-zero: one photo was not enrolled
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["added"] == 2 and result["person_samples"] == 2
+    ((path, reason),) = [(s["path"], s["reason"]) for s in result["skipped"]]
+    assert path == images[image] and words in reason
+    (line,) = captured.err.splitlines()
+    assert line.startswith("facenet-edge: skipped: ") and words in line and Path(images[image]).name in line
+    assert [(p.name, p.samples) for p in Gallery.open(gallery).list()] == [(NAME, 1), ("someone", 2)]
 
 
 def test_enroll_bad_image_creates_no_gallery(tmp_path, model, images, capsys):
     path = tmp_path / "new.db"
-    assert (
-        main(["enroll", "--gallery", str(path), "--name", "x", "--model", model, images["blank"]]) == ExitCode.NO_FACE
-    )
+    argv = ["enroll", "--gallery", str(path), "--name", "x", "--model", model, images["blank"], images["text"]]
+    assert main(argv) == ExitCode.NO_FACE  # the first failure's code
     assert not path.exists()
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == "facenet-edge: error: nothing enrolled: none of the 2 image(s) was usable"
 
 
 def test_enroll_invalid_name(gallery, model, images, capsys):
@@ -441,6 +518,20 @@ def test_console_script_error(gallery, model, images):
     )
     assert run.returncode == ExitCode.MULTIPLE_FACES
     assert run.stdout == ""
-    (line,) = _our_stderr(run.stderr)
-    assert line.startswith("facenet-edge: error: 2 faces found in")
+    skipped, error = _our_stderr(run.stderr)
+    assert skipped.startswith("facenet-edge: skipped: 2 faces found in") and "--subject" in skipped
+    assert error == "facenet-edge: error: nothing enrolled: none of the 1 image(s) was usable"
     assert snapshot(gallery) == before
+
+
+def test_console_script_stream_without_a_camera(gallery, model):
+    # OpenCV's own "[ WARN:0@0.188] ... can't open camera by index" must not leak out.
+    run = subprocess.run(
+        [_console_script(), "stream", "--source", "7", "--gallery", gallery, "--model", model],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == ExitCode.IMAGE
+    (line,) = _our_stderr(run.stderr)
+    assert line.startswith("facenet-edge: error: ")

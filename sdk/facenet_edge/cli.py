@@ -15,15 +15,17 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import datetime
 from enum import IntEnum
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import cv2
 import numpy as np
 from tqdm import tqdm
 
-from . import bench
+from . import bench, card_summary
 from .card import CardError, ModelCard
 from .detect import DEFAULT_DETECTOR, DETECTORS, main_face
 from .embed import Embedder, default_model_path
@@ -176,14 +178,21 @@ def _print_json(data: dict[str, Any]) -> None:
     print(json.dumps(data, ensure_ascii=False), flush=True)
 
 
-def _only_face(pipeline: FacePipeline, path: str) -> Face:
-    """The one face in an image; NoFaceError / MultipleFacesError otherwise."""
-    faces = pipeline.process(read_image(path))
+def _enrolment_face(pipeline: FacePipeline, path: str, subject: bool) -> Face:
+    """The face to enrol from one photo: the only one, or with ``subject`` the photo's
+    subject (``main_face``); NoFaceError / MultipleFacesError otherwise."""
+    image = read_image(path)
+    faces = pipeline.process(image)
     if not faces:
         raise NoFaceError(f"no face found in {path}")
-    if len(faces) > 1:
-        raise MultipleFacesError(f"{len(faces)} faces found in {path}; enrolment needs exactly one (crop the image)")
-    return faces[0]
+    if len(faces) == 1:
+        return faces[0]
+    if not subject:
+        raise MultipleFacesError(
+            f"{len(faces)} faces found in {path}; enrolment needs exactly one (crop it, or pass --subject)"
+        )
+    _say(f"{len(faces)} faces in {path}; enrolling the one covering the centre (else the largest)")
+    return main_face(faces, image.shape)
 
 
 def _largest_face(faces: Sequence[Face]) -> Face | None:
@@ -217,9 +226,26 @@ def _iso(timestamp: float) -> str:
 # ---------------------------------------------------------------- commands
 
 
+@dataclass(frozen=True)
+class Enrolment:
+    """What ``enroll`` did: samples added, images skipped (path, reason), and the counts
+    after it of the person and of the whole gallery."""
+
+    gallery: str
+    name: str
+    added: int
+    skipped: list[tuple[str, str]]
+    person_samples: int
+    gallery_people: int
+    gallery_samples: int
+
+
 def cmd_enroll(args: argparse.Namespace) -> int:
-    """Embed every image (exactly one face each), then add them all in one transaction."""
+    """Embed every image, then add the usable ones in one transaction; an unusable image
+    (unreadable, no face, several faces without --subject) is named, skipped, and makes
+    the exit code non-zero."""
     name = validate_name(args.name)
+    skipped: list[tuple[str, FacenetEdgeError]] = []
     with ExitStack() as stack:
         gallery_path = Path(args.gallery)
         # An existing gallery is opened first, so a wrong file fails before any model work.
@@ -228,17 +254,39 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         identity = pipeline.embedder.identity
         if gallery is not None:
             gallery.check_identity(identity)
-        embeddings = [_only_face(pipeline, path).embedding for path in _progress(args.images, args, "embedding")]
+        embeddings = []
+        for path in _progress(args.images, args, "embedding"):
+            try:
+                embeddings.append(_enrolment_face(pipeline, path, args.subject).embedding)
+            except (ImageError, NoFaceError, MultipleFacesError) as exc:
+                _say(f"skipped: {_one_line(exc)}")
+                skipped.append((path, exc))
+        if not embeddings:
+            _say(f"error: nothing enrolled: none of the {len(args.images)} image(s) was usable")
+            return int(exit_code_for(skipped[0][1]))
         if gallery is None:
             threshold = _threshold(args, pipeline.embedder.card, pipeline.embedder.model_path)
             gallery = stack.enter_context(Gallery.create(gallery_path, identity, threshold))
         added = gallery.add(name, np.stack(embeddings), identity)
-        total = next(p.samples for p in gallery.list() if p.name == name)
+        people = gallery.list()
+    result = Enrolment(
+        gallery=str(gallery_path),
+        name=name,
+        added=added,
+        skipped=[(path, _one_line(exc)) for path, exc in skipped],
+        person_samples=next(p.samples for p in people if p.name == name),
+        gallery_people=len(people),
+        gallery_samples=sum(p.samples for p in people),
+    )
     if args.json:
-        _print_json({"gallery": str(gallery_path), "name": name, "added": added, "samples": total})
+        _print_json({**asdict(result), "skipped": [{"path": path, "reason": why} for path, why in result.skipped]})
     else:
-        print(f"enrolled {name!r}: {added} sample(s) added, {total} in {gallery_path}")
-    return ExitCode.OK
+        print(
+            f"enrolled {name!r}: {added} sample(s) added, {len(skipped)} image(s) skipped; "
+            f"{name!r} now has {result.person_samples} sample(s); {gallery_path} holds "
+            f"{result.gallery_samples} sample(s) of {result.gallery_people} people"
+        )
+    return int(exit_code_for(skipped[0][1])) if skipped else ExitCode.OK
 
 
 def cmd_identify(args: argparse.Namespace) -> int:
@@ -400,9 +448,17 @@ def cmd_stream(args: argparse.Namespace) -> int:
         gallery = stack.enter_context(Gallery.open(args.gallery, threshold=args.threshold))
         pipeline = stack.enter_context(_pipeline(args))
         gallery.check_identity(pipeline.embedder.identity)
+        # OpenCV logs its own failures ("[ WARN:0@0.188] ... can't open camera by index")
+        # before ours, which says the same in one line.
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
         source = open_source(args.source)
         stack.callback(source.close)
+        start: float | None = None
         for count, frame in enumerate(source, 1):
+            # Seconds since the stream's first frame: a camera's or folder's clock is
+            # monotonic time (since boot), meaningless to a reader.
+            start = frame.timestamp if start is None else start
+            elapsed = frame.timestamp - start
             if frame.lores is not None:  # picamera2: detect on the small stream, crop from main
                 faces = pipeline.process_lores(frame.lores, frame.image, gallery=gallery)
             else:
@@ -413,44 +469,24 @@ def cmd_stream(args: argparse.Namespace) -> int:
             if voted != decision:
                 decision = voted
                 if args.json:
-                    _print_json({"frame": frame.index, "timestamp": frame.timestamp, "name": decision})
+                    now = datetime.now().astimezone().isoformat(timespec="milliseconds")
+                    _print_json({"frame": frame.index, "t": round(elapsed, 3), "time": now, "name": decision})
                 else:
-                    print(f"frame {frame.index} t={frame.timestamp:.2f}: {decision or 'nobody'}", flush=True)
+                    print(f"frame {frame.index} t={elapsed:.3f}: {decision or 'nobody'}", flush=True)
             if count == args.max_frames:
                 break
     return ExitCode.OK
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """Summary of the model card (and a check that the model loads)."""
+    """The model card, readable (``--json``: as stored), after checking that the model loads."""
     path = _model_path(args)
-    with Embedder.from_path(path, num_threads=args.threads) as embedder:
+    with Embedder.from_path(path) as embedder:
         card, identity = embedder.card, embedder.identity
     if args.json:
         _print_json({"model": str(path), "sha256": identity.sha256, "card": card.to_dict()})
-        return ExitCode.OK
-    thresholds = card.thresholds
-    lines = [
-        ("model", str(path)),
-        ("name", f"{card.name} {card.version}"),
-        ("architecture", card.architecture),
-        ("input", f"{card.input_height}x{card.input_width} {card.color_order}, (pixel - {card.mean:g}) / {card.std:g}"),
-        ("embedding", f"{card.embedding_size}-d"),
-        ("alignment", card.alignment),
-        ("compatibility group", card.compatibility_group or "none"),
-        ("sha256", identity.sha256),
-        ("threshold far@1e-3", "unknown" if thresholds.far_1e3 is None else f"{thresholds.far_1e3:.3f}"),
-        ("threshold best-acc", "unknown" if thresholds.best_accuracy is None else f"{thresholds.best_accuracy:.3f}"),
-    ]
-    if card.lfw:
-        lines.append(("LFW", ", ".join(f"{k} {v}" for k, v in card.lfw.items())))
-    if card.quantization:
-        lines.append(("quantization", ", ".join(f"{k} {v}" for k, v in card.quantization.items())))
-    if card.terms:
-        lines.append(("terms", card.terms))
-    width = max(len(key) for key, _ in lines)
-    for key, value in lines:
-        print(f"{key:<{width}}  {value}")
+    else:
+        print(card_summary.format_rows(card_summary.summary(card, path, identity.sha256)))
     return ExitCode.OK
 
 
@@ -478,18 +514,22 @@ def _vote(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser (also used to render docs/cli.md's usage lines)."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+    """The full argument parser (also used to render docs/cli.md's usage lines). A command
+    takes only the options it uses: the gallery actions need no model, and only the
+    commands that work through a list of images draw a progress bar."""
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument(
         "--model", metavar="PATH", help="embedding model .tflite, card .json beside it (default: the shipped model)"
     )
-    common.add_argument(
-        "--detector", choices=sorted(DETECTORS), default=DEFAULT_DETECTOR, help="face detector (default: %(default)s)"
-    )
-    common.add_argument(
+    running = argparse.ArgumentParser(add_help=False)  # how the pipeline runs
+    running.add_argument(
         "--threads", type=bench.positive_int, metavar="N", help="CPU threads for the models (default: the runtime's)"
     )
-    common.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    running.add_argument(
+        "--detector", choices=sorted(DETECTORS), default=DEFAULT_DETECTOR, help="face detector (default: %(default)s)"
+    )
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="machine-readable output, one JSON object per line")
     threshold = argparse.ArgumentParser(add_help=False)
@@ -499,53 +539,61 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="D",
         help="squared-L2 decision threshold (default: the model card's / the gallery's)",
     )
+    faces = [model, running]
+    batch = [model, running, quiet, as_json]
 
     parser = argparse.ArgumentParser(prog="facenet-edge", description="Face recognition on small devices.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser("enroll", parents=[common, as_json, threshold], help="add a person to a gallery")
+    p = commands.add_parser("enroll", parents=[*batch, threshold], help="add a person to a gallery")
     p.add_argument("--gallery", required=True, metavar="G", help="gallery file (created if missing)")
     p.add_argument("--name", required=True, help="the person's name")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="images with exactly one face each")
+    p.add_argument(
+        "--subject",
+        action="store_true",
+        help="from a photo with several faces, enrol its subject (the face covering the centre, else the "
+        "largest) instead of skipping the photo",
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="photos of the person, one face each")
     p.set_defaults(handler=cmd_enroll)
 
-    p = commands.add_parser("identify", parents=[common, as_json, threshold], help="who is in these images")
-    p.add_argument("--gallery", required=True, metavar="G")
+    p = commands.add_parser("identify", parents=[*batch, threshold], help="who is in these images")
+    p.add_argument("--gallery", required=True, metavar="G", help="gallery file to match against")
     p.add_argument("--top-k", type=bench.positive_int, default=1, metavar="K", help="candidates per face (default: 1)")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="photos; every face in each is identified")
     p.set_defaults(handler=cmd_identify)
 
-    p = commands.add_parser("verify", parents=[common, as_json, threshold], help="are two faces the same person")
-    p.add_argument("image1", metavar="IMAGE1")
-    p.add_argument("image2", metavar="IMAGE2")
+    p = commands.add_parser("verify", parents=[*faces, as_json, threshold], help="are two faces the same person")
+    p.add_argument("image1", metavar="IMAGE1", help="first photo (its subject is compared)")
+    p.add_argument("image2", metavar="IMAGE2", help="second photo")
     p.set_defaults(handler=cmd_verify)
 
-    p = commands.add_parser("embed", parents=[common, as_json], help="face embeddings of images")
+    p = commands.add_parser("embed", parents=batch, help="face embeddings of images")
     p.add_argument("--out", metavar="FILE.npy", help="also save all embeddings as one (N, 128) float32 .npy")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="photos; every face in each is embedded")
     p.set_defaults(handler=cmd_embed)
 
     p = commands.add_parser("gallery", help="list, remove, rename, export, import")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     gallery_opts = argparse.ArgumentParser(add_help=False)
     gallery_opts.add_argument("--gallery", required=True, metavar="G", help="gallery file")
-    a = actions.add_parser("list", parents=[common, gallery_opts, as_json], help="enrolled people")
-    a = actions.add_parser("remove", parents=[common, gallery_opts], help="delete a person and their samples")
-    a.add_argument("name", metavar="NAME")
-    a = actions.add_parser("rename", parents=[common, gallery_opts], help="rename a person")
-    a.add_argument("old", metavar="OLD")
-    a.add_argument("new", metavar="NEW")
-    a = actions.add_parser("export", parents=[common, gallery_opts], help="write all samples to an .npz")
-    a.add_argument("file", metavar="FILE")
-    a = actions.add_parser("import", parents=[common, gallery_opts], help="add the samples of an export")
-    a.add_argument("file", metavar="FILE")
+    actions.add_parser("list", parents=[gallery_opts, as_json], help="enrolled people")
+    a = actions.add_parser("remove", parents=[gallery_opts], help="delete a person and their samples")
+    a.add_argument("name", metavar="NAME", help="the person to delete")
+    a = actions.add_parser("rename", parents=[gallery_opts], help="rename a person")
+    a.add_argument("old", metavar="OLD", help="the current name")
+    a.add_argument("new", metavar="NEW", help="the new name (must be free)")
+    a = actions.add_parser("export", parents=[gallery_opts], help="write all samples to an .npz")
+    a.add_argument("file", metavar="FILE", help="the .npz to write")
+    a = actions.add_parser("import", parents=[gallery_opts], help="add the samples of an export")
+    a.add_argument("file", metavar="FILE", help="an .npz written by gallery export")
     p.set_defaults(handler=cmd_gallery)
 
-    p = commands.add_parser("stream", parents=[common, as_json, threshold], help="identify faces in a camera or video")
+    p = commands.add_parser("stream", parents=[*faces, as_json, threshold], help="identify faces in a camera or video")
     p.add_argument(
         "--source", required=True, metavar="SRC", help="camera index, video file, RTSP URL, picamera2 or image folder"
     )
-    p.add_argument("--gallery", required=True, metavar="G")
+    p.add_argument("--gallery", required=True, metavar="G", help="gallery file to match against")
     p.add_argument("--max-frames", type=bench.positive_int, metavar="N", help="stop after N frames")
     p.add_argument(
         "--vote",
@@ -563,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_stream)
 
-    p = commands.add_parser("info", parents=[common, as_json], help="model card summary")
+    p = commands.add_parser("info", parents=[model, as_json], help="model card summary")
     p.set_defaults(handler=cmd_info)
 
     p = commands.add_parser("bench", help="latency, FPS, cold start and memory on this machine")
