@@ -277,6 +277,29 @@ def test_stream_embed_fps_on_a_file_follows_the_video_clock(stream, model, video
     assert stamps == pytest.approx([0.0, 0.5, 1.0, 1.5])
 
 
+def test_stream_embed_refuses_fps_on_a_folder(stream, model, astronaut, tmp_path, capsys):
+    folder = tmp_path / "frames"
+    for k in range(3):
+        write_png(folder / f"{k}.png", shifted(astronaut, k))
+    argv = ["--model", model, "--source", str(folder), "--out", str(tmp_path / "faces.jsonl"), "--fps", "2"]
+    with pytest.raises(SystemExit) as exit_info:
+        stream.main(argv)
+    assert exit_info.value.code == 2
+    assert "--fps needs a source with a clock (camera, stream, video file); for a folder use --every N" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "faces.jsonl").exists()
+
+
+@pytest.mark.parametrize("name", ["faces.jsonl", "faces.npz"])
+def test_stream_embed_missing_output_folder_is_one_line(stream, model, video, tmp_path, capsys, name):
+    out = tmp_path / "nodir" / name
+    assert stream.main(["--model", model, "--source", str(video), "--out", str(out), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"stream_embed: error: output folder does not exist: {tmp_path / 'nodir'}"
+    assert "Errno" not in err
+
+
 class FakeLiveSource:
     """A camera delivering frames faster than they are consumed."""
 

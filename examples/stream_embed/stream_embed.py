@@ -5,11 +5,13 @@ A live source is read through ``facenet_edge.LatestFrameSource`` (``open_source(
 latest_only=True)``): a capture thread keeps only the newest frame, so a slow device
 falls behind by dropping frames (counted and reported) instead of building a backlog of
 ever-older ones. A video file or a folder is read in step with processing: every frame is
-processed unless ``--every``/``--fps`` say otherwise.
+processed unless ``--every``/``--fps`` say otherwise. ``--fps`` counts seconds of the
+source's own clock (a video file's position), so a file is thinned the same however fast
+the device is; a folder of images has no clock, so there ``--fps`` is refused.
 
-    python stream_embed.py --model m.tflite --source 0 --out faces.jsonl
-    python stream_embed.py --model m.tflite --source rtsp://cam/stream --fps 5 --out faces.npz --chunk 500
-    python stream_embed.py --model m.tflite --source clip.mp4 --every 3 --out -   # JSON Lines on stdout
+    python stream_embed.py --source 0 --out faces.jsonl
+    python stream_embed.py --source rtsp://cam/stream --fps 5 --out faces.npz --chunk 500
+    python stream_embed.py --source clip.mp4 --every 3 --out -   # JSON Lines on stdout
 
 Embeddings are biometric data: output files are created with mode 0600.
 """
@@ -83,6 +85,15 @@ class Writer(Protocol):
     def close(self) -> None: ...
 
 
+def output_path(path: str) -> Path:
+    """``--out`` as a path, checked up front: a missing folder is one clear line, not an
+    errno from deep inside the writer."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"output folder does not exist: {target.parent}")
+    return target
+
+
 def open_private(path: Path, mode: str = "w") -> IO:
     """Open for writing, creating the file with mode 0600 (embeddings are biometric data)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -93,7 +104,7 @@ class JsonLinesWriter:
     """One JSON object per face per line; flushed every frame so ``tail -f`` sees it."""
 
     def __init__(self, path: str) -> None:
-        self._file = sys.stdout if path == "-" else open_private(Path(path))
+        self._file = sys.stdout if path == "-" else open_private(output_path(path))
 
     def write(self, records: list[FaceRecord]) -> None:
         for r in records:
@@ -118,9 +129,7 @@ class NpzChunkWriter:
     Each chunk is written to a temporary file and renamed, so a reader never sees half a chunk."""
 
     def __init__(self, path: str, chunk: int) -> None:
-        self._path = Path(path)
-        if not self._path.parent.is_dir():
-            raise FileNotFoundError(f"output folder does not exist: {self._path.parent}")
+        self._path = output_path(path)
         self._chunk = chunk
         self._pending: list[FaceRecord] = []
         self.files: list[Path] = []
@@ -292,7 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunk", type=int, default=1000, metavar="N", help="faces per .npz chunk (default: 1000)")
     parser.add_argument("--every", type=int, default=1, metavar="N", help="process every N-th frame (default: 1)")
     parser.add_argument(
-        "--fps", type=float, metavar="F", help="process at most this many frames per second of the source"
+        "--fps",
+        type=float,
+        metavar="F",
+        help="process at most F frames per second of the source's clock: a camera's or stream's, or a video "
+        "file's own time (not for a folder of images: use --every)",
     )
     parser.add_argument("--max-frames", type=int, metavar="N", help="stop after processing N frames")
     parser.add_argument(
@@ -312,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.every < 1 or args.chunk < 1 or (args.fps is not None and args.fps <= 0):
         parser.error("--every and --chunk must be at least 1, --fps above 0")
+    folder = Path(args.source).is_dir()
+    if folder and args.fps is not None:
+        # Images in a folder have no capture times: pacing them by how fast this device
+        # happens to process them would keep an arbitrary few.
+        parser.error("--fps needs a source with a clock (camera, stream, video file); for a folder use --every N")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         with ExitStack() as stack:
@@ -330,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                 source,
                 writer,
                 FrameGate(every=args.every, fps=args.fps),
-                file_clock=not source.live and not Path(args.source).is_dir(),
+                file_clock=not source.live and not folder,
                 max_frames=args.max_frames,
                 readout=readout,
             )
