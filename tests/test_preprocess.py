@@ -167,11 +167,11 @@ def test_teacher_describes_every_cached_face_and_resumes(datasets, tmp_path):
     samples, _, _ = preprocess.gather_samples(["faces"], datasets, limit=6)  # anna and bob: 6 faces
     out = tmp_path / "cache"
     preprocess.build_cache(samples, out, preprocess.CropOptions(), shard_size=4)
-    faces, seconds = teacher.compute_teacher(out, workers=1)
+    faces, seconds = teacher.compute_teacher(out, teacher.TeacherOptions('dlib', workers=1))
     assert faces == 6 and seconds > 0
     cache = data.load_cache(out, with_teacher=True)
     assert cache.teacher.shape == (6, 128) and np.isfinite(cache.teacher).all()
     # The same face in every variant: within dlib's own 0.6 tolerance of the original.
     distances = np.linalg.norm(cache.teacher - cache.teacher[0], axis=1)
     assert distances.max() < 0.6
-    assert teacher.compute_teacher(out, workers=1)[0] == 0  # nothing left to do
+    assert teacher.compute_teacher(out, teacher.TeacherOptions('dlib', workers=1))[0] == 0  # nothing left to do

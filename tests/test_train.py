@@ -8,6 +8,7 @@ and a fake mini-LFW of astronaut variants. No real training data is read.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -314,6 +315,57 @@ def test_distillation_and_harmonic(synthetic_cache, trained_run, tmp_path):
     assert np.array_equal(weights.teacher_mean_of(exported), mean)
     assert weights.teacher_mean_of(trained_run) is None
     assert logged(tmp_path / "run", "learning_rate")[0] == pytest.approx(0.01)
+
+
+def test_teacher_basis_is_orthonormal_and_does_not_depend_on_face_order():
+    rng = np.random.default_rng(1)
+    teacher = (rng.normal(size=(200, 24)) * np.r_[np.full(8, 3.0), np.full(16, 0.1)]).astype(np.float32)
+    teacher[5] = np.nan  # a face without a descriptor is left out
+    basis = data.teacher_basis(teacher, 8)
+    assert basis.shape == (24, 8)
+    assert np.allclose(basis.T @ basis, np.eye(8), atol=1e-5)
+    assert np.allclose(data.teacher_basis(teacher[::-1], 8), basis, atol=1e-5)  # signs fixed too
+    # The axes span the 8 wide input axes.
+    assert np.linalg.norm(basis[:8]) ** 2 > 0.99 * 8
+    centre = data.teacher_centre(teacher)
+    targets = data.teacher_targets(teacher[:4], centre, basis)
+    assert np.allclose(targets, (teacher[:4] - centre) @ basis)
+
+
+def test_a_wider_teacher_is_projected_on_its_principal_axes(synthetic_cache, tmp_path):
+    """A teacher wider than the student (EdgeFace's 512-d for a 128-d student): targets are
+    the centred descriptors on their principal axes, fixed for the run and kept on resume."""
+    rng = np.random.default_rng(2)
+    wide = tmp_path / "wide"
+    shutil.copytree(synthetic_cache, wide)
+    for path in sorted(wide.glob("teacher-*.npy")):
+        narrow = np.load(path)
+        np.save(path, np.hstack([narrow, rng.normal(0, 0.01, (len(narrow), 2 * DIM))]).astype(np.float32))
+    config = make_config(wide, data={"teacher": True}, loss={"distillation": 1.0},
+                         train={"steps": 2, "log_every": 1, "checkpoint_every": 1, "jit_compile": False})
+    result = train.train(config, tmp_path / "run")
+    assert np.isfinite(result.metrics["distillation"])
+    basis = np.load(tmp_path / "run" / train.TEACHER_BASIS)
+    assert basis.shape == (3 * DIM, DIM)
+    # The narrow part carries nearly all the variance: the basis lies in it.
+    assert np.linalg.norm(basis[:DIM]) ** 2 > 0.99 * DIM
+    # Its mean alone maps nothing: no dlib-style centre travels with the weights.
+    assert weights.teacher_mean_of(tmp_path / "run") is None
+    np.save(tmp_path / "run" / train.TEACHER_BASIS, basis[:, ::-1])  # resume reads the run's own basis back
+    cache = train.load_training_cache(config)
+    targets = train.student_targets(cache.teacher, config, tmp_path / "run", resume=True)
+    centre = np.load(tmp_path / "run" / train.TEACHER_MEAN)
+    assert np.allclose(targets, (cache.teacher - centre) @ basis[:, ::-1], equal_nan=True)
+
+
+def test_mixed_bfloat16_keeps_the_embedding_float32(synthetic_cache, tmp_path):
+    config = make_config(synthetic_cache, train={"steps": 2, "log_every": 1, "jit_compile": False,
+                                                 "precision": "mixed_bfloat16"})
+    result = train.train(config, tmp_path / "run")
+    assert np.isfinite(result.metrics["loss"])
+    model = train.load_keras_model(tmp_path / "run")
+    assert model.get_layer("embedding_dense").compute_dtype == "float32"
+    assert models.build_model("tiny").get_layer("conv1").compute_dtype == "float32"  # the policy did not leak
 
 
 def test_compact_weights_round_trip_and_feed_training(synthetic_cache, trained_run, tmp_path, capsys):

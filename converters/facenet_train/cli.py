@@ -1,4 +1,4 @@
-"""``facenet-train``: preprocess, teacher, train, evaluate, describe, convert, export-weights.
+"""``facenet-train``: preprocess, teacher-export, teacher, train, evaluate, describe, convert, export-weights.
 
 Only the chosen command's module is imported (its arguments are added then), so
 ``facenet-train --help`` and ``preprocess`` do not pay for importing TensorFlow, and
@@ -26,7 +26,8 @@ COMMANDS: dict[str, Command] = {
     "preprocess": Command("facenet_train.preprocess", "detect, align and cache training faces"),
     "preprocess-lfw": Command("facenet_train.preprocess", "detect, align and cache the LFW images used by the pairs",
                               "add_lfw_arguments", "run_lfw"),
-    "teacher": Command("facenet_train.teacher", "cache dlib ResNet descriptors of the cached faces (distillation targets)"),
+    "teacher-export": Command("facenet_train.edgeface", "export the EdgeFace-XS teacher to ONNX and score it on LFW"),
+    "teacher": Command("facenet_train.teacher", "cache a teacher's descriptors of the cached faces (distillation targets)"),
     "teacher-head": Command("facenet_train.teacher_head",
                             "refit a trained model's embedding layer to the teacher (a distillation start)"),
     "train": Command("facenet_train.train", "train an embedding model from a config file"),

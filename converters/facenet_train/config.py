@@ -122,11 +122,14 @@ class HarmonicConfig:
 class TrainConfig:
     """Loop settings. ``eval_every`` > 0 scores LFW from ``lfw_cache`` (a
     ``preprocess-lfw`` folder) with pairs from ``lfw``. ``jit_compile``: XLA for the
-    forward and backward pass (nearly twice the images/s on the 2-core CPU: docs/training.md)."""
+    forward and backward pass (nearly twice the images/s on the 2-core CPU: docs/training.md).
+    ``precision``: a Keras dtype policy; ``mixed_bfloat16`` computes the trunk in bfloat16
+    (variables and the embedding stay float32), for CPUs with AVX-512 BF16 or AMX."""
 
     steps: int = 100_000
     seed: int = 0
     jit_compile: bool = True
+    precision: str = "float32"
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     log_every: int = 50
@@ -165,6 +168,7 @@ class Config:
              "batch.unlabeled > 0 only feeds the distillation loss: set loss.distillation"),
             (loss.harmonic == 0 or bool(self.harmonic.old_model), "loss.harmonic > 0 needs harmonic.old_model"),
             (t.eval_every == 0 or bool(t.lfw and t.lfw_cache), "train.eval_every > 0 needs train.lfw and train.lfw_cache"),
+            (t.precision in ("float32", "mixed_bfloat16"), f"train.precision {t.precision!r}: float32 or mixed_bfloat16"),
             (t.steps > 0 and t.checkpoint_every > 0 and t.log_every > 0,
              "train.steps, checkpoint_every and log_every must be > 0"),
         ]

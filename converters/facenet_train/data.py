@@ -212,7 +212,7 @@ class FaceCache:
     ``boxes``/``landmarks`` the detection in original-image pixels (landmarks NaN for
     box-only detectors); ``pads``: pixels of black padding the detector needed (0: none,
     -1: a centre box stood in);
-    ``teacher``: (N, 128) float32 dlib descriptors (NaN rows: none) or None."""
+    ``teacher``: (N, D) float32 teacher descriptors (NaN rows: none) or None."""
 
     manifest: CacheManifest
     crops: np.ndarray
@@ -251,6 +251,24 @@ TEACHER_SIZE = 128  # dlib's face descriptor
 def teacher_centre(teacher: np.ndarray) -> np.ndarray:
     """The mean descriptor over the faces that have one (rows without are NaN)."""
     return teacher[np.isfinite(teacher).all(axis=1)].mean(axis=0).astype(np.float32)
+
+
+def teacher_basis(teacher: np.ndarray, size: int) -> np.ndarray:
+    """(D, size) principal axes of the descriptors of the faces that have one: projects a
+    teacher wider than the student (EdgeFace's 512-d) onto the student's embedding size.
+    Each axis' sign is fixed (largest loading positive) so the same faces always give the
+    same basis, whichever command computes it (``teacher-head`` and ``train``)."""
+    finite = teacher[np.isfinite(teacher).all(axis=1)].astype(np.float64)
+    _, _, vt = np.linalg.svd(finite - finite.mean(axis=0), full_matrices=False)
+    axes = vt[:size]
+    axes *= np.sign(axes[np.arange(len(axes)), np.abs(axes).argmax(axis=1)])[:, None]
+    return axes.T.astype(np.float32)
+
+
+def teacher_targets(teacher: np.ndarray, centre: np.ndarray | None, basis: np.ndarray | None) -> np.ndarray:
+    """Distillation targets: descriptors minus ``centre``, projected on ``basis`` (each optional)."""
+    targets = teacher if centre is None else teacher - centre
+    return targets if basis is None else targets @ basis
 
 
 def teacher_name(shard: str) -> str:

@@ -270,8 +270,10 @@ def build_model(
         # NN2's average pooling over the whole final map, as one AVERAGE_POOL_2D op.
         x = keras.layers.AveragePooling2D(tuple(x.shape[1:3]), name="avgpool")(x)
         x = StaticFlatten(name="flatten")(x)
-    x = keras.layers.Dense(embedding_size, name="embedding_dense")(x)
-    outputs = L2Normalize(name="embedding")(x)
+    # The embedding stays float32 under a mixed-precision policy: bfloat16's 8-bit mantissa
+    # would round distances at the scale of the triplet margin.
+    x = keras.layers.Dense(embedding_size, name="embedding_dense", dtype="float32")(x)
+    outputs = L2Normalize(name="embedding", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=name)
 
 

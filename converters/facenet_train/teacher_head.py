@@ -62,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
         penultimate(normalise(centre_crop(cache.crops[chosen[i:i + BATCH]], size)), training=False).numpy()
         for i in range(0, len(chosen), BATCH)
     ])
-    targets = cache.teacher[chosen] - data.teacher_centre(cache.teacher)
+    size = int(model.output_shape[-1])
+    basis = data.teacher_basis(cache.teacher, size) if cache.teacher.shape[1] > size else None
+    targets = data.teacher_targets(cache.teacher[chosen], data.teacher_centre(cache.teacher), basis)
     kernel, bias = fit_head(features, targets, args.ridge)
     dense.set_weights([kernel, bias])
     fitted = features @ kernel + bias

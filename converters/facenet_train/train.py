@@ -46,6 +46,7 @@ LOGS = "logs"
 CONFIG_JSON = "config.json"
 WEIGHTS = "model.weights.h5"
 TEACHER_MEAN = "teacher_mean.npy"  # subtracted from the teacher's descriptors (loss.center_teacher)
+TEACHER_BASIS = "teacher_basis.npy"  # projects a teacher wider than the student (data.teacher_basis)
 KERAS_MODEL = "model.keras"
 EVAL_BATCH = 128
 
@@ -246,7 +247,10 @@ class Trainer:
         self.identities = sampler.identities
         with self.strategy.scope():
             keras.utils.set_random_seed(config.train.seed)
+            # The layers keep the policy they were built with; nothing built later inherits it.
+            keras.mixed_precision.set_global_policy(config.train.precision)
             self.model = build_model(config.model.name, embedding_size=config.model.embedding_size)
+            keras.mixed_precision.set_global_policy("float32")
             self.old_model = load_old_model(config) if config.loss.harmonic else None
             self.optimizer = make_optimizer(config)
             self.optimizer.build(self.model.trainable_variables)  # slots exist before a restore
@@ -372,15 +376,26 @@ def prepare_run_dir(config: Config, config_file: Path | None, run_dir: Path, res
         shutil.copyfile(config_file, run_dir / f"config{config_file.suffix}")
 
 
-def teacher_mean(teacher: np.ndarray, run_dir: Path, resume: bool) -> np.ndarray:
-    """The mean teacher descriptor over the faces that have one, fixed for the whole run
-    (a resumed run reads it back: the faces described may have grown since)."""
-    path = run_dir / TEACHER_MEAN
+def _fixed_for_run(path: Path, resume: bool, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """An array computed at a run's start and read back on resume: the faces described may
+    have grown since, and the targets must not move under the model."""
     if resume and path.is_file():
         return np.load(path)
-    mean = data.teacher_centre(teacher)
-    np.save(path, mean)
-    return mean
+    value = compute()
+    np.save(path, value)
+    return value
+
+
+def student_targets(teacher: np.ndarray, config: Config, run_dir: Path, resume: bool) -> np.ndarray:
+    """The teacher's descriptors in the student's space: centred (``loss.center_teacher``)
+    and, when the teacher is wider than the student, projected on their principal axes."""
+    centre = basis = None
+    if config.loss.center_teacher:
+        centre = _fixed_for_run(run_dir / TEACHER_MEAN, resume, lambda: data.teacher_centre(teacher))
+    if teacher.shape[1] > config.model.embedding_size:
+        basis = _fixed_for_run(run_dir / TEACHER_BASIS, resume,
+                               lambda: data.teacher_basis(teacher, config.model.embedding_size))
+    return data.teacher_targets(teacher, centre, basis)
 
 
 def train(config: Config, run_dir: str | Path, resume: bool = False, config_file: str | Path | None = None,
@@ -389,8 +404,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, config_file
     run_dir = Path(run_dir)
     prepare_run_dir(config, Path(config_file) if config_file else None, run_dir, resume)
     cache = load_training_cache(config)
-    if config.loss.distillation and config.loss.center_teacher:
-        cache.teacher = cache.teacher - teacher_mean(cache.teacher, run_dir, resume)
+    if config.loss.distillation:
+        cache.teacher = student_targets(cache.teacher, config, run_dir, resume)
     trainer = Trainer(config, run_dir, cache, strategy)
     if config.model.init_weights and not trainer.manager.latest_checkpoint:
         if config.model.init_weights.endswith(".npz"):

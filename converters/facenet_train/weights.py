@@ -81,15 +81,18 @@ def load_compact(path: str | Path) -> keras.Model:
 
 
 def teacher_mean_of(checkpoint: str | Path) -> np.ndarray | None:
-    """The mean teacher descriptor a distilled model was trained against (a run folder's
-    ``teacher_mean.npy`` or a compact file's), None for other models."""
-    from .train import TEACHER_MEAN
+    """The mean teacher descriptor a model distilled in the teacher's own space (dlib's) was
+    trained against (a run folder's ``teacher_mean.npy`` or a compact file's), None for
+    other models, and for a teacher projected onto the student (its mean alone maps nothing)."""
+    from .train import TEACHER_BASIS, TEACHER_MEAN
 
     checkpoint = Path(checkpoint)
     if checkpoint.suffix == ".npz":
         return _read(checkpoint)[0].get("teacher_mean")
     path = checkpoint / TEACHER_MEAN
-    return np.load(path) if checkpoint.is_dir() and path.is_file() else None
+    if not checkpoint.is_dir() or not path.is_file() or (checkpoint / TEACHER_BASIS).is_file():
+        return None
+    return np.load(path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
