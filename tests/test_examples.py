@@ -382,6 +382,7 @@ def test_cluster_photos(cluster, model, photo_tree, tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["files"], summary["unreadable"], summary["without_faces"], summary["faces"]) == (8, 1, 2, 5)
     assert summary["threshold"] == 1.0  # the card's far_1e3
+    assert summary["method"].startswith("average")  # the default: no chaining
     [group] = summary["clusters"]  # a random model sees one person
     assert group["faces"] == 5 and group["folder"] == "cluster_000"
     links = sorted((out / "cluster_000").glob("*__*.png"))
@@ -391,17 +392,17 @@ def test_cluster_photos(cluster, model, photo_tree, tmp_path, capsys):
     sheet = cv2.imread(str(out / "cluster_000" / "contact_sheet.png"))
     assert sheet.shape == (112, 5 * 112, 3)
     assert "labels" not in summary
-    assert "1 cluster(s) of 2+ faces" in capsys.readouterr().out
+    assert "1 cluster(s) of 2+ faces (5 faces), 0 unclustered (average, distance 1); " in capsys.readouterr().out
     # The output must be new or empty: a second run does not mix with the first.
     assert cluster.main(["--model", model, str(photo_tree), str(out)]) == 1
 
 
-def test_cluster_photos_labels_average_copy(cluster, model, photo_tree, tmp_path):
+def test_cluster_photos_labels_threshold_copy(cluster, model, photo_tree, tmp_path, capsys):
     out = tmp_path / "clusters"
-    argv = ["--model", model, "--method", "average", "--copy", "--labels-from-folders", "--tile", "64"]
+    argv = ["--model", model, "--method", "threshold", "--copy", "--labels-from-folders", "--tile", "64"]
     assert cluster.main([*argv, str(photo_tree), str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["method"].startswith("average")
+    assert summary["method"] == "threshold"
     # One cluster of 3 ada + 2 bob: purity 3/5; 4 of its 10 pairs are one person; all same-person pairs together.
     assert summary["labels"] == {
         "faces": 5,
@@ -410,6 +411,8 @@ def test_cluster_photos_labels_average_copy(cluster, model, photo_tree, tmp_path
         "pairwise_precision": pytest.approx(0.4),
         "pairwise_recall": pytest.approx(1.0),
     }
+    printed = capsys.readouterr().out.splitlines()[-1]
+    assert printed == "labels: 2 people, 5 faces: purity 0.600, pairwise precision 0.400, pairwise recall 1.000"
     copies = list((out / "cluster_000").glob("*__*.png"))
     assert len(copies) == 5 and not any(p.is_symlink() for p in copies)
     assert cv2.imread(str(out / "cluster_000" / "contact_sheet.png")).shape == (64, 5 * 64, 3)
@@ -441,6 +444,16 @@ def test_label_metrics(cluster):
     metrics = cluster.label_metrics(groups, ["a", "a", "b", "b", "b", None])
     # purity (2 + 2) / 5; pairs together 3 + 1, of which a-a and b-b are right; same-person pairs 1 + 3
     assert metrics == {"faces": 5, "people": 2, "purity": 0.8, "pairwise_precision": 0.5, "pairwise_recall": 0.5}
+
+
+def test_average_linkage_does_not_chain(cluster):
+    # Faces along an arc, each within 0.4 of the next: one chain from the first to the last.
+    angles = np.arange(12) * 0.3
+    x = np.zeros((12, 128), np.float32)
+    x[:, 0], x[:, 1] = np.cos(angles), np.sin(angles)  # neighbours: 2 - 2 cos(0.3) = 0.09 apart
+    assert len(set(cluster.threshold_components(x, 0.1).tolist())) == 1
+    # A third face is 0.09 from one of a pair and 0.35 from the other: 0.22 on average.
+    assert np.bincount(cluster.average_clusters(x, 0.1, use_sklearn=False)).max() == 2
 
 
 def clustered_vectors(seed: int, people: int = 8, faces: int = 80) -> np.ndarray:

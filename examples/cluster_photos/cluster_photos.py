@@ -1,14 +1,16 @@
 """Cluster photos by face: embed every face in a folder tree, group faces of the same
 person, and write one folder per group (links to the photos) with a contact sheet.
 
-    python cluster_photos.py --model m.tflite ~/Pictures clusters/
-    python cluster_photos.py --model m.tflite --method average --copy ~/Pictures clusters/
-    python cluster_photos.py --model m.tflite --labels-from-folders --largest-only lfw/ out/
+    python cluster_photos.py ~/Pictures clusters/
+    python cluster_photos.py --copy --threshold 0.5 ~/Pictures clusters/
+    python cluster_photos.py --labels-from-folders --largest-only lfw/ out/
 
-Clustering is numpy only: ``threshold`` joins any two faces within the model card's
-distance threshold (connected components); ``average`` is average-linkage agglomerative
-clustering cut at the same distance (scikit-learn's when installed, else a numpy
-nearest-neighbour chain). Distances are squared L2 between unit embeddings (0..4).
+``average`` (the default) is average-linkage agglomerative clustering cut at the model
+card's distance threshold (scikit-learn's when installed, else a numpy nearest-neighbour
+chain): two groups merge only when their faces are within it on average, so one close
+pair of photos of two people does not join them. ``threshold`` joins any two faces
+within it (connected components, single linkage): fast, but one weak link chains two
+people together. Distances are squared L2 between unit embeddings (0..4).
 
 Output: ``cluster_000/`` (largest first), ..., ``unclustered/`` (groups smaller than
 ``--min-size``), each with ``contact_sheet.png``, plus ``summary.json``. Contact sheets
@@ -389,9 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for the models")
     parser.add_argument(
         "--method",
-        choices=["threshold", "average"],
-        default="threshold",
-        help="threshold: connected components; average: average-linkage agglomerative",
+        choices=["average", "threshold"],
+        default="average",
+        help="average: average-linkage agglomerative (default); threshold: connected components, which chain",
     )
     parser.add_argument(
         "--threshold",
@@ -455,12 +457,22 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{stats.files} files, {stats.unreadable} unreadable, {stats.without_faces} without faces, "
         f"{stats.faces} faces -> {len(clustered)} cluster(s) of {args.min_size}+ faces "
-        f"({sum(c['faces'] for c in clustered)} faces), {summary['unclustered']['faces']} unclustered; "
+        f"({sum(c['faces'] for c in clustered)} faces), {summary['unclustered']['faces']} unclustered "
+        f"({args.method}, distance {summary['threshold']:.3g}); "
         f"see {args.output / 'summary.json'}"
     )
     if "labels" in summary:
-        print("labels: " + json.dumps(summary["labels"]))
+        print(f"labels: {describe_metrics(summary['labels'])}")
     return 0
+
+
+def describe_metrics(metrics: dict[str, float | int | None]) -> str:
+    """``label_metrics`` in one line, three decimals."""
+    figures = ", ".join(
+        f"{key.replace('_', ' ')} {'n/a' if metrics[key] is None else format(metrics[key], '.3f')}"
+        for key in ("purity", "pairwise_precision", "pairwise_recall")
+    )
+    return f"{metrics['people']} people, {metrics['faces']} faces: {figures}"
 
 
 def write_output(
@@ -499,7 +511,9 @@ def write_output(
         "unclustered": unclustered,
     }
     if args.labels_from_folders:
-        summary["labels"] = label_metrics(groups, [ref.label for ref in refs])
+        metrics = label_metrics(groups, [ref.label for ref in refs])
+        # Four decimals: the figures are ratios of a few hundred faces; more is float noise.
+        summary["labels"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
     (args.output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
