@@ -341,6 +341,15 @@ def test_run_folder_config_names_the_training_data(tmp_path, work):
     assert convert.run_config(work / "tiny.keras") is None
 
 
+def test_terms_name_what_the_model_was_made_from():
+    datasets = ["Pins Face Recognition [pins]", "UTKFace [utkface]"]
+    assert convert.terms(datasets, None) == ("non-commercial research only: trained on Pins Face Recognition, UTKFace; "
+                                             "these are licensed for non-commercial research")
+    distilled = convert.terms(datasets, "edgeface")
+    assert "distilled from EdgeFace-XS" in distilled and distilled.startswith("non-commercial research only")
+    assert "unrecorded datasets" in convert.terms([], None)
+
+
 def test_missing_checkpoint_is_a_clean_error(work, capsys):
     assert cli.main(["convert", str(work / "nope.keras"), "--to", "float32"]) == 2
     assert "checkpoint not found" in capsys.readouterr().err

@@ -64,12 +64,19 @@ DATASET_NAMES = {
     "utkface": "UTKFace",
     "extyaleb": "Extended Yale B",
 }
-# Every dataset the project trains on is licensed for non-commercial research only, so
-# every model trained on them inherits that restriction.
-TERMS = (
-    "non-commercial research only: facenet-edge models are trained on datasets licensed for "
-    "non-commercial research (CelebA, Pins, Glint360K sample, UTKFace, Extended Yale B)"
-)
+# Every dataset the project trains on, and every teacher it distils from, is licensed for
+# non-commercial research only, so every model trained on them inherits that restriction.
+TEACHER_NAMES = {
+    "edgeface": "EdgeFace-XS (Idiap; code BSD-3, weights published for non-commercial research)",
+    "dlib": "dlib's ResNet face descriptor",
+}
+
+
+def terms(datasets: list[str], teacher: str | None) -> str:
+    """The card's terms line: what the model was made from, and what that allows."""
+    names = ", ".join(d.split(" [")[0] for d in datasets) or "unrecorded datasets"
+    made_from = f"trained on {names}" + (f", distilled from {TEACHER_NAMES[teacher]}" if teacher else "")
+    return f"non-commercial research only: {made_from}; these are licensed for non-commercial research"
 
 
 class ConversionError(RuntimeError):
@@ -291,6 +298,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compatibility-group", help="shared by models trained to give comparable embeddings (harmonic)")
     parser.add_argument("--training-data", help="datasets the model was trained on, comma-separated keys of "
                                                 "`datasets.py` or names (default: from the run folder's config.json)")
+    parser.add_argument("--teacher", choices=list(TEACHER_NAMES),
+                        help="the teacher the model was distilled from (named in the card's terms)")
     parser.add_argument("--mean", type=float, default=ModelCard.mean, help="input normalisation: (pixel - mean) / std")
     parser.add_argument("--std", type=float, default=ModelCard.std)
     parser.add_argument("--no-embed-card", dest="embed_card", action="store_false",
@@ -359,7 +368,7 @@ def _base_card(args: argparse.Namespace, keras_model) -> ModelCard:
         flops=flops,
         parameters=int(keras_model.count_params()),
         training_data=datasets,
-        terms=TERMS,
+        terms=terms(datasets, args.teacher),
         extra={"converter": {"tensorflow": tf_version(), "target": args.target, "checkpoint": str(args.checkpoint)},
                **notes},
     )
