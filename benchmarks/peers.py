@@ -104,7 +104,7 @@ def dlib_peer() -> tuple[DlibPeer | None, str]:
     """The dlib peer, or None and why not."""
     missing = [m for m in ("dlib", "face_recognition_models") if importlib.util.find_spec(m) is None]
     if missing:
-        return None, f"not installed ({', '.join(missing)}): pip install 'facenet-edge[teacher]'"
+        return None, f"not installed ({', '.join(missing)}): pip install 'facenet-edge[dlib]'"
     return DlibPeer(), ""
 
 

@@ -256,7 +256,7 @@ def test_peers(tiny_model, tmp_path):
     if LFW is not None:
         assert {a["peer"] for a in results["lfw"]} >= {"tiny_int8", "tiny_float"}
     if importlib.util.find_spec("dlib") is None:
-        pytest.skip("dlib is not installed (pip install 'facenet-edge[teacher]'): dlib parts not checked")
+        pytest.skip("dlib is not installed (pip install 'facenet-edge[dlib]'): dlib parts not checked")
     assert results["latency"][0]["peer"] == "dlib ResNet v1"
     assert results["dlib"]["version"]
     assert report["targets"][0]["measured"] is not None  # int8 embed / dlib descriptor
