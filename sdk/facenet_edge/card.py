@@ -10,15 +10,45 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ModelError
+from .files import open_regular, read_regular
+from .interpreter import MAX_MODEL_BYTES
+
 CARD_SCHEMA_VERSION = 1
+# A card is a few kB of JSON; anything much larger is not a card.
+MAX_CARD_BYTES = 1024 * 1024
+_HASH_CHUNK = 1024 * 1024
 
 
 class CardError(ValueError):
     """A model card is missing, unreadable or inconsistent."""
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_threshold(value: object, what: str) -> float:
+    """A decision threshold as a float: a finite squared-L2 distance between unit
+    vectors, strictly between 0 (nothing accepted) and 4 (everything accepted); else
+    CardError naming ``what``."""
+    if not _is_number(value) or not (math.isfinite(value) and 0.0 < value < 4.0):
+        raise CardError(f"{what} must be a squared-L2 distance strictly between 0 and 4, got {value!r}")
+    return float(value)
+
+
+def _check_type(card: object, name: str, kinds: tuple[type, ...], optional: bool = False) -> None:
+    value = getattr(card, name)
+    if value is None and optional:
+        return
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        wanted = " or ".join(k.__name__ for k in kinds) + (" or null" if optional else "")
+        raise CardError(f"model card field {name!r} must be {wanted}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -31,6 +61,14 @@ class Thresholds:
 
     far_1e3: float | None = None
     best_accuracy: float | None = None
+
+    def __post_init__(self) -> None:
+        # Every reader of a threshold gets a usable one: -1 would reject identical faces,
+        # 10 would accept strangers.
+        for name in ("far_1e3", "best_accuracy"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, check_threshold(value, f"model card threshold {name!r}"))
 
     def default(self) -> float | None:
         """The open-set threshold: the FAR-calibrated one when known (users trust a stated FAR)."""
@@ -64,6 +102,37 @@ class ModelCard:
     extra: dict[str, Any] = field(default_factory=dict)
     schema: int = CARD_SCHEMA_VERSION
 
+    def __post_init__(self) -> None:
+        """Check every field's type and range, so a bad card fails here, naming the field,
+        rather than deep inside preprocessing or a gallery write."""
+        for name in ("name", "version", "architecture", "color_order", "alignment", "terms"):
+            _check_type(self, name, (str,))
+        _check_type(self, "compatibility_group", (str,), optional=True)
+        for name in ("input_height", "input_width", "embedding_size", "schema"):
+            _check_type(self, name, (int,))
+            if getattr(self, name) < 1:
+                raise CardError(f"model card field {name!r} must be at least 1, got {getattr(self, name)!r}")
+        for name in ("flops", "parameters", "size_bytes"):
+            _check_type(self, name, (int,), optional=True)
+        for name in ("mean", "std"):
+            _check_type(self, name, (int, float))
+            if not math.isfinite(getattr(self, name)):
+                raise CardError(f"model card field {name!r} must be finite, got {getattr(self, name)!r}")
+        if self.std == 0:
+            raise CardError("model card field 'std' must not be 0")
+        if self.color_order not in ("RGB", "BGR"):
+            raise CardError(f"model card field 'color_order' must be RGB or BGR, got {self.color_order!r}")
+        if self.compatibility_group == "":
+            raise CardError("model card field 'compatibility_group' must be null or a non-empty string")
+        for name in ("quantization", "lfw", "extra"):
+            _check_type(self, name, (dict,))
+        _check_type(self, "training_data", (list,))
+        _check_type(self, "thresholds", (Thresholds,))
+        if self.schema > CARD_SCHEMA_VERSION:
+            raise CardError(
+                f"model card schema {self.schema} is newer than this facenet-edge reads ({CARD_SCHEMA_VERSION})"
+            )
+
     @property
     def input_size(self) -> tuple[int, int]:
         """(height, width) of the aligned face the model takes."""
@@ -84,8 +153,20 @@ class ModelCard:
         # Unknown keys are kept rather than dropped so a newer card survives a round trip.
         unknown = {k: v for k, v in data.items() if k not in known}
         if unknown:
-            kwargs["extra"] = {**kwargs.get("extra", {}), **unknown}
-        kwargs["thresholds"] = Thresholds(**(data.get("thresholds") or {}))
+            extra = kwargs.get("extra", {})
+            if not isinstance(extra, dict):
+                raise CardError(f"model card field 'extra' must be an object, got {extra!r}")
+            kwargs["extra"] = {**extra, **unknown}
+        thresholds = data.get("thresholds") or {}
+        if not isinstance(thresholds, dict):
+            raise CardError(f"model card field 'thresholds' must be an object, got {thresholds!r}")
+        allowed = {f.name for f in dataclasses.fields(Thresholds)}
+        if set(thresholds) - allowed:
+            raise CardError(
+                f"model card field 'thresholds' has unknown key(s) {', '.join(sorted(set(thresholds) - allowed))}; "
+                f"known: {', '.join(sorted(allowed))}"
+            )
+        kwargs["thresholds"] = Thresholds(**thresholds)
         return cls(**kwargs)
 
     def save(self, path: str | Path) -> None:
@@ -94,13 +175,22 @@ class ModelCard:
     @classmethod
     def load(cls, path: str | Path) -> ModelCard:
         path = Path(path)
+        raw = read_regular(path, "model card", MAX_CARD_BYTES, CardError)
         try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CardError(f"model card not found: {path}") from None
-        except json.JSONDecodeError as exc:
+            # parse_constant: JSON has no NaN or Infinity; Python's reader accepts them.
+            data = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+        except UnicodeDecodeError:
+            raise CardError(f"model card {path} is not UTF-8 text") from None
+        except ValueError as exc:  # JSONDecodeError, and the constants refused
             raise CardError(f"model card {path} is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except CardError as exc:
+            raise CardError(f"model card {path}: {exc}") from None
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def card_path_for(model_path: str | Path) -> Path:
@@ -123,5 +213,8 @@ class ModelIdentity:
 
 
 def model_identity(model_path: str | Path, card: ModelCard) -> ModelIdentity:
-    digest = hashlib.sha256(Path(model_path).read_bytes()).hexdigest()
-    return ModelIdentity(sha256=digest, compatibility_group=card.compatibility_group)
+    digest = hashlib.sha256()
+    with open_regular(model_path, "model", MAX_MODEL_BYTES, ModelError) as file:
+        while chunk := file.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return ModelIdentity(sha256=digest.hexdigest(), compatibility_group=card.compatibility_group)

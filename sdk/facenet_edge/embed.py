@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .align import TEMPLATES
 from .card import CardError, ModelCard, ModelIdentity, card_path_for, model_identity
 from .detect import BLAZEFACE_MODEL
 from .errors import ModelError
-from .interpreter import MODELS_DIR, TFLiteModel, load_interpreter
+from .interpreter import MODELS_DIR, TFLiteModel, check_tflite_file, load_interpreter
 
 # Optional file in models/ naming the packaged default embedding model.
 DEFAULT_MODEL_POINTER = MODELS_DIR / "default.txt"
@@ -67,10 +68,13 @@ class Embedder:
                 f"{self.model_path}: the card says {card.embedding_size}-d embeddings, "
                 f"the model outputs {self.embedding_size}"
             )
-        if card.color_order not in ("RGB", "BGR"):
-            raise ModelError(f"{self.model_path}: card color_order must be RGB or BGR, got {card.color_order!r}")
-        if card.std == 0:
-            raise ModelError(f"{self.model_path}: card std must not be 0")
+        # The card checked its own fields when it was made; the templates live with the
+        # aligner (OpenCV), which the card module does not import.
+        if card.alignment not in TEMPLATES:
+            raise ModelError(
+                f"{self.model_path}: the card's alignment {card.alignment!r} is unknown; "
+                f"known: {', '.join(sorted(TEMPLATES))}"
+            )
 
     @classmethod
     def from_path(
@@ -81,7 +85,8 @@ class Embedder:
         delegate: str | None = None,
     ) -> Embedder:
         """Load a model and its card (default: the JSON beside the model)."""
-        model_path = Path(model_path)
+        # The model first: a missing model is reported as such, not as its missing card.
+        model_path = check_tflite_file(model_path)
         if card is None:
             card_path = card_path_for(model_path)
             try:

@@ -8,6 +8,10 @@ the runtime never pays for importing TensorFlow on a device.
 from __future__ import annotations
 
 import ctypes
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -15,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import ModelError
+from .files import open_regular
 
 # Where models shipped in the wheel live (the vendored detector, a default embedder if any).
 MODELS_DIR = Path(__file__).resolve().with_name("models")
@@ -24,6 +29,14 @@ TFLITE_IDENTIFIER = b"TFL3"
 EDGETPU_SUFFIX = "_edgetpu.tflite"
 EDGETPU_LIBRARY = "libedgetpu.so.1"
 _SUPPORTED_IO_DTYPES = (np.float32, np.int8, np.uint8)
+# The TFLite runtime prints "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." from
+# native code whenever a model loads (not through Python's logging, and no setting of
+# ai-edge-litert 2.3 turns it off): noise on every command, even with --json. Native
+# stderr is pointed at /dev/null while a model loads unless this variable is "1"
+# (``facenet-edge --verbose`` sets it).
+NATIVE_LOG_ENV = "FACENET_EDGE_NATIVE_LOG"
+# Far above any model meant for a small device; refuses a device file or a sparse giant.
+MAX_MODEL_BYTES = 1024 * 1024 * 1024
 
 
 def _runtime() -> tuple[type, Callable[..., Any]]:
@@ -86,13 +99,31 @@ class TensorInfo:
         return ((values.astype(np.float32) - self.zero_point) * self.scale).astype(np.float32)
 
 
+@contextmanager
+def _native_log_silenced() -> Iterator[None]:
+    """Native writes to stderr (file descriptor 2) go to /dev/null inside the block.
+    Errors still reach the user: the runtime raises them as exceptions, reported after
+    the block. (Another thread writing to stderr in these milliseconds is silenced too.)"""
+    if os.environ.get(NATIVE_LOG_ENV) == "1":
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def check_tflite_file(path: str | Path) -> Path:
     """Refuse a missing, empty or non-TFLite file before the interpreter sees it: the
     native loader may crash outright on garbage instead of raising."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"model file not found: {path}")
-    with path.open("rb") as f:
+    with open_regular(path, "model", MAX_MODEL_BYTES, ModelError) as f:
         head = f.read(8)
     if not head:
         raise ModelError(f"model file is empty: {path}")
@@ -221,10 +252,11 @@ def load_interpreter(
                 "or use the CPU model"
             ) from None
     try:
-        interpreter = interpreter_cls(
-            model_path=str(path), num_threads=num_threads, experimental_delegates=delegates or None
-        )
-        interpreter.allocate_tensors()
+        with _native_log_silenced():
+            interpreter = interpreter_cls(
+                model_path=str(path), num_threads=num_threads, experimental_delegates=delegates or None
+            )
+            interpreter.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
         raise ModelError(f"cannot load {path} (truncated or corrupt TFLite file?): {exc}") from None
     model = TFLiteModel(interpreter, path, delegated=bool(delegates))

@@ -13,8 +13,12 @@ import cv2
 import numpy as np
 
 from .errors import ImageError
+from .files import read_regular
 
 MAX_PIXELS = 100_000_000
+# Larger than any photo a camera writes (a 100-megapixel PNG is rarely over 150 MB);
+# checked from the file's size before anything is read.
+MAX_FILE_BYTES = 256 * 1024 * 1024
 MIN_SIDE = 2
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -71,16 +75,10 @@ def _check_size(path: Path, width: int, height: int) -> None:
 def read_image(path: str | Path) -> np.ndarray:
     """Decode an image file to RGB uint8 H x W x 3 (greyscale expanded, alpha dropped,
     EXIF orientation applied). Raises ImageError naming the file when it is missing,
-    empty, not an image, corrupt, smaller than 2x2 or over 100 megapixels."""
+    not a regular file (a FIFO, a device), over 256 MB, empty, not an image, corrupt,
+    smaller than 2x2 or over 100 megapixels."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ImageError(f"image not found: {path}") from None
-    except IsADirectoryError:
-        raise ImageError(f"expected an image file, got a directory: {path}") from None
-    except OSError as exc:
-        raise ImageError(f"cannot read image {path}: {exc.strerror}") from None
+    data = read_regular(path, "image", MAX_FILE_BYTES, ImageError)
     if not data:
         raise ImageError(f"image file is empty: {path}")
     size = declared_size(data)
