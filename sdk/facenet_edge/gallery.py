@@ -53,14 +53,17 @@ Matching
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import os
 import sqlite3
+import stat
 import tempfile
 import threading
 import time
 import unicodedata
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -75,13 +78,28 @@ except ImportError:
 
 from .card import ModelIdentity
 from .errors import GalleryError, IncompatibleModelError
+from .files import open_regular, private_file
 
 SCHEMA_VERSION = 1
 EMBEDDING_SIZE = 128
 MAX_NAME_LENGTH = 128
 EXPORT_FORMAT = "facenet-edge-gallery/1"
+# The arrays of an export: name -> (rank, dtype kind, largest item in bytes). Strings are
+# numpy "U" (4 bytes a character); the embeddings int8.
+_EXPORT_ARRAYS = {
+    "format": (0, "U", 4 * 64),
+    "names": (1, "U", 4 * MAX_NAME_LENGTH),
+    "embeddings": (2, "i", 1),
+    "model_sha256": (0, "U", 4 * 64),
+    "compatibility_group": (0, "U", 4 * 256),
+    "threshold": (0, "f", 8),
+}
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
+# Unicode categories refused in names: control (Cc), format (Cf: zero-width and bidi
+# characters), surrogates (Cs: undecodable bytes from a command line), line and
+# paragraph separators (Zl, Zp).
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 # Rows converted to float32 per step of a search: 4096 x 128 x 4 bytes = 2 MiB.
 _BLOCK_ROWS = 4096
 # Rows per BLAS call. With its default GEMM_MULTITHREAD_THRESHOLD (4), OpenBLAS runs gemv
@@ -99,6 +117,12 @@ _SCORE_SLACK = 1e-4
 # Ids per "WHERE id IN (...)" (old SQLite builds allow at most 999 parameters).
 _NAME_BATCH = 500
 _BUSY_TIMEOUT_S = 10.0
+# open_regular needs a limit; a gallery has no useful one (8 GB is 60M faces).
+_MAX_GALLERY_BYTES = 1 << 62
+# SQLite's result code for "database or disk is full".
+_SQLITE_FULL = 13
+# Filesystems without hard links (FAT on a USB stick) answer os.link with one of these.
+_NO_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
 
 _SCHEMA = """
 CREATE TABLE meta (
@@ -119,6 +143,12 @@ CREATE TABLE samples (
 );
 CREATE INDEX samples_person ON samples(person_id);
 """
+# What identifies a gallery: these tables with (at least) these columns.
+_COLUMNS = {
+    "meta": {"key", "value"},
+    "people": {"id", "name", "created", "updated"},
+    "samples": {"id", "person_id", "embedding", "created"},
+}
 
 
 @dataclass
@@ -169,19 +199,27 @@ def quantize(embeddings: np.ndarray) -> np.ndarray:
 
 
 def validate_name(name: object) -> str:
-    """Return ``name`` if it is usable as a person's name, else raise GalleryError."""
+    """``name`` in Unicode NFC form if it is usable as a person's name, else GalleryError.
+
+    NFC makes an accented letter typed precomposed or as letter + combining accent the
+    same name. Control characters and line separators would break one-line output;
+    format characters (zero-width spaces and joiners, bidirectional overrides such as
+    U+202E) are invisible, so with them two different names could display alike."""
     if not isinstance(name, str):
         raise GalleryError(f"a name must be a string, got {type(name).__name__}")
+    bad = sorted({f"U+{ord(ch):04X}" for ch in name if unicodedata.category(ch) in _REFUSED_CATEGORIES})
+    if bad:
+        raise GalleryError(
+            f"a name must not contain control characters, invisible or direction-changing ones "
+            f"({', '.join(bad)}): {name!r}"
+        )
+    name = unicodedata.normalize("NFC", name)
     if not name.strip():
         raise GalleryError("a name must not be empty")
     if len(name) > MAX_NAME_LENGTH:
         raise GalleryError(f"name is {len(name)} characters long; the limit is {MAX_NAME_LENGTH}: {name[:32]!r}...")
     if name != name.strip():
         raise GalleryError(f"a name must not start or end with whitespace: {name!r}")
-    # Control and line/paragraph separators would break one-line output and listings.
-    bad = [ch for ch in name if unicodedata.category(ch) in ("Cc", "Zl", "Zp")]
-    if bad:
-        raise GalleryError(f"a name must not contain control characters: {name!r}")
     return name
 
 
@@ -214,6 +252,50 @@ def _check_threshold(threshold: float) -> float:
 
 def _sidecars(path: Path) -> list[Path]:
     return [path, Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}-journal")]
+
+
+def _sqlite_reason(exc: sqlite3.Error) -> str:
+    """SQLite's message, with a full disk said plainly."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code == _SQLITE_FULL or "database or disk is full" in str(exc):
+        return "no space left on device (database or disk is full)"
+    return str(exc)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to the storage device."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _link(source: Path, target: Path) -> None:
+    """Make ``source`` appear at ``target`` unless ``target`` exists (FileExistsError)."""
+    try:
+        os.link(source, target)
+    except OSError as exc:
+        if exc.errno not in _NO_LINKS:
+            raise
+        # No hard links here: check, then rename. Two creators racing within this window
+        # could replace each other's new, still empty gallery; no enrolment is lost
+        # (enrolments write only after opening the published file).
+        if os.path.lexists(target):
+            raise FileExistsError(errno.EEXIST, "File exists", str(target)) from None
+        os.rename(source, target)
+
+
+def _make_private(path: Path) -> None:
+    """A gallery and its companions are 0600: a file made by an older version or copied
+    in with 0644 stops being readable by other users once opened."""
+    for file in _sidecars(path):
+        try:
+            mode = file.stat().st_mode
+            if mode & 0o077:
+                os.chmod(file, stat.S_IMODE(mode) & 0o700)
+        except OSError:  # absent, or not ours to change (read-only medium): reading still works
+            continue
 
 
 class _Candidates:
@@ -401,6 +483,7 @@ class Gallery:
         self._lock = threading.RLock()
         self._index: _Index | None = None
         self._data_version: int | None = None
+        self._checked = False  # integrity checked (before the first write)
 
     # ---------------------------------------------------------------- opening
 
@@ -409,45 +492,69 @@ class Gallery:
         """Create a new gallery file for embeddings from ``identity``'s model.
 
         ``threshold`` is the open-set distance threshold, normally the model card's
-        ``thresholds.default()``. Raises GalleryError if ``path`` already exists.
+        ``thresholds.default()``. Raises GalleryError if ``path`` already exists. The file
+        appears complete or not at all (see :meth:`_publish`).
         """
         path = Path(path)
         threshold = _check_threshold(threshold)
         try:
-            # The file exists with mode 0600 before SQLite opens it; SQLite gives the
-            # -wal and -shm files the database file's mode.
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            cls._publish(path, identity, threshold)
         except FileExistsError:
             raise GalleryError(f"gallery already exists: {path}") from None
+        return cls.open(path)
+
+    @classmethod
+    def _publish(cls, path: Path, identity: ModelIdentity, threshold: float, export: _Export | None = None) -> None:
+        """Build a complete gallery (schema, metadata, and ``export``'s samples if given)
+        under a temporary name in ``path``'s folder, fsync it, then hard-link it to
+        ``path``. A power cut at any moment leaves either no gallery or a complete one
+        (at worst a hidden ``.NAME.*.tmp`` file), never a file that blocks the next
+        enrolment. The link fails if ``path`` exists, so two processes creating the same
+        gallery at once cannot overwrite each other: the loser gets FileExistsError and
+        can open the winner's file."""
+        try:
+            # mkstemp creates the file 0600; SQLite gives companions the database's mode.
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         except OSError as exc:
             raise GalleryError(f"cannot create gallery {path}: {exc.strerror}") from None
         os.close(fd)
-        conn = None
+        tmp = Path(name)
         try:
-            conn = cls._connect(path)
-            conn.execute("PRAGMA journal_mode=WAL")
-            meta = {
-                "schema": str(SCHEMA_VERSION),
-                "model_sha256": identity.sha256,
-                "compatibility_group": identity.compatibility_group,
-                "embedding_size": str(EMBEDDING_SIZE),
-                "threshold": repr(threshold),
-                "created": repr(time.time()),
-            }
-            conn.execute("BEGIN IMMEDIATE")
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", meta.items())
-            conn.execute("COMMIT")
-            cls._configure(conn)
-        except BaseException:
-            if conn is not None:
+            conn = cls._connect(tmp)
+            try:
+                cls._configure(conn)
+                # Named after its final path: errors name the file the user asked for.
+                staging = cls(path, conn, identity, threshold)
+                meta = {
+                    "schema": str(SCHEMA_VERSION),
+                    "model_sha256": identity.sha256,
+                    "compatibility_group": identity.compatibility_group,
+                    "embedding_size": str(EMBEDDING_SIZE),
+                    "threshold": repr(threshold),
+                    "created": repr(time.time()),
+                }
+                conn.execute("BEGIN IMMEDIATE")
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", meta.items())
+                conn.execute("COMMIT")
+                if export is not None:
+                    staging._import(export)
+            finally:
                 conn.close()
-            for file in _sidecars(path):
-                file.unlink(missing_ok=True)
+            _fsync(tmp)
+            _link(tmp, path)
+            _fsync(path.parent)
+        except sqlite3.Error as exc:
+            raise GalleryError(f"cannot create gallery {path}: {_sqlite_reason(exc)}") from None
+        except FileExistsError:
             raise
-        return cls(path, conn, identity, threshold)
+        except OSError as exc:
+            raise GalleryError(f"cannot create gallery {path}: {exc.strerror}") from None
+        finally:
+            for file in _sidecars(tmp):
+                file.unlink(missing_ok=True)
 
     @classmethod
     def open(
@@ -461,49 +568,69 @@ class Gallery:
 
         ``threshold``: when given, overrides the stored threshold for this instance only
         (the file is not changed). ``create=True``: a missing file is created with
-        ``identity`` and ``threshold`` (both then required).
+        ``identity`` and ``threshold`` (both then required); if another process creates
+        it at the same moment, theirs is opened.
 
         Raises GalleryError naming the path when the file is missing (and ``create`` is
         false) or is not a facenet-edge gallery; such a file is left untouched.
         """
         path = Path(path)
-        if not path.exists():
+        if not os.path.lexists(path):
             if not create:
                 raise GalleryError(f"gallery not found: {path}")
             if identity is None or threshold is None:
                 raise GalleryError(f"creating gallery {path} needs a model identity and a threshold")
-            return cls.create(path, identity, threshold)
+            try:
+                cls._publish(path, identity, _check_threshold(threshold))
+            except FileExistsError:
+                pass  # created by another process meanwhile: open it
         cls._check_header(path)
         conn = cls._connect(path)
         try:
-            # Read meta before any PRAGMA that writes (journal_mode rewrites the header):
-            # a file that is not ours must come out of this byte-for-byte unchanged.
+            # Identify our schema and read meta before any PRAGMA that writes (journal_mode
+            # rewrites the header): a file that is not ours must come out of this
+            # byte-for-byte unchanged.
             try:
+                cls._check_schema(path, conn)
                 meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             except sqlite3.DatabaseError as exc:
                 raise GalleryError(f"not a facenet-edge gallery: {path} ({exc})") from None
             stored_identity, stored_threshold = cls._read_meta(path, meta)
             conn.execute("PRAGMA journal_mode=WAL")
             cls._configure(conn)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise GalleryError(f"cannot open gallery {path}: {_sqlite_reason(exc)}") from None
         except BaseException:
             conn.close()
             raise
+        _make_private(path)
         chosen = stored_threshold if threshold is None else _check_threshold(threshold)
         return cls(path, conn, stored_identity, chosen)
 
     @staticmethod
     def _check_header(path: Path) -> None:
-        try:
-            with open(path, "rb") as file:
-                header = file.read(len(_SQLITE_HEADER))
-        except IsADirectoryError:
-            raise GalleryError(f"gallery path is a directory: {path}") from None
-        except OSError as exc:
-            raise GalleryError(f"cannot read gallery {path}: {exc.strerror}") from None
+        # open_regular: a FIFO or device at the gallery's path is refused, not waited on.
+        with open_regular(path, "gallery", _MAX_GALLERY_BYTES, GalleryError) as file:
+            header = file.read(len(_SQLITE_HEADER))
         if not header:
-            raise GalleryError(f"not a facenet-edge gallery: {path} is empty")
+            raise GalleryError(
+                f"not a facenet-edge gallery: {path} is empty (left by an older facenet-edge "
+                "interrupted while creating it? it holds nothing: delete it)"
+            )
         if header != _SQLITE_HEADER:
             raise GalleryError(f"not a facenet-edge gallery: {path} is not an SQLite database")
+
+    @staticmethod
+    def _check_schema(path: Path, conn: sqlite3.Connection) -> None:
+        """Raise GalleryError unless our tables and columns are there (read-only)."""
+        for table, wanted in _COLUMNS.items():
+            columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            if not columns:
+                raise GalleryError(f"not a facenet-edge gallery: {path} has no {table!r} table")
+            if not wanted <= columns:
+                missing = ", ".join(sorted(wanted - columns))
+                raise GalleryError(f"not a facenet-edge gallery: {path}: table {table!r} lacks {missing}")
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
@@ -531,8 +658,14 @@ class Gallery:
             size = int(meta["embedding_size"] or "")
             sha256 = meta["model_sha256"]
             threshold = float(meta["threshold"] or "")
-        except (KeyError, ValueError):
+        except (KeyError, ValueError, TypeError):
             raise GalleryError(f"not a facenet-edge gallery: {path} has incomplete metadata") from None
+        if not (math.isfinite(threshold) and 0.0 < threshold < 4.0):
+            # 100 would accept every stranger, -5 or NaN nobody: refuse rather than guess.
+            raise GalleryError(
+                f"gallery {path} stores threshold {meta['threshold']!r}, not a squared-L2 distance "
+                "strictly between 0 and 4 (edited by hand?)"
+            )
         if schema > SCHEMA_VERSION:
             raise GalleryError(
                 f"gallery {path} has schema version {schema}; "
@@ -578,6 +711,24 @@ class Gallery:
 
     # ---------------------------------------------------------------- writing
 
+    def check_integrity(self) -> None:
+        """Raise GalleryError unless SQLite's ``PRAGMA quick_check`` passes (every page
+        and index readable and consistent; about a second per 100k faces on a Pi-class
+        CPU, docs/reliability.md). Runs by itself before this instance's first write, so
+        nothing is ever written into a damaged file; call it early to fail before other
+        work."""
+        with self._read() as conn:
+            try:
+                problems = [row[0] for row in conn.execute("PRAGMA quick_check(3)")]
+            except sqlite3.DatabaseError as exc:
+                problems = [str(exc)]
+            if problems != ["ok"]:
+                raise GalleryError(
+                    f"gallery {self.path} is damaged ({'; '.join(problems)[:200]}); it was not changed. "
+                    "Restore it from an export: facenet-edge gallery import EXPORT.npz --gallery NEW.db"
+                )
+            self._checked = True
+
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
         """The connection, under the lock, with SQLite errors reported as GalleryError."""
@@ -585,12 +736,15 @@ class Gallery:
             try:
                 yield self._conn
             except sqlite3.Error as exc:
-                raise GalleryError(f"gallery {self.path}: {exc}") from None
+                raise GalleryError(f"gallery {self.path}: {_sqlite_reason(exc)}") from None
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: commit on success, roll back on any exception."""
+        """One write transaction: commit on success, roll back on any exception. The
+        first write of an instance checks the file's integrity first."""
         with self._read() as conn:
+            if not self._checked:
+                self.check_integrity()
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 yield conn
@@ -793,18 +947,9 @@ class Gallery:
             "compatibility_group": np.array(self._identity.compatibility_group or ""),
             "threshold": np.array(self._threshold, dtype=np.float64),
         }
-        # mkstemp creates the file 0600; the rename makes the export all-or-nothing.
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        except OSError as exc:
-            raise GalleryError(f"cannot write export {path}: {exc.strerror}") from None
-        try:
-            with os.fdopen(fd, "wb") as file:
-                np.savez(file, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # 0600, complete or absent (a full disk leaves no partial file), naming the file on failure.
+        with private_file(path, GalleryError) as file:
+            np.savez(file, **arrays)
         return len(names)
 
     def import_from(self, path: str | os.PathLike) -> int:
@@ -822,16 +967,14 @@ class Gallery:
     def restore(cls, path: str | os.PathLike, export: str | os.PathLike) -> Gallery:
         """Create a gallery at ``path`` from an :meth:`export` file, with the file's model
         identity and threshold."""
+        path = Path(path)
         data = _read_export(Path(export))
-        gallery = cls.create(path, data.identity, data.threshold)
         try:
-            gallery._import(data)
-        except BaseException:
-            gallery.close()
-            for file in _sidecars(gallery.path):
-                file.unlink(missing_ok=True)
-            raise
-        return gallery
+            # Built complete before it appears: an interrupted restore leaves no gallery.
+            cls._publish(path, data.identity, data.threshold, data)
+        except FileExistsError:
+            raise GalleryError(f"gallery already exists: {path}") from None
+        return cls.open(path)
 
     def _import(self, data: _Export) -> int:
         # A sample is known by its content, not by its owner's name: the export of a person
@@ -873,6 +1016,42 @@ class Gallery:
         self.close()
 
 
+def _export_header(
+    path: Path, archive: zipfile.ZipFile, key: str, file_size: int
+) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of one array of an export, read from its .npy header alone, and
+    checked against the format: rank, dtype, and a size the archive really holds."""
+    ndim, kind, max_itemsize = _EXPORT_ARRAYS[key]
+    try:
+        info = archive.getinfo(f"{key}.npy")
+    except KeyError:
+        raise GalleryError(f"gallery export {path} lacks the {key!r} array") from None
+    # np.savez stores arrays uncompressed; a compressed member could inflate past any check.
+    if info.compress_type != zipfile.ZIP_STORED or info.file_size > file_size:
+        raise GalleryError(f"gallery export {path}: array {key!r} is compressed or larger than the file")
+    with archive.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+        else:
+            raise GalleryError(f"gallery export {path}: array {key!r} has .npy version {version}")
+    if len(shape) != ndim or dtype.hasobject or dtype.kind != kind or dtype.itemsize > max_itemsize:
+        raise GalleryError(
+            f"gallery export {path}: array {key!r} must be {ndim}-d of kind {kind!r} "
+            f"(items up to {max_itemsize} bytes), got shape {shape} dtype {dtype}"
+        )
+    if math.prod(shape) * dtype.itemsize > info.file_size:
+        raise GalleryError(f"gallery export {path}: array {key!r} declares {shape} but holds less")
+    return shape, dtype
+
+
+def _export_array(archive: zipfile.ZipFile, key: str) -> np.ndarray:
+    with archive.open(f"{key}.npy") as member:
+        return np.lib.format.read_array(member, allow_pickle=False)
+
+
 def _sample_key(blob: bytes) -> bytes:
     """A stored int8 embedding's identity: 16 bytes of hash instead of its 128 (a set of
     a million keys stays small)."""
@@ -888,32 +1067,36 @@ class _Export:
 
 
 def _read_export(path: Path) -> _Export:
-    """Load and validate an export file."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except FileNotFoundError:
-        raise GalleryError(f"export file not found: {path}") from None
-    except (OSError, ValueError, EOFError) as exc:
-        raise GalleryError(f"not a facenet-edge gallery export: {path} ({exc})") from None
-    if str(arrays.get("format", "")) != EXPORT_FORMAT:
+    """Load and validate an export file.
+
+    Only the arrays the format defines are read, and each array's header (shape and
+    dtype) is checked before its data is loaded: an export carrying an extra 3 GB array,
+    or declaring a 100 GB one, costs nothing but the check."""
+    with open_regular(path, "gallery export", _MAX_GALLERY_BYTES, GalleryError) as file:
+        file_size = os.fstat(file.fileno()).st_size
+        try:
+            with zipfile.ZipFile(file) as archive:
+                headers = {key: _export_header(path, archive, key, file_size) for key in _EXPORT_ARRAYS}
+                count = headers["names"][0][0]
+                if headers["embeddings"][0] != (count, EMBEDDING_SIZE):
+                    raise GalleryError(
+                        f"gallery export {path}: embeddings must be ({count}, {EMBEDDING_SIZE}) int8 "
+                        f"(one per name), got {headers['embeddings'][0]}"
+                    )
+                arrays = {key: _export_array(archive, key) for key in _EXPORT_ARRAYS}
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, OSError) as exc:
+            raise GalleryError(f"not a facenet-edge gallery export: {path} ({exc})") from None
+    if str(arrays["format"]) != EXPORT_FORMAT:
         raise GalleryError(f"not a facenet-edge gallery export: {path} (format is not {EXPORT_FORMAT})")
     try:
         names = [validate_name(str(n)) for n in arrays["names"]]
-        matrix = arrays["embeddings"]
-        identity = ModelIdentity(
-            sha256=str(arrays["model_sha256"]), compatibility_group=str(arrays["compatibility_group"]) or None
-        )
         threshold = _check_threshold(arrays["threshold"])
-    except KeyError as exc:
-        raise GalleryError(f"gallery export {path} lacks the {exc.args[0]!r} array") from None
-    except (GalleryError, TypeError, ValueError) as exc:
+    except GalleryError as exc:
         raise GalleryError(f"gallery export {path}: {exc}") from None
-    if matrix.dtype != np.int8 or matrix.shape != (len(names), EMBEDDING_SIZE):
-        raise GalleryError(
-            f"gallery export {path}: embeddings must be ({len(names)}, {EMBEDDING_SIZE}) int8, "
-            f"got {matrix.shape} {matrix.dtype}"
-        )
+    matrix = arrays["embeddings"]
+    identity = ModelIdentity(
+        sha256=str(arrays["model_sha256"]), compatibility_group=str(arrays["compatibility_group"]) or None
+    )
     if len(matrix) and not np.all(np.any(matrix != 0, axis=1)):
         raise GalleryError(f"gallery export {path}: contains an all-zero embedding")
     return _Export(names, np.ascontiguousarray(matrix), identity, threshold)
