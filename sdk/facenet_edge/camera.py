@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -26,6 +27,16 @@ from .errors import FacenetEdgeError, ImageError
 from .io import read_image
 
 log = logging.getLogger(__name__)
+
+# The user-information part of a URL: rtsp://USER:PASSWORD@host/...
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]*@")
+
+
+def redact(spec: object) -> str:
+    """A source spec as it may be shown in messages and logs: a URL's user name and
+    password (``rtsp://admin:s3cret@cam/s``) replaced by ``***``. Every message about
+    a source uses this; applications logging a spec should too."""
+    return _URL_CREDENTIALS.sub("***@", str(spec))
 
 
 @dataclass(frozen=True)
@@ -164,17 +175,18 @@ class OpenCVSource(_ReconnectingSource):
         self.api_preference = api_preference
         self.params = dict(params or {})
         self.properties = dict(properties or {})
-        self._init_retry(f"video source {source!r}", max_retries, backoff_s, max_backoff_s)
+        # Messages and logs name the source without its credentials.
+        self._init_retry(f"video source {redact(source)!r}", max_retries, backoff_s, max_backoff_s)
         self._capture = self._open()
         if self._capture is None:
-            raise ImageError(f"cannot open video source {source!r}")
+            raise ImageError(f"cannot open {self._what}")
 
     def _open(self) -> cv2.VideoCapture | None:
         flat = [int(v) for pair in self.params.items() for v in pair]
         try:
             capture = cv2.VideoCapture(self.source, self.api_preference, flat)
         except cv2.error as exc:
-            log.warning("cannot open video source %r: %s", self.source, exc.err)
+            log.warning("cannot open %s: %s", self._what, exc.err)
             return None
         if not capture.isOpened():
             capture.release()
@@ -188,7 +200,7 @@ class OpenCVSource(_ReconnectingSource):
             capture.set(cv2.CAP_PROP_BUFFERSIZE, 1)
         for prop, value in self.properties.items():
             if not capture.set(prop, value):
-                log.debug("video source %r: property %d=%r not applied", self.source, prop, value)
+                log.debug("%s: property %d=%r not applied", self._what, prop, value)
         return capture
 
     def __iter__(self) -> Iterator[Frame]:
@@ -204,7 +216,7 @@ class OpenCVSource(_ReconnectingSource):
                 if not self.live:
                     return
                 if not self.reconnect:
-                    log.warning("video source %r stopped delivering frames", self.source)
+                    log.warning("%s stopped delivering frames", self._what)
                     return
                 self._release()
                 self._retry_wait("no frame")
@@ -478,7 +490,7 @@ SOURCE_OPTIONS = frozenset(_OPENCV_OPTIONS | _LIVE_OPTIONS | _PICAMERA2_OPTIONS)
 def _take(spec: object, kind: str, options: dict[str, Any], accepted: set[str]) -> dict[str, Any]:
     ignored = sorted(set(options) - accepted)
     if ignored:
-        log.debug("open_source(%r): %s ignored by %s", spec, ", ".join(ignored), kind)
+        log.debug("open_source(%r): %s ignored by %s", redact(spec), ", ".join(ignored), kind)
     return {k: v for k, v in options.items() if k in accepted}
 
 
@@ -509,7 +521,7 @@ def open_source(spec: str | int | os.PathLike, latest_only: bool = False, **opti
     else:
         text = os.fspath(spec) if not isinstance(spec, str) else spec
         if not isinstance(text, str) or not text:
-            raise ValueError(f"open_source() needs a camera index, 'picamera2', a path or a URL, got {spec!r}")
+            raise ValueError(f"open_source() needs a camera index, 'picamera2', a path or a URL, got {redact(spec)!r}")
         if text.isdigit():
             source = OpenCVSource(int(text), **_take(spec, "a camera", options, _OPENCV_OPTIONS | _LIVE_OPTIONS))
         elif text == "picamera2":

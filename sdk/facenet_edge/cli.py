@@ -8,18 +8,18 @@ else is a bug and keeps its traceback. docs/cli.md is the reference.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import cv2
 import numpy as np
@@ -38,7 +38,9 @@ from .errors import (
     MultipleFacesError,
     NoFaceError,
 )
+from .files import private_file
 from .gallery import Gallery, Match, validate_name
+from .interpreter import NATIVE_LOG_ENV
 from .io import read_image
 from .pipeline import Face, FacePipeline, Vote
 
@@ -201,22 +203,19 @@ def _largest_face(faces: Sequence[Face]) -> Face | None:
     return max(faces, key=lambda f: float((f.box[2] - f.box[0]) * (f.box[3] - f.box[1])))
 
 
-@contextmanager
-def _private_file(path: Path) -> Iterator[BinaryIO]:
-    """A file that appears at ``path`` with mode 0600 (embeddings are biometric data)
-    when the block succeeds, and not at all otherwise. Opened up front, so an unwritable
-    destination fails before any work is done."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    except OSError as exc:
-        raise FacenetEdgeError(f"cannot write {path}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as file:
-            yield file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _native_logs(verbose: bool) -> None:
+    """OpenCV, FFmpeg and the TFLite runtime print from native code. By default a
+    command's stderr carries only its own lines; ``--verbose`` lets theirs through."""
+    os.environ[NATIVE_LOG_ENV] = "1" if verbose else "0"
+    if verbose:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_INFO)
+        return
+    # OpenCV logs its own failures ("[ WARN:0@0.188] ... can't open camera by index")
+    # before ours, which says the same in one line.
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    # Read by OpenCV when it first opens a video through FFmpeg (-8: AV_LOG_QUIET): an
+    # MP4 with a quarter of its bytes zeroed printed 19,001 decoder lines.
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 
 
 def _iso(timestamp: float) -> str:
@@ -248,12 +247,14 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     skipped: list[tuple[str, FacenetEdgeError]] = []
     with ExitStack() as stack:
         gallery_path = Path(args.gallery)
-        # An existing gallery is opened first, so a wrong file fails before any model work.
-        gallery = stack.enter_context(Gallery.open(gallery_path)) if gallery_path.exists() else None
+        # An existing gallery is opened and checked first, so a wrong or damaged file
+        # fails before any model work.
+        gallery = stack.enter_context(Gallery.open(gallery_path)) if os.path.lexists(gallery_path) else None
         pipeline = stack.enter_context(_pipeline(args))
         identity = pipeline.embedder.identity
         if gallery is not None:
             gallery.check_identity(identity)
+            gallery.check_integrity()
         embeddings = []
         for path in _progress(args.images, args, "embedding"):
             try:
@@ -266,7 +267,10 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             return int(exit_code_for(skipped[0][1]))
         if gallery is None:
             threshold = _threshold(args, pipeline.embedder.card, pipeline.embedder.model_path)
-            gallery = stack.enter_context(Gallery.create(gallery_path, identity, threshold))
+            # create=True: another enrolment creating the same gallery meanwhile is joined.
+            gallery = stack.enter_context(
+                Gallery.open(gallery_path, create=True, identity=identity, threshold=threshold)
+            )
         added = gallery.add(name, np.stack(embeddings), identity)
         people = gallery.list()
     result = Enrolment(
@@ -371,7 +375,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     failures = _Failures()
     rows: list[np.ndarray] = []
     with ExitStack() as stack:
-        out = stack.enter_context(_private_file(Path(args.out))) if args.out is not None else None
+        out = stack.enter_context(private_file(args.out, FacenetEdgeError)) if args.out is not None else None
         pipeline = stack.enter_context(_pipeline(args))
         for path, faces in _faces_per_image(pipeline, args, failures, "embedding"):
             if args.json:
@@ -384,7 +388,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
                     print(f"row {len(rows)}: {path} face {number} [{', '.join(f'{v:.0f}' for v in face.box)}]")
                 rows.append(np.asarray(face.embedding, np.float32))
         if out is not None:
-            np.save(out, np.stack(rows) if rows else np.zeros((0, 128), np.float32))
+            # Through a buffer: np.save into a real file writes with C fwrite, whose short
+            # write on a full disk surfaces without an errno ("5120 requested and 2016
+            # written"); a Python write reports ENOSPC, which names the file.
+            buffer = io.BytesIO()
+            np.save(buffer, np.stack(rows) if rows else np.zeros((0, 128), np.float32))
+            out.write(buffer.getbuffer())
     if args.out is not None:
         _say(f"wrote {len(rows)} embedding(s) to {args.out}")
     return failures.finish(len(args.images))
@@ -393,7 +402,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_gallery(args: argparse.Namespace) -> int:
     """Gallery maintenance; needs no model."""
     path = Path(args.gallery)
-    if args.action == "import" and not path.exists():
+    if args.action == "import" and not os.path.lexists(path):
         with Gallery.restore(path, args.file) as gallery:
             samples = sum(person.samples for person in gallery.list())
         print(f"created {path} from {args.file}: {samples} sample(s)")
@@ -448,9 +457,6 @@ def cmd_stream(args: argparse.Namespace) -> int:
         gallery = stack.enter_context(Gallery.open(args.gallery, threshold=args.threshold))
         pipeline = stack.enter_context(_pipeline(args))
         gallery.check_identity(pipeline.embedder.identity)
-        # OpenCV logs its own failures ("[ WARN:0@0.188] ... can't open camera by index")
-        # before ours, which says the same in one line.
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
         source = open_source(args.source)
         stack.callback(source.close)
         start: float | None = None
@@ -520,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument(
         "--model", metavar="PATH", help="embedding model .tflite, card .json beside it (default: the shipped model)"
+    )
+    model.add_argument(
+        "--verbose", action="store_true", help="let OpenCV, FFmpeg and TFLite print their own log lines on stderr"
     )
     running = argparse.ArgumentParser(add_help=False)  # how the pipeline runs
     running.add_argument(
@@ -627,6 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2): argparse has printed why
         return int(exc.code or 0)
+    _native_logs(getattr(args, "verbose", False))
     try:
         return int(args.handler(args))
     except BrokenPipeError:
