@@ -2,7 +2,7 @@
 
 The training stack imports this exact module, so the crops a model is trained on and the
 crops it sees on the device are made by the same pure function of
-(image, detection, output size, border).
+(image, detection, output size, border, fill).
 """
 
 from __future__ import annotations
@@ -34,6 +34,19 @@ TEMPLATES: dict[str, np.ndarray] = {
 BOX_LANDMARK_FRACTIONS = np.array(
     [[0.31, 0.40], [0.69, 0.40], [0.50, 0.60], [0.50, 0.80]], dtype=np.float64
 )
+
+
+# How the part of a crop that falls outside the image (a tightly cropped photo) is filled:
+# OpenCV border mode and constant. "replicate" is the default because every model so far
+# was trained and calibrated on it; "grey" is the inputs' normalisation mean (127.5), so
+# the network sees about zero there. benchmarks/tight_crops.py compares them on LFW.
+FILLS: dict[str, tuple[int, tuple[int, int, int]]] = {
+    "replicate": (cv2.BORDER_REPLICATE, (0, 0, 0)),
+    "black": (cv2.BORDER_CONSTANT, (0, 0, 0)),
+    "grey": (cv2.BORDER_CONSTANT, (128, 128, 128)),
+    "reflect": (cv2.BORDER_REFLECT_101, (0, 0, 0)),
+}
+DEFAULT_FILL = "replicate"
 
 
 def box_landmarks(box: np.ndarray, fractions: np.ndarray = BOX_LANDMARK_FRACTIONS) -> np.ndarray:
@@ -89,11 +102,17 @@ def align(
     size: tuple[int, int],
     border: int = 0,
     template: str = "facenet96",
+    *,
+    fill: str = DEFAULT_FILL,
 ) -> np.ndarray:
     """Crop and align one face. ``image`` is H x W x 3 uint8 (any channel order: it is
-    only resampled). Returns (height + 2*border) x (width + 2*border) x 3 uint8."""
+    only resampled). ``fill`` (a name in ``FILLS``) says how the part of the crop outside
+    the image is filled. Returns (height + 2*border) x (width + 2*border) x 3 uint8."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"align expects an H x W x 3 image, got shape {image.shape}")
+    if fill not in FILLS:
+        raise ValueError(f"unknown fill {fill!r}: use one of {', '.join(FILLS)}")
+    border_mode, border_value = FILLS[fill]
     height, width = size
     out_size = (width + 2 * border, height + 2 * border)
     matrix = alignment_matrix(detection, size, border, template)
@@ -121,5 +140,6 @@ def align(
         matrix,
         out_size,
         flags=cv2.INTER_LINEAR,
-        borderMode=cv2.BORDER_REPLICATE,
+        borderMode=border_mode,
+        borderValue=border_value,
     )
