@@ -68,6 +68,17 @@ def test_attributes(tiny_model):
         assert embedder.identity.compatibility_group == embedder.card.compatibility_group
 
 
+def test_flip_test_averages_the_crop_and_its_mirror(tiny_model, crops):
+    card = dataclasses.replace(ModelCard.load(card_path_for(tiny_model.float32)), flip_test=True)
+    with Embedder.from_path(tiny_model.float32) as plain, Embedder.from_path(tiny_model.float32, card=card) as flip:
+        mirrored = plain.embed(crops[:, :, ::-1])
+        expected = plain.embed(crops) + mirrored
+        expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+        np.testing.assert_allclose(flip.embed(crops), expected, atol=1e-5)
+        # A crop and its mirror image get the same embedding.
+        np.testing.assert_allclose(flip.embed(crops[:, :, ::-1]), flip.embed(crops), atol=1e-5)
+
+
 def test_empty_and_bad_crops(tiny_model):
     with Embedder.from_path(tiny_model.float32) as embedder:
         assert embedder.embed([]).shape == (0, 128)

@@ -298,6 +298,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compatibility-group", help="shared by models trained to give comparable embeddings (harmonic)")
     parser.add_argument("--training-data", help="datasets the model was trained on, comma-separated keys of "
                                                 "`datasets.py` or names (default: from the run folder's config.json)")
+    parser.add_argument("--flip-test", action="store_true",
+                        help="card: embed each crop and its mirror and average them (doubles the embed time)")
     parser.add_argument("--teacher", choices=list(TEACHER_NAMES),
                         help="the teacher the model was distilled from (named in the card's terms)")
     parser.add_argument("--mean", type=float, default=ModelCard.mean, help="input normalisation: (pixel - mean) / std")
@@ -365,6 +367,7 @@ def _base_card(args: argparse.Namespace, keras_model) -> ModelCard:
         mean=args.mean,
         std=args.std,
         compatibility_group=args.compatibility_group,
+        flip_test=args.flip_test,
         flops=flops,
         parameters=int(keras_model.count_params()),
         training_data=datasets,

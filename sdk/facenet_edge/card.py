@@ -91,6 +91,9 @@ class ModelCard:
     compatibility_group: str | None = None
     # Aligner the model was trained with; see facenet_edge.align.TEMPLATES.
     alignment: str = "facenet96"
+    # Embed each crop and its mirror image, and use their normalised mean (test-time flip):
+    # set when it measured worth its doubled embed time (docs/model.md).
+    flip_test: bool = False
     thresholds: Thresholds = field(default_factory=Thresholds)
     quantization: dict[str, Any] = field(default_factory=dict)
     lfw: dict[str, Any] = field(default_factory=dict)
@@ -108,6 +111,7 @@ class ModelCard:
         for name in ("name", "version", "architecture", "color_order", "alignment", "terms"):
             _check_type(self, name, (str,))
         _check_type(self, "compatibility_group", (str,), optional=True)
+        _check_type(self, "flip_test", (bool,))
         for name in ("input_height", "input_width", "embedding_size", "schema"):
             _check_type(self, name, (int,))
             if getattr(self, name) < 1:

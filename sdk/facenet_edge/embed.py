@@ -50,7 +50,8 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
 
 class Embedder:
     """A face embedding model with its card. ``embed`` takes aligned RGB uint8 crops of
-    ``input_size`` and returns (N, D) float32 unit vectors. Not thread-safe."""
+    ``input_size`` and returns (N, D) float32 unit vectors (with the card's ``flip_test``,
+    the normalised mean of each crop's and its mirror's). Not thread-safe."""
 
     def __init__(self, model: TFLiteModel, card: ModelCard) -> None:
         self._model = model
@@ -122,6 +123,12 @@ class Embedder:
             raise ValueError(
                 f"embed expects uint8 crops of shape (N, {h}, {w}, 3), got {batch.shape} {batch.dtype}"
             )
+        embeddings = self._run(batch)
+        if self.card.flip_test:
+            return l2_normalize(embeddings + self._run(np.ascontiguousarray(batch[:, :, ::-1])))
+        return embeddings
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
         (output,) = self._model.run(self.preprocess(batch))
         return l2_normalize(self._model.outputs[0].dequantize(output))
 
