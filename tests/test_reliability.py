@@ -599,3 +599,53 @@ def test_damaged_video_gives_a_few_lines_not_thousands(gallery, model, tmp_path)
     )
     assert run.returncode in (ExitCode.OK, ExitCode.IMAGE)
     assert len(run.stderr.splitlines()) <= 1, run.stderr[:2000]
+
+
+# ---------------------------------------------------------------- a stalled stream
+
+
+class _StallingCamera:
+    """A live source that shows one face, then delivers nothing until released."""
+
+    live = True
+
+    def __init__(self, image: np.ndarray):
+        self.image = image
+        self.release = threading.Event()
+
+    def __iter__(self):
+        from facenet_edge.camera import Frame
+
+        yield Frame(image=self.image, timestamp=time.monotonic(), index=0)
+        self.release.wait(30)
+
+    def interrupt(self):
+        self.release.set()
+
+    def close(self):
+        self.release.set()
+
+
+def test_stalled_stream_decides_nobody(gallery, model, astronaut, monkeypatch, capsys):
+    from facenet_edge import camera
+
+    stalling = _StallingCamera(astronaut)
+    printed = []
+
+    def open_source(spec, latest_only=False, **options):
+        return camera.LatestFrameSource(stalling)
+
+    real_print = print
+
+    def watch(*args, **kwargs):  # release the camera once "nobody" has been decided
+        real_print(*args, **kwargs)
+        printed.append(args[0])
+        if args[0].endswith(": nobody"):
+            stalling.release.set()
+
+    monkeypatch.setattr(camera, "open_source", open_source)
+    monkeypatch.setattr("builtins.print", watch)
+    code = main(["stream", "--source", "0", "--gallery", gallery, "--model", model, "--vote", "1:1", "--vote-max-age", "0.2"])
+    assert code == ExitCode.OK
+    assert [line.split(": ")[1] for line in printed] == [NAME, "nobody"]
+    assert "no frame from 0 for 0.2 s: deciding nobody" in capsys.readouterr().err

@@ -11,6 +11,7 @@ latest_only=True)`` applies it to live sources only.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import threading
@@ -433,20 +434,33 @@ class LatestFrameSource(_Source):
                 self._thread.start()
 
     def __iter__(self) -> Iterator[Frame]:
-        self._start()
         while True:
-            with self._changed:
-                # A timed wait keeps Ctrl-C responsive on every platform.
-                while self._newest is None and not self._done and not self._stopping.is_set():
-                    self._changed.wait(0.25)
-                if self._stopping.is_set():
-                    return
-                frame, self._newest = self._newest, None
-            if frame is None:  # the thread ended and every frame was handed out
-                if self._error is not None:
-                    raise self._error
+            try:
+                yield self.poll(math.inf)  # an endless wait never returns None
+            except EOFError:
                 return
-            yield frame
+
+    def poll(self, timeout_s: float) -> Frame | None:
+        """The newest frame not yet handed out, waiting up to ``timeout_s`` seconds for
+        one; None when none came (a stalled source: a door decides "nobody" rather than
+        keep the last name). Raises EOFError once the source has ended (or ``close()``
+        was called) and every frame was handed out, or the capture thread's error."""
+        self._start()
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while self._newest is None and not self._done and not self._stopping.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._changed.wait(min(left, 0.25))  # a timed wait keeps Ctrl-C responsive
+            if self._stopping.is_set():
+                raise EOFError
+            frame, self._newest = self._newest, None
+        if frame is None:  # the thread ended and every frame was handed out
+            if self._error is not None:
+                raise self._error
+            raise EOFError
+        return frame
 
     def interrupt(self) -> None:
         """End iteration soon (thread-safe): the consumer's loop ends, and so does the

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -445,26 +446,57 @@ def _gallery_list(gallery: Gallery, args: argparse.Namespace) -> None:
     print(f"{len(people)} people in {gallery.path}", file=sys.stderr)
 
 
+# A network stream's FFmpeg timeouts: without them a server that accepts the connection
+# and then stalls holds a read for about 30 s.
+_STREAM_TIMEOUTS_MS = {cv2.CAP_PROP_OPEN_TIMEOUT_MSEC: 10_000, cv2.CAP_PROP_READ_TIMEOUT_MSEC: 5_000}
+
+
 def cmd_stream(args: argparse.Namespace) -> int:
     """Identify the most prominent face in every frame; print a line when the steady
-    (voted) decision changes."""
-    from .camera import open_source  # picamera2/OpenCV capture set-up only when streaming
+    (voted) decision changes. A live source that delivers no frame for longer than
+    --vote-max-age makes the decision "nobody" (a door must not stay open on the last
+    name while its camera is down); it keeps reconnecting meanwhile."""
+    from .camera import open_source, redact  # capture set-up only when streaming
 
     window, min_agree = args.vote
     vote = Vote(window=window, min_agree=min_agree, max_age_s=args.vote_max_age)
     decision: str | None = None
+
+    def report(index: int, elapsed: float) -> None:
+        if args.json:
+            now = datetime.now().astimezone().isoformat(timespec="milliseconds")
+            _print_json({"frame": index, "t": round(elapsed, 3), "time": now, "name": decision})
+        else:
+            print(f"frame {index} t={elapsed:.3f}: {decision or 'nobody'}", flush=True)
+
     with ExitStack() as stack:
         gallery = stack.enter_context(Gallery.open(args.gallery, threshold=args.threshold))
         pipeline = stack.enter_context(_pipeline(args))
         gallery.check_identity(pipeline.embedder.identity)
-        source = open_source(args.source)
+        options = {"params": _STREAM_TIMEOUTS_MS} if "://" in args.source else {}
+        # latest_only: a recogniser slower than the camera works on the newest frame.
+        source = open_source(args.source, latest_only=True, **options)
         stack.callback(source.close)
         start: float | None = None
-        for count, frame in enumerate(source, 1):
+        index = 0
+        stalled = False
+        count = 0
+        for frame in _frames(source, args.vote_max_age):
+            if frame is None:  # a live source stalled: nobody until frames come back
+                if not stalled:
+                    _say(f"no frame from {redact(args.source)} for {args.vote_max_age:g} s: deciding nobody")
+                    stalled = True
+                vote.reset()
+                if decision is not None and start is not None:
+                    decision = None
+                    report(index, time.monotonic() - start)  # live timestamps are monotonic
+                continue
+            stalled = False
+            count += 1
             # Seconds since the stream's first frame: a camera's or folder's clock is
             # monotonic time (since boot), meaningless to a reader.
             start = frame.timestamp if start is None else start
-            elapsed = frame.timestamp - start
+            index = frame.index
             if frame.lores is not None:  # picamera2: detect on the small stream, crop from main
                 faces = pipeline.process_lores(frame.lores, frame.image, gallery=gallery)
             else:
@@ -474,14 +506,24 @@ def cmd_stream(args: argparse.Namespace) -> int:
             voted = vote.update(seen, frame.timestamp)
             if voted != decision:
                 decision = voted
-                if args.json:
-                    now = datetime.now().astimezone().isoformat(timespec="milliseconds")
-                    _print_json({"frame": frame.index, "t": round(elapsed, 3), "time": now, "name": decision})
-                else:
-                    print(f"frame {frame.index} t={elapsed:.3f}: {decision or 'nobody'}", flush=True)
+                report(frame.index, frame.timestamp - start)
             if count == args.max_frames:
                 break
     return ExitCode.OK
+
+
+def _frames(source: Any, stall_s: float) -> Iterator[Any]:
+    """The source's frames; from a live source (which ``open_source(latest_only=True)``
+    wrapped in a ``LatestFrameSource``) also None each time no frame came for
+    ``stall_s`` seconds."""
+    if not source.live:
+        yield from source
+        return
+    while True:
+        try:
+            yield source.poll(stall_s)
+        except EOFError:
+            return
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -506,6 +548,16 @@ def _distance(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0.0 < value < 4.0:
         raise argparse.ArgumentTypeError(f"a squared-L2 threshold lies between 0 and 4, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"need a positive number of seconds, got {text!r}")
     return value
 
 
@@ -613,10 +665,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--vote-max-age",
-        type=float,
+        type=_seconds,
         default=2.0,
         metavar="S",
-        help="frames older than S seconds do not vote (default: 2)",
+        help="frames older than S seconds do not vote, and a live source silent for S seconds means nobody "
+        "(default: 2)",
     )
     p.set_defaults(handler=cmd_stream)
 
