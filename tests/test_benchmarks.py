@@ -22,6 +22,7 @@ from facenet_edge import bench
 from facenet_edge import embed as embed_module
 from facenet_edge.cli import main as cli_main
 from facenet_edge.detect import create_detector
+from facenet_edge.io import read_image
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 LFW = bench.default_lfw()
@@ -315,3 +316,58 @@ def test_harmonic_cross(tiny_lfw_crops, tmp_path):
             assert 0.0 <= scores[key]["accuracy_mean"] <= 1.0
     # The old model as its own successor: gallery and probes agree, so cross = its own scores.
     assert results["new"]["same"]["cross_lfw"] == results["new"]["same"]["lfw"] == results["old"]["lfw"]
+
+
+def test_tight_crops(common, tiny_model, tiny_lfw_crops, tmp_path):
+    lfw, _ = tiny_lfw_crops
+    tight, cache = tmp_path / "tight", tmp_path / "cache"
+    args = ["--model", str(tiny_model.int8), "--lfw", str(lfw), "--tight", str(tight), "--cache", str(cache)]
+    report = run_benchmark("tight_crops", tmp_path / "out", *args, "--pairs", "20", quick=False)
+    # The tight LFW: LFW's layout and pairs.txt, every image a square cut round the face.
+    originals = sorted(p.relative_to(lfw) for p in lfw.glob("*/*.jpg"))
+    assert sorted(p.relative_to(tight) for p in tight.glob("*/*.jpg")) == originals
+    assert (tight / "pairs.txt").read_text() == (lfw / "pairs.txt").read_text()
+    boxes = json.loads((tight / "tight_crops.json").read_text())["boxes"]
+    for name in originals:
+        left, top, right, bottom = boxes[str(name)]
+        cut = read_image(tight / name)
+        assert cut.shape[:2] == (bottom - top, right - left) and 40 < cut.shape[0] < 150
+    scores = {(s["variant"], s["fill"]): s for s in report["results"]["scores"]}
+    assert set(scores) == {(v, f) for v in ("full", "tight") for f in ("replicate", "black", "grey", "reflect")}
+    for s in scores.values():
+        assert 0.0 <= s["accuracy_mean"] <= 1.0 and len(s["fold_accuracies"]) == 10
+        assert [t["pairs"] for t in s["terciles"]] == [7, 7, 6]
+        assert sum(s["images"].values()) == report["config"]["images"] == 20
+    # A 1.1x cut leaves much of the aligned crop to the fill; the full photo hardly any.
+    tight_share = scores[("tight", "replicate")]["outside_fraction_median"]
+    assert tight_share > 0.2 and scores[("full", "replicate")]["outside_fraction_median"] < 0.05
+    assert scores[("tight", "black")]["images_with_outside"] == 20
+    # The fills change what the model sees on the tight cuts.
+    embeddings = {}
+    for fill in ("replicate", "black"):
+        (path,) = cache.glob(f"lfw-tight-tiny_int8-*-{fill}-blazeface.npz")
+        with np.load(path) as data:
+            embeddings[fill] = data["embeddings"]
+    assert not np.allclose(embeddings["replicate"], embeddings["black"])
+    # The tight folder is a plain LFW: the runtime-path code scores it unchanged, as the script did.
+    pairs = common.load_lfw(tight, 20)
+    with common.LfwFaces("blazeface") as faces, embed_module.Embedder.from_path(tiny_model.int8) as embedder:
+        descriptors, _ = common.lfw_embeddings(pairs, faces, "check", common.describe_with(embedder), tmp_path / "c")
+    assert common.lfw_result(pairs, descriptors).accuracy_mean == scores[("tight", "replicate")]["accuracy_mean"]
+
+
+def test_tight_crops_refuses_a_folder_made_otherwise_or_inside_the_repo(tiny_model, tiny_lfw_crops, tmp_path):
+    lfw, _ = tiny_lfw_crops
+    args = ["--model", str(tiny_model.int8), "--lfw", str(lfw), "--pairs", "20", "--fills", "replicate"]
+    run_benchmark("tight_crops", tmp_path / "out", *args, "--tight", str(tmp_path / "tight"), quick=False)
+    for tight, factor, error in [
+        (tmp_path / "tight", "1.5", "holds a tight LFW made with factor 1.1: pass another --tight DIR"),
+        (BENCHMARKS / "tight", "1.1", "is inside the repository: pass a folder outside it"),
+    ]:
+        done = subprocess.run(
+            [sys.executable, str(BENCHMARKS / "tight_crops.py"), *args, "--tight", str(tight), "--factor", factor,
+             "--out", str(tmp_path / "out")],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert done.returncode == 1 and error in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (BENCHMARKS / "tight").exists()
