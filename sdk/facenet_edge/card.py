@@ -131,6 +131,8 @@ class ModelCard:
         for name in ("quantization", "lfw", "extra"):
             _check_type(self, name, (dict,))
         _check_type(self, "training_data", (list,))
+        if not all(isinstance(item, str) for item in self.training_data):
+            raise CardError(f"model card field 'training_data' must be a list of strings, got {self.training_data!r}")
         _check_type(self, "thresholds", (Thresholds,))
         if self.schema > CARD_SCHEMA_VERSION:
             raise CardError(

@@ -251,11 +251,12 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         # An existing gallery is opened and checked first, so a wrong or damaged file
         # fails before any model work.
         gallery = stack.enter_context(Gallery.open(gallery_path)) if os.path.lexists(gallery_path) else None
+        if gallery is not None:
+            gallery.check_integrity()
         pipeline = stack.enter_context(_pipeline(args))
         identity = pipeline.embedder.identity
         if gallery is not None:
             gallery.check_identity(identity)
-            gallery.check_integrity()
         embeddings = []
         for path in _progress(args.images, args, "embedding"):
             try:
