@@ -21,7 +21,7 @@ import io
 import json
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -132,8 +132,9 @@ def keras_embeddings(model, crops: np.ndarray, card: ModelCard) -> np.ndarray:
 
 
 def tflite_embeddings(model_path: Path, card: ModelCard, crops: np.ndarray) -> np.ndarray:
-    """Embeddings from the runtime's Embedder (its preprocessing, quantization, batching)."""
-    with Embedder.from_path(model_path, card=card) as embedder:
+    """Embeddings from the runtime's Embedder (its preprocessing, quantization, batching),
+    without the card's test-time flip: these check the conversion against the float model."""
+    with Embedder.from_path(model_path, card=replace(card, flip_test=False)) as embedder:
         return np.concatenate([embedder.embed(crops[i : i + BATCH]) for i in range(0, len(crops), BATCH)])
 
 
