@@ -1,7 +1,8 @@
 """The benchmark scripts in benchmarks/ on tiny configurations (``--quick``, the tiny test
 model): each runs, prints Markdown tables and writes well-formed JSON with the expected
 keys. No timing is asserted: numbers from a test run on a shared machine mean nothing.
-harmonic_cross.py runs on random-weight Keras models and a fake LFW of astronaut variants.
+harmonic_cross.py runs on random-weight Keras models and a fake LFW of astronaut variants,
+tight_crops.py on the same fake LFW.
 
 LFW parts skip when ../shared/data/lfw is absent, dlib parts when dlib is not installed.
 """
