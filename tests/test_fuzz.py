@@ -204,7 +204,10 @@ def test_bad_images_through_every_command(tmp_path, gallery, model, photo):
             Case(f"embed {label}", ["embed", "--json", "--model", model, path, photo], {code}, 2, [gallery]),
             Case(f"identify {label}", ["identify", "--gallery", gallery, "--model", model, path], {code}, 2, [gallery]),
             Case(f"verify {label}", ["verify", "--model", model, photo, path], {code}, 1, [gallery]),
-            Case(f"enroll {label}", ["enroll", "--gallery", gallery, "--name", "x", "--model", model, path], {code}, 2, [gallery]),
+            Case(
+                f"enroll {label}", ["enroll", "--gallery", gallery, "--name", "x", "--model", model, path], {code}, 2,
+                [gallery],
+            ),
         ]
     run_corpus(cases)
 
@@ -214,11 +217,9 @@ def test_folder_of_bad_images_streams(tmp_path, gallery, model, photo):
     folder.mkdir()
     bad_images(folder, photo)
     shutil.copy(photo, folder / "zz-good.png")
-    # FolderSource skips what it cannot read; each skip is a warning line on stderr.
+    # FolderSource skips what it cannot read (a warning each) and never waits on the FIFO.
     argv = ["stream", "--source", str(folder), "--gallery", gallery, "--model", model]
-    skipped = len([p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]) - 2  # good, blank
     run_corpus([Case("stream folder", argv, {ExitCode.OK}, 0, [gallery])])
-    assert skipped > 5
 
 
 # ---------------------------------------------------------------- models and cards
@@ -253,9 +254,8 @@ def test_model_cards_mutated(tmp_path, model, photo):
             target = tmp_path / f"t-{key}-{number}.tflite"
             shutil.copy(model, target)
             target.with_suffix(".json").write_text(json.dumps(dict(card, thresholds={key: value})))
-            cases.append(
-                Case(f"verify threshold {key}={value!r}", ["verify", "--model", str(target), photo, photo], {ExitCode.MODEL})
-            )
+            argv = ["verify", "--model", str(target), photo, photo]
+            cases.append(Case(f"verify threshold {key}={value!r}", argv, {ExitCode.MODEL}))
     for number, text in enumerate(["", "{", "[]", "null", '{"name": NaN}', "\xff\xfe", "{}" + " " * 2_000_000]):
         target = tmp_path / f"raw-{number}.tflite"
         shutil.copy(model, target)
@@ -381,7 +381,10 @@ def test_bad_galleries_through_every_command(tmp_path, gallery, model, photo):
             Case(f"list {label}", ["gallery", "list", "--gallery", path], read_codes, 1, watch),
             Case(f"export {label}", ["gallery", "export", out, "--gallery", path], read_codes, 1, watch),
             Case(f"identify {label}", ["identify", "--gallery", path, "--model", model, photo], read_codes, 1, watch),
-            Case(f"enroll {label}", ["enroll", "--gallery", path, "--name", "x", "--model", model, photo], {ExitCode.GALLERY}, 1, watch),
+            Case(
+                f"enroll {label}", ["enroll", "--gallery", path, "--name", "x", "--model", model, photo],
+                {ExitCode.GALLERY}, 1, watch,
+            ),
             Case(f"remove {label}", ["gallery", "remove", "p1", "--gallery", path], {ExitCode.GALLERY}, 1, watch),
             Case(f"rename {label}", ["gallery", "rename", "p1", "q", "--gallery", path], {ExitCode.GALLERY}, 1, watch),
             Case(f"import {label}", ["gallery", "import", export, "--gallery", path], {ExitCode.GALLERY}, 1, watch),
@@ -461,7 +464,8 @@ def test_bad_exports_imported(tmp_path, gallery):
     folder.mkdir()
     cases = []
     for label, path in bad_exports(folder).items():
-        cases.append(Case(f"import {label}", ["gallery", "import", path, "--gallery", gallery], {ExitCode.GALLERY}, 1, [gallery]))
+        argv = ["gallery", "import", path, "--gallery", gallery]
+        cases.append(Case(f"import {label}", argv, {ExitCode.GALLERY}, 1, [gallery]))
         # Into a missing gallery (a restore): refused, and no gallery file appears.
         missing = str(tmp_path / f"new-{label}.db")
         cases.append(Case(f"restore {label}", ["gallery", "import", path, "--gallery", missing], {ExitCode.GALLERY}))

@@ -385,7 +385,9 @@ def test_edited_gallery_threshold_refused(gallery, capsys, value):
 # ---------------------------------------------------------------- 11, 12, 13: names and exports
 
 
-@pytest.mark.parametrize("name", ["Astro\u200bnaut", "\u202etuanortsA", "Astronaut\u2066", "Ast\ufeffronaut", "A\udcff"])
+@pytest.mark.parametrize(
+    "name", ["Astro\u200bnaut", "\u202etuanortsA", "Astronaut\u2066", "Ast\ufeffronaut", "A\udcff"]
+)
 def test_invisible_and_bidi_names_refused(name):
     with pytest.raises(GalleryError, match="control characters, invisible or direction-changing"):
         validate_name(name)
@@ -524,7 +526,8 @@ def test_export_and_embed_out_on_a_full_disk(full_disk, gallery, model, photo, c
     out = full_disk / "e.npy"
     (full_disk / "filler").write_bytes(b"\0" * (256 * 1024 - 8192))  # room for the temporary file only
     assert main(["embed", "--out", str(out), "--model", model, *[photo] * 40]) == ExitCode.ERROR
-    assert capsys.readouterr().err.splitlines()[-1] == f"facenet-edge: error: cannot write {out}: No space left on device"
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == f"facenet-edge: error: cannot write {out}: No space left on device"
     assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]  # no partial file
 
 
@@ -645,7 +648,8 @@ def test_stalled_stream_decides_nobody(gallery, model, astronaut, monkeypatch, c
 
     monkeypatch.setattr(camera, "open_source", open_source)
     monkeypatch.setattr("builtins.print", watch)
-    code = main(["stream", "--source", "0", "--gallery", gallery, "--model", model, "--vote", "1:1", "--vote-max-age", "0.2"])
+    argv = ["stream", "--source", "0", "--gallery", gallery, "--model", model, "--vote", "1:1", "--vote-max-age", "0.2"]
+    code = main(argv)
     assert code == ExitCode.OK
     assert [line.split(": ")[1] for line in printed] == [NAME, "nobody"]
     assert "no frame from 0 for 0.2 s: deciding nobody" in capsys.readouterr().err
