@@ -279,8 +279,8 @@ def _link(source: Path, target: Path) -> None:
         if exc.errno not in _NO_LINKS:
             raise
         # No hard links here: check, then rename. Two creators racing within this window
-        # could replace each other's new, still empty gallery; no enrolment is lost
-        # (enrolments write only after opening the published file).
+        # (microseconds) could replace the other's just-published gallery, with anything
+        # written into it meanwhile; only hard links rule that out.
         if os.path.lexists(target):
             raise FileExistsError(errno.EEXIST, "File exists", str(target)) from None
         os.rename(source, target)
