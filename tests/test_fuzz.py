@@ -38,8 +38,16 @@ DOCUMENTED = {int(code) for code in ExitCode}
 
 _CHILD = textwrap.dedent(
     """
-    import hashlib, json, os, resource, sys, tempfile
+    import hashlib, json, os, sys, tempfile
     from facenet_edge.cli import main
+
+    def peak_rss_mb():
+        # VmHWM: this process image's peak. (resource's ru_maxrss keeps the peak of the
+        # forked parent across exec, so a child of a large pytest process would read high.)
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
 
     def digest(path):
         try:
@@ -70,7 +78,7 @@ _CHILD = textwrap.dedent(
                 "code": code,
                 "stderr": err.read().decode("utf-8", "replace"),
                 "digests": [digest(path) for path in case["watch"]],
-                "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "rss_mb": peak_rss_mb(),
             })
     json.dump(results, sys.stdout)
     """

@@ -165,16 +165,13 @@ def test_fifo_as_gallery_or_model(tmp_path, model, photo, capsys):
 BAD_CARDS = {
     "thresholds-list": ({"thresholds": [0.5, 1.0]}, "'thresholds' must be an object"),
     "thresholds-unknown-key": ({"thresholds": {"far_1e3": 0.5, "far_1e6": 0.2}}, "unknown key(s) far_1e6"),
-    "thresholds-nan-string": ({"thresholds": {"far_1e3": "NaN"}}, "'far_1e3' must be a squared-L2 distance"),
-    "threshold-negative": ({"thresholds": {"far_1e3": -1}}, "'far_1e3' must be a squared-L2 distance"),
-    "threshold-ten": ({"thresholds": {"far_1e3": 10}}, "'far_1e3' must be a squared-L2 distance"),
-    "threshold-zero": ({"thresholds": {"far_1e3": 0}}, "'far_1e3' must be a squared-L2 distance"),
-    "mean-string": ({"mean": "127.5"}, "'mean' must be int or float"),
+    "thresholds-nan-string": ({"thresholds": {"far_1e3": "NaN"}}, "'far_1e3' must be a number or null"),
+    "mean-string": ({"mean": "127.5"}, "'mean' must be a number"),
     "std-zero": ({"std": 0}, "'std' must not be 0"),
     "alignment-unknown": ({"alignment": "arcface112"}, "alignment 'arcface112' is unknown"),
-    "group-list": ({"compatibility_group": ["a"]}, "'compatibility_group' must be str or null"),
-    "input-height-string": ({"input_height": "96"}, "'input_height' must be int"),
-    "embedding-size-bool": ({"embedding_size": True}, "'embedding_size' must be int"),
+    "group-list": ({"compatibility_group": ["a"]}, "'compatibility_group' must be a string or null"),
+    "input-height-string": ({"input_height": "96"}, "'input_height' must be an integer"),
+    "embedding-size-bool": ({"embedding_size": True}, "'embedding_size' must be an integer"),
     "color-order": ({"color_order": "GBR"}, "'color_order' must be RGB or BGR"),
     "extra-list": ({"extra": [1], "unknown_field": 1}, "'extra' must be an object"),
     "schema-newer": ({"schema": 99}, "schema 99 is newer"),
@@ -196,6 +193,21 @@ def test_malformed_card_exit_7_naming_the_field(tmp_path, model, photo, capsys, 
     assert words in one_error(capsys)
 
 
+@pytest.mark.parametrize("value", [-1, 0, 4, 10])
+@pytest.mark.parametrize("command", ["verify", "enroll"])
+def test_absurd_card_threshold_refused_where_used(tmp_path, model, photo, capsys, value, command):
+    edited = edited_model(tmp_path, model, thresholds={"far_1e3": value})
+    argv = {
+        "verify": ["verify", "--model", edited, photo, photo],
+        "enroll": ["enroll", "--gallery", str(tmp_path / "new.db"), "--name", NAME, "--model", edited, photo],
+    }[command]
+    assert main(argv) == ExitCode.MODEL
+    assert "threshold 'far_1e3' must be a squared-L2 distance strictly between 0 and 4" in one_error(capsys)
+    assert not (tmp_path / "new.db").exists()
+    # --threshold overrides the card's: the command works.
+    assert main([*argv[:1], "--threshold", "1.0", *argv[1:]]) == ExitCode.OK
+
+
 def test_card_json_nan_literal_refused(tmp_path, model):
     edited = Path(edited_model(tmp_path, model))
     card = edited.with_suffix(".json")
@@ -204,11 +216,15 @@ def test_card_json_nan_literal_refused(tmp_path, model):
         ModelCard.load(card)
 
 
-def test_thresholds_validated_wherever_made():
-    for value in (-1, 0, 4, 10, float("nan"), float("inf"), "0.5", True):
-        with pytest.raises(CardError):
+def test_thresholds_checked_when_made_and_when_used():
+    for value in ("0.5", True, [1.0]):
+        with pytest.raises(CardError, match="must be a number or null"):
             Thresholds(far_1e3=value)
-    assert Thresholds(far_1e3=1, best_accuracy=None).default() == 1.0
+    for value in (-1, 0, 4, 10, float("nan"), float("inf")):
+        with pytest.raises(CardError, match="strictly between 0 and 4"):
+            Thresholds(far_1e3=value).default()
+    assert Thresholds(far_1e3=np.float32(0.5), best_accuracy=0.0).default() == 0.5
+    assert Thresholds().default() is None
 
 
 def test_missing_model_named_as_such(tmp_path, photo, capsys):

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ class CardError(ValueError):
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    # numbers.Real: numpy scalars too (the converter computes thresholds with numpy).
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_threshold(value: object, what: str) -> float:
@@ -42,12 +44,24 @@ def check_threshold(value: object, what: str) -> float:
     return float(value)
 
 
-def _check_type(card: object, name: str, kinds: tuple[type, ...], optional: bool = False) -> None:
+# What a field may hold -> how the error names it. Numbers are numbers.* so that numpy
+# scalars (as a converter computes them) pass; bool, although an int, is never a number.
+_KINDS: dict[type, str] = {
+    str: "a string",
+    bool: "true or false",
+    numbers.Integral: "an integer",
+    numbers.Real: "a number",
+    dict: "an object",
+    list: "a list",
+}
+
+
+def _check_type(card: object, name: str, kind: type, optional: bool = False) -> None:
     value = getattr(card, name)
     if value is None and optional:
         return
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        wanted = " or ".join(k.__name__ for k in kinds) + (" or null" if optional else "")
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        wanted = _KINDS[kind] + (" or null" if optional else "")
         raise CardError(f"model card field {name!r} must be {wanted}, got {value!r}")
 
 
@@ -63,16 +77,22 @@ class Thresholds:
     best_accuracy: float | None = None
 
     def __post_init__(self) -> None:
-        # Every reader of a threshold gets a usable one: -1 would reject identical faces,
-        # 10 would accept strangers.
         for name in ("far_1e3", "best_accuracy"):
             value = getattr(self, name)
+            if value is not None and not _is_number(value):
+                raise CardError(f"model card threshold {name!r} must be a number or null, got {value!r}")
             if value is not None:
-                object.__setattr__(self, name, check_threshold(value, f"model card threshold {name!r}"))
+                object.__setattr__(self, name, float(value))
 
     def default(self) -> float | None:
-        """The open-set threshold: the FAR-calibrated one when known (users trust a stated FAR)."""
-        return self.far_1e3 if self.far_1e3 is not None else self.best_accuracy
+        """The open-set threshold: the FAR-calibrated one when known (users trust a stated
+        FAR). Raises CardError when it is not a distance strictly between 0 and 4: -1
+        would call identical faces different, 10 would accept strangers. (The range is
+        checked here, where a threshold is used, not when a card is made: a converter
+        may record a degenerate calibration, and ``info`` still shows it.)"""
+        name = "far_1e3" if self.far_1e3 is not None else "best_accuracy"
+        value = getattr(self, name)
+        return None if value is None else check_threshold(value, f"model card threshold {name!r}")
 
 
 @dataclass(frozen=True)
@@ -109,17 +129,17 @@ class ModelCard:
         """Check every field's type and range, so a bad card fails here, naming the field,
         rather than deep inside preprocessing or a gallery write."""
         for name in ("name", "version", "architecture", "color_order", "alignment", "terms"):
-            _check_type(self, name, (str,))
-        _check_type(self, "compatibility_group", (str,), optional=True)
-        _check_type(self, "flip_test", (bool,))
+            _check_type(self, name, str)
+        _check_type(self, "compatibility_group", str, optional=True)
+        _check_type(self, "flip_test", bool)
         for name in ("input_height", "input_width", "embedding_size", "schema"):
-            _check_type(self, name, (int,))
+            _check_type(self, name, numbers.Integral)
             if getattr(self, name) < 1:
                 raise CardError(f"model card field {name!r} must be at least 1, got {getattr(self, name)!r}")
         for name in ("flops", "parameters", "size_bytes"):
-            _check_type(self, name, (int,), optional=True)
+            _check_type(self, name, numbers.Integral, optional=True)
         for name in ("mean", "std"):
-            _check_type(self, name, (int, float))
+            _check_type(self, name, numbers.Real)
             if not math.isfinite(getattr(self, name)):
                 raise CardError(f"model card field {name!r} must be finite, got {getattr(self, name)!r}")
         if self.std == 0:
@@ -129,11 +149,12 @@ class ModelCard:
         if self.compatibility_group == "":
             raise CardError("model card field 'compatibility_group' must be null or a non-empty string")
         for name in ("quantization", "lfw", "extra"):
-            _check_type(self, name, (dict,))
-        _check_type(self, "training_data", (list,))
+            _check_type(self, name, dict)
+        _check_type(self, "training_data", list)
         if not all(isinstance(item, str) for item in self.training_data):
             raise CardError(f"model card field 'training_data' must be a list of strings, got {self.training_data!r}")
-        _check_type(self, "thresholds", (Thresholds,))
+        if not isinstance(self.thresholds, Thresholds):
+            raise CardError(f"model card field 'thresholds' must be a Thresholds, got {self.thresholds!r}")
         if self.schema > CARD_SCHEMA_VERSION:
             raise CardError(
                 f"model card schema {self.schema} is newer than this facenet-edge reads ({CARD_SCHEMA_VERSION})"
