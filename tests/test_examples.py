@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import contextlib
 import json
 import logging
+import os
+import socket
 import sqlite3
+import stat
 import sys
 import threading
 import time
@@ -391,6 +395,7 @@ def test_cluster_photos(cluster, model, photo_tree, tmp_path, capsys):
     assert all(p.is_symlink() and p.resolve().is_file() for p in links)
     sheet = cv2.imread(str(out / "cluster_000" / "contact_sheet.png"))
     assert sheet.shape == (112, 5 * 112, 3)
+    assert stat.S_IMODE((out / "cluster_000" / "contact_sheet.png").stat().st_mode) == 0o600  # faces: private
     assert "labels" not in summary
     assert "1 cluster(s) of 2+ faces (5 faces), 0 unclustered (average, distance 1); " in capsys.readouterr().out
     # The output must be new or empty: a second run does not mix with the first.
@@ -517,3 +522,98 @@ def test_cluster_photos_ctrl_c(cluster, model, photo_tree, tmp_path, monkeypatch
     monkeypatch.setattr(cluster, "read_image", interrupted)
     assert cluster.main(["--model", model, str(photo_tree), str(tmp_path / "out")]) == 130
     assert "interrupted after 1 files (0 faces)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ privacy (issue 14, items 16 and 17)
+
+PASSWORD = "s3cret"
+
+
+@pytest.fixture
+def credentialed_stream(astronaut):
+    """The URL of an MJPEG stream on 127.0.0.1 that carries a user and password: 8 frames of
+    the astronaut to one client, then gone (connection refused), so a reader is lost, logs
+    a reconnect attempt and gives up, naming the source each time."""
+    jpeg = cv2.imencode(".jpg", cv2.cvtColor(astronaut, cv2.COLOR_RGB2BGR))[1].tobytes()
+    part = b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n%s\r\n" % (len(jpeg), jpeg)
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(60)  # a test that never connects does not leave the thread waiting
+    port = server.getsockname()[1]
+
+    def serve() -> None:
+        # OSError: the client left early or never came; the test's assertions say what matters.
+        with contextlib.suppress(OSError), server:
+            conn, _ = server.accept()
+            server.close()  # one client only: reconnecting is refused
+            with conn:
+                conn.recv(65536)  # the request
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: multipart/x-mixed-replace;boundary=frame\r\n\r\n")
+                for _ in range(8):
+                    conn.sendall(part)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://admin:{PASSWORD}@127.0.0.1:{port}/cam.mjpg"
+
+
+@pytest.mark.parametrize("program", ["door", "door --enroll", "stream"])
+def test_examples_never_show_the_camera_password(
+    program, door, stream, model, credentialed_stream, tmp_path, request, capfd, caplog
+):
+    caplog.set_level(logging.INFO)
+    common = ["--model", model, "--source", credentialed_stream, "--max-retries", "1"]
+    if program == "stream":
+        code = stream.main([*common, "--out", str(tmp_path / "faces.jsonl"), "-q"])
+    elif program == "door":
+        gallery = request.getfixturevalue("enrolled")
+        code = door.main([*common, "--gallery", str(gallery), "--access-log", str(tmp_path / "access.db")])
+    else:
+        code = door.main([*common, "--gallery", str(tmp_path / "door.db"), "--enroll", "Ada", "--samples", "50"])
+    out, err = capfd.readouterr()  # file descriptors: OpenCV's and FFmpeg's own lines too
+    shown = out + err + caplog.text
+    assert code == 1
+    # The source was read, lost, retried and given up on, and named each time: without its password.
+    assert "lost (no frame); reconnecting (attempt 1/1)" in caplog.text
+    assert "lost (cannot reopen); gave up after 1 reconnect attempt(s)" in shown
+    assert "http://***@127.0.0.1:" in shown
+    assert PASSWORD not in shown and "admin:" not in shown
+
+
+@pytest.mark.parametrize("name", ["faces.jsonl", "faces.npz"])
+def test_stream_embed_replaces_a_world_readable_output(stream, model, video, tmp_path, name):
+    out = tmp_path / name
+    written = out if name.endswith(".jsonl") else tmp_path / "faces-00000.npz"
+    written.write_text("old\n")
+    os.chmod(written, 0o644)
+    argv = ["--model", model, "--source", str(video), "--out", str(out), "--max-frames", "2", "-q"]
+    with open(written) as reader:  # someone who opened it while anyone could
+        assert stream.main(argv) == 0
+        assert reader.read() == "old\n"  # the embeddings went to a new file, not into this one
+    assert stat.S_IMODE(written.stat().st_mode) == 0o600
+    if name.endswith(".jsonl"):
+        assert [json.loads(line)["frame"] for line in written.read_text().splitlines()] == [0, 1]
+    else:
+        with np.load(written) as data:
+            assert data["embedding"].shape == (2, 128)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_stream_embed_jsonl_lines_reach_the_file_as_they_come(stream, tmp_path):
+    out = tmp_path / "faces.jsonl"
+    writer = stream.JsonLinesWriter(str(out))
+    writer.write([stream.FaceRecord(1.0, 7, np.zeros(4), 0.9, np.full(128, 128**-0.5))])
+    assert json.loads(out.read_text())["frame"] == 7  # before close: tail -f follows the file
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    writer.close()
+
+
+def test_door_outputs_are_private_even_when_they_existed_world_readable(door, model, enrolled, video, tmp_path):
+    assert stat.S_IMODE(enrolled.stat().st_mode) == 0o600  # the gallery enrolment created
+    access_log = tmp_path / "access.db"
+    door.AccessLog(access_log).close()  # a log from an earlier run
+    for path in (enrolled, access_log):
+        os.chmod(path, 0o644)
+    argv = ["--model", model, "--gallery", str(enrolled), "--source", str(video), "--access-log", str(access_log)]
+    assert door.main(argv) == 0
+    assert [(name, granted) for name, granted, _, _ in access_rows(access_log)] == [("Ada", 1)]
+    for path in (enrolled, access_log):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path

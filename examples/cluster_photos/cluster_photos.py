@@ -15,7 +15,7 @@ people together. Distances are squared L2 between unit embeddings (0..4).
 Output: ``cluster_000/`` (largest first), ..., ``unclustered/`` (groups smaller than
 ``--min-size``), each with ``contact_sheet.png``, plus ``summary.json``. Contact sheets
 show the aligned crops the pipeline embedded (``Face.crop``), kept in a temporary file
-until the groups are known.
+until the groups are known, and are written with mode 0600 (they hold faces).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import cv2
 import numpy as np
 
 from facenet_edge import FacePipeline, FacenetEdgeError, ImageError, read_image
+from facenet_edge.files import private_file
 
 log = logging.getLogger("cluster_photos")
 
@@ -373,7 +374,12 @@ def write_group(
     tiles = sheet_tiles(crops, refs[: sheet.limit], sheet.tile)
     if tiles:
         image = contact_sheet(tiles, sheet.columns)
-        cv2.imwrite(str(folder / "contact_sheet.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise FacenetEdgeError(f"cannot encode the contact sheet of {folder}")
+        # Faces are biometric data: the sheet is written private (0600), like embeddings.
+        with private_file(folder / "contact_sheet.png", FacenetEdgeError) as file:
+            file.write(png.tobytes())
     return [str(p) for p in photos]
 
 

@@ -38,6 +38,7 @@ import cv2
 import numpy as np
 
 from facenet_edge import Face, FacePipeline, FacenetEdgeError, Frame, FrameSource, Gallery, Vote, open_source
+from facenet_edge.camera import redact
 from facenet_edge.gallery import validate_name
 
 log = logging.getLogger("door_access")
@@ -129,7 +130,9 @@ class AccessLog:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         # Create the file 0600 before SQLite opens it (SQLite gives its journal the same
-        # mode), and tighten a file that already exists: it holds who came and when.
+        # mode), and tighten a file that already exists: it holds who came and when. It is
+        # a database that keeps its history, so it is tightened in place as the SDK does
+        # with galleries, not replaced by a new file as write-once outputs are.
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         os.chmod(self.path, 0o600)
         self._conn = sqlite3.connect(self.path)
@@ -392,7 +395,10 @@ def open_camera(args: argparse.Namespace) -> FrameSource:
     only the newest frame (``latest_only``), so decisions are about who is at the door
     now, however slow recognition is; a lost camera is reopened with growing pauses,
     ``--max-retries`` times in a row. A video file is read frame by frame."""
-    return open_source(args.source or default_source(), latest_only=True, max_retries=args.max_retries)
+    spec = args.source or default_source()
+    # A stream URL may carry the camera's password (rtsp://user:pass@cam/...): never log it.
+    log.info("camera: %s", redact(spec))
+    return open_source(spec, latest_only=True, max_retries=args.max_retries)
 
 
 def retries(text: str) -> int | None:

@@ -13,7 +13,8 @@ the device is; a folder of images has no clock, so there ``--fps`` is refused.
     python stream_embed.py --source rtsp://cam/stream --fps 5 --out faces.npz --chunk 500
     python stream_embed.py --source clip.mp4 --every 3 --out -   # JSON Lines on stdout
 
-Embeddings are biometric data: output files are created with mode 0600.
+Embeddings are biometric data: every output file is a new file with mode 0600, replacing
+any file of that name (an old 0644 one included).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterable
 from contextlib import ExitStack
@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 
 from facenet_edge import FacePipeline, FacenetEdgeError, Frame, open_source
+from facenet_edge.files import private_file
 
 log = logging.getLogger("stream_embed")
 
@@ -94,10 +95,17 @@ def output_path(path: str) -> Path:
     return target
 
 
-def open_private(path: Path, mode: str = "w") -> IO:
-    """Open for writing, creating the file with mode 0600 (embeddings are biometric data)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    return os.fdopen(fd, mode)
+def open_private(path: Path) -> IO[str]:
+    """A new, empty file at ``path`` with mode 0600, open for writing text.
+
+    The SDK's ``private_file`` publishes it (a new file renamed over any old one), so an
+    old 0644 file, or someone who opened it while it was readable, never sees the
+    embeddings; writing an existing file in place would keep both. The embeddings are then
+    written through a duplicate of its descriptor, so lines reach the file as they come
+    (``tail -f``) instead of only when the stream ends."""
+    with private_file(path, FacenetEdgeError) as file:
+        fd = os.dup(file.fileno())
+    return os.fdopen(fd, "w")
 
 
 class JsonLinesWriter:
@@ -126,7 +134,8 @@ class JsonLinesWriter:
 class NpzChunkWriter:
     """``--out faces.npz --chunk N``: ``faces-00000.npz``, ``faces-00001.npz``, ... of up to
     N faces each, with arrays ``timestamp``, ``frame``, ``box``, ``score``, ``embedding``.
-    Each chunk is written to a temporary file and renamed, so a reader never sees half a chunk."""
+    Each chunk is written by the SDK's ``private_file``: under a temporary name, fsynced and
+    renamed, so a reader never sees half a chunk, and mode 0600 even over an old 0644 file."""
 
     def __init__(self, path: str, chunk: int) -> None:
         self._path = output_path(path)
@@ -142,21 +151,15 @@ class NpzChunkWriter:
 
     def _flush(self, records: list[FaceRecord]) -> None:
         target = self._path.with_name(f"{self._path.stem}-{len(self.files):05d}.npz")
-        fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")  # mode 0600
-        try:
-            with os.fdopen(fd, "wb") as file:
-                np.savez(
-                    file,
-                    timestamp=np.array([r.timestamp for r in records], dtype=np.float64),
-                    frame=np.array([r.frame for r in records], dtype=np.int64),
-                    box=np.array([r.box for r in records], dtype=np.float32),
-                    score=np.array([r.score for r in records], dtype=np.float32),
-                    embedding=np.array([r.embedding for r in records], dtype=np.float32),
-                )
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        with private_file(target, FacenetEdgeError) as file:
+            np.savez(
+                file,
+                timestamp=np.array([r.timestamp for r in records], dtype=np.float64),
+                frame=np.array([r.frame for r in records], dtype=np.int64),
+                box=np.array([r.box for r in records], dtype=np.float32),
+                score=np.array([r.score for r in records], dtype=np.float32),
+                embedding=np.array([r.embedding for r in records], dtype=np.float32),
+            )
         self.files.append(target)
         log.info("wrote %s (%d faces)", target, len(records))
 
