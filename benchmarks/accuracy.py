@@ -26,6 +26,7 @@ from common import (
     add_common_arguments,
     add_lfw_arguments,
     describe_with,
+    face_outcomes,
     fmt,
     lfw_embeddings,
     lfw_result,
@@ -65,11 +66,7 @@ class Score:
         return f"{self.model} / {self.detector}"
 
     def images(self) -> dict[str, int]:
-        return {
-            "found": int(np.sum(self.outcomes == 0)),
-            "found_after_padding": int(np.sum(self.outcomes > 0)),
-            "centre_box": int(np.sum(self.outcomes < 0)),
-        }
+        return face_outcomes(self.outcomes)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -65,6 +65,7 @@ __all__ = [
     "bulk_enroll",
     "default_lfw",
     "face_images",
+    "face_outcomes",
     "fmt",
     "machine_info",
     "machine_line",
@@ -90,6 +91,16 @@ __all__ = [
     "lfw_cross_result",
     "add_lfw_arguments",
 ]
+
+
+def face_outcomes(outcomes) -> dict[str, int]:
+    """How each image's face was found (``lfw_embeddings``' outcomes): directly, after
+    padding, or nowhere (a centre box stood in)."""
+    return {
+        "found": int((outcomes == 0).sum()),
+        "found_after_padding": int((outcomes > 0).sum()),
+        "centre_box": int((outcomes < 0).sum()),
+    }
 
 # --------------------------------------------------------------------------- models
 

@@ -37,6 +37,7 @@ from common import (
     ModelUnderTest,
     add_common_arguments,
     add_lfw_arguments,
+    face_outcomes,
     lfw_embeddings,
     lfw_result,
     load_lfw,
@@ -197,11 +198,7 @@ class Score:
         ]
 
     def images(self) -> dict[str, int]:
-        return {
-            "found": int(np.sum(self.outcomes == 0)),
-            "found_after_padding": int(np.sum(self.outcomes > 0)),
-            "centre_box": int(np.sum(self.outcomes < 0)),
-        }
+        return face_outcomes(self.outcomes)
 
     def to_dict(self) -> dict[str, Any]:
         return {
