@@ -99,8 +99,11 @@ def test_compute_teacher_labels_the_centre_crop_of_every_face_once(stand_in, ast
     assert teacher.compute_teacher(cache, options)[0] == 0  # nothing left: a stopped run resumes here
     with pytest.raises(ValueError, match="holds edgeface's descriptors"):
         teacher.compute_teacher(cache, teacher.TeacherOptions("dlib", workers=1))
+    fresh = tmp_path / "fresh"
+    write_crop_cache(fresh, astronaut)
     with pytest.raises(ValueError, match="needs its ONNX file"):
-        teacher.compute_teacher(tmp_path / "cache", teacher.TeacherOptions("edgeface", workers=1))
+        teacher.compute_teacher(fresh, teacher.TeacherOptions("edgeface", workers=1))
+    assert teacher.cached_teacher(fresh) is None  # a teacher that could not start claims nothing
 
 
 def test_descriptors_from_before_the_stamp_are_dlibs(astronaut, tmp_path):

@@ -144,13 +144,14 @@ def compute_teacher(cache_dir: str | Path, options: TeacherOptions = TeacherOpti
     held = cached_teacher(cache_dir)
     if held not in (None, options.name):
         raise ValueError(f"{cache_dir} holds {held}'s descriptors; label a copy of the cache with {options.name}")
-    (cache_dir / TEACHER_JSON).write_text(json.dumps({"teacher": options.name}) + "\n")
     todo = [s for s in manifest.shards if not (cache_dir / data.teacher_name(s)).is_file()]
     total = sum(manifest.sources[s].get("faces", 0) for s in manifest.sources)
     left = sum(len(data.read_shard(cache_dir / s, ("labels",))["labels"]) for s in todo)
     start = time.perf_counter()
     with tqdm(total=total, initial=total - left, unit="face", desc="teacher", dynamic_ncols=True,
               mininterval=1.0) as bar, TEACHERS[options.name](options, manifest) as label:
+        # Stamped once the teacher has loaded: a teacher that cannot start claims nothing.
+        (cache_dir / TEACHER_JSON).write_text(json.dumps({"teacher": options.name}) + "\n")
         for shard in todo:
             rows = []
             for descriptor in label(data.read_shard(cache_dir / shard)):
