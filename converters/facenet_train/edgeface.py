@@ -117,6 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # TensorFlow only once torch has exported and is done: torch's triton, when installed,
+    # segfaulted importing after TensorFlow in one process here.
     from .train import LfwCropPairs, lfw_summary
 
     if bool(args.lfw) != bool(args.lfw_cache):
