@@ -10,6 +10,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -53,8 +54,6 @@ def _tiny_card(name: str) -> ModelCard:
 
 def _random_crops(image: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
     """Random square patches of ``image`` resized to the model input, as uint8."""
-    import cv2
-
     crops = []
     for _ in range(count):
         side = int(rng.integers(96, image.shape[0] // 2))
@@ -137,3 +136,17 @@ def tiny_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return _tiny_paths(directory)
+
+
+@pytest.fixture(scope="session")
+def model(tiny_model: TinyModels) -> str:
+    """The tiny int8 model's path, as the CLI takes it."""
+    return str(tiny_model.int8)
+
+
+@pytest.fixture(scope="session")
+def photo(tmp_path_factory: pytest.TempPathFactory, astronaut: np.ndarray) -> str:
+    """The astronaut photo as a PNG file."""
+    path = tmp_path_factory.mktemp("photo") / "astronaut.png"
+    assert cv2.imwrite(str(path), cv2.cvtColor(astronaut, cv2.COLOR_RGB2BGR))
+    return str(path)

@@ -68,11 +68,6 @@ def images(tmp_path_factory, astronaut) -> dict[str, str]:
     return paths
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model) -> str:
-    return str(tiny_model.int8)
-
-
 @pytest.fixture
 def gallery(tmp_path, model, images) -> str:
     """A gallery with the astronaut enrolled from the original photo."""

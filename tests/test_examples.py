@@ -52,11 +52,6 @@ def cluster() -> types.ModuleType:
     return load_example("cluster_photos")
 
 
-@pytest.fixture
-def model(tiny_model) -> str:
-    return str(tiny_model.int8)
-
-
 def write_png(path: Path, rgb: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     assert cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))

@@ -136,18 +136,6 @@ def _digest(path: str) -> str | None:
 # ---------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model) -> str:
-    return str(tiny_model.int8)
-
-
-@pytest.fixture(scope="module")
-def photo(tmp_path_factory, astronaut) -> str:
-    path = tmp_path_factory.mktemp("photo") / "astronaut.png"
-    assert cv2.imwrite(str(path), cv2.cvtColor(astronaut, cv2.COLOR_RGB2BGR))
-    return str(path)
-
-
 @pytest.fixture
 def gallery(tmp_path, model, photo) -> str:
     path = str(tmp_path / "faces.db")
