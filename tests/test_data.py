@@ -192,3 +192,33 @@ def test_colour_jitter_matches_its_definition(bordered):
     grey = (x @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
     x = grey + (x - grey) * 0.5
     np.testing.assert_allclose(got, np.clip(np.rint(x), 0, 255), atol=1.0)
+
+
+def test_tight_views_keep_a_window_and_fill_the_rest_like_the_aligner(bordered):
+    crop, _ = bordered
+    identity = AugmentConfig(flip=0, shift=0, scale=0, rotation=0, brightness=0, contrast=0, saturation=0,
+                             grayscale=0, blur=0, jpeg=0)
+    tight = AugmentConfig(**{**identity.__dict__, "tight": 1.0, "tight_window": (0.75, 0.75)})
+    centre = centre_crop(crop[None], 96)[0]
+    view = augment_batch(crop[None], 96, tight, np.random.default_rng(0))[0]
+    kept = np.all(view == centre, axis=-1) & ~np.all(view == 128, axis=-1)
+    ys, xs = np.nonzero(kept)
+    side = 72  # 0.75 * 96
+    assert np.ptp(ys) + 1 == side and np.ptp(xs) + 1 == side
+    assert abs(ys.mean() - 47.5) <= 0.06 * side + 1 and abs(xs.mean() - 47.5) <= 0.06 * side + 1
+    outside = np.ones((96, 96), bool)
+    outside[ys.min():ys.max() + 1, xs.min():xs.max() + 1] = False
+    assert np.all(view[outside] == 128)  # the aligner's "grey" fill, exactly
+    # The aligner's other fills are the options; an unknown one is refused when configured.
+    replicate = AugmentConfig(**{**tight.__dict__, "tight_fill": "replicate"})
+    streaks = augment_batch(crop[None], 96, replicate, np.random.default_rng(0))[0]
+    np.testing.assert_array_equal(streaks[ys.min(), :xs.min()], np.repeat(streaks[ys.min(), xs.min()][None], xs.min(), 0))
+    with pytest.raises(ValueError, match="tight_fill 'blue'"):
+        AugmentConfig(tight_fill="blue")
+
+
+def test_tight_probability_zero_keeps_the_random_stream(bordered):
+    crop, _ = bordered
+    batch = np.repeat(crop[None], 8, axis=0)
+    plain = augment_batch(batch, 96, AugmentConfig(), np.random.default_rng(5))
+    np.testing.assert_array_equal(plain, augment_batch(batch, 96, AugmentConfig(tight=0.0), np.random.default_rng(5)))
