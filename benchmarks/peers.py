@@ -58,7 +58,6 @@ from common import (
     write_json,
 )
 
-from facenet_edge.align import align
 from facenet_edge.detect import DEFAULT_DETECTOR, DETECTORS, Detection, create_detector
 from facenet_edge.embed import Embedder
 from facenet_train.verify import lfw_scores
@@ -138,11 +137,10 @@ class Side:
 
 
 def time_ours(embedder: Embedder) -> TimeFace:
-    size, template = embedder.input_size, embedder.card.alignment
 
     def time_face(face: FaceImage) -> tuple[float, float]:
         start = time.perf_counter()
-        crop = align(face.image, face.detection, size, template=template)
+        crop = embedder.crop(face.image, face.detection)
         aligned = time.perf_counter()
         embedder.embed(crop[None])
         return aligned - start, time.perf_counter() - aligned

@@ -2,8 +2,8 @@
 what that costs in accuracy, for each way of filling it.
 
 Users photograph tightly cropped faces (ID photos, crops from other tools); the aligner's
-crop then reaches past the image and ``facenet_edge.align`` fills the rest (``--fills``,
-today's default: replicating the edge). This script builds a tight LFW once, in
+crop then reaches past the image and ``facenet_edge.align`` fills the rest (``--fills``;
+the runtime uses the model card's ``fill``). This script builds a tight LFW once, in
 ``--tight DIR`` (outside the repository): every LFW pair image cut to ``--factor`` times
 the box our default detector finds in it (BlazeFace, ``main_face``, the protocol of the
 runtime-path LFW evaluation), square round the box centre, clipped to the image, saved as
@@ -50,7 +50,7 @@ from common import (
     write_json,
 )
 
-from facenet_edge.align import FILLS, align, alignment_matrix
+from facenet_edge.align import FILLS, alignment_matrix
 from facenet_edge.bench import name_list
 from facenet_edge.detect import DEFAULT_DETECTOR, Detection
 from facenet_edge.embed import Embedder, l2_normalize
@@ -154,11 +154,9 @@ def found_faces(lfw: LfwPairs, faces: LfwFaces) -> list[tuple[tuple[int, ...], D
 
 def describe_filled(embedder: Embedder, fill: str) -> Describe:
     """``common.describe_with`` with the aligner's ``fill``."""
-    size, template = embedder.input_size, embedder.card.alignment
 
     def describe(images: list[np.ndarray], detections: list[Detection]) -> np.ndarray:
-        return embedder.embed(np.stack([align(im, d, size, template=template, fill=fill)
-                                        for im, d in zip(images, detections)]))
+        return embedder.embed(np.stack([embedder.crop(im, d, fill) for im, d in zip(images, detections)]))
 
     return describe
 

@@ -112,7 +112,7 @@ def cli_int8(work) -> Path:
     out = work / "out" / "tiny_int8.tflite"
     argv = ["convert", str(work / "tiny.keras"), "--to", "int8", "--edgetpu", "--calibration", str(work / "faces"),
             "--calibration-faces", "24", "--verify-faces", "24", "--out", str(out), "--name", "tiny-test",
-            "--version", "0.1", "--compatibility-group", "tiny-v1"]  # fmt: skip
+            "--version", "0.1", "--compatibility-group", "tiny-v1", "--fill", "grey"]  # fmt: skip
     assert cli.main(argv) == 0
     return out
 
@@ -265,6 +265,7 @@ def test_card_written_and_embedded(cli_int8):
     assert (card.name, card.version, card.architecture, card.compatibility_group) == ("tiny-test", "0.1", "tiny", "tiny-v1")
     assert (card.input_height, card.input_width, card.embedding_size, card.color_order) == (SIZE, SIZE, 128, "RGB")
     assert card.terms.startswith("non-commercial research only")
+    assert card.fill == "grey"
     assert card.flops and card.parameters
     graph = read_graph(raw)
     q = card.quantization

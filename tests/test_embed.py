@@ -79,6 +79,26 @@ def test_flip_test_averages_the_crop_and_its_mirror(tiny_model, crops):
         np.testing.assert_allclose(flip.embed(crops[:, :, ::-1]), flip.embed(crops), atol=1e-5)
 
 
+def test_crop_follows_the_cards_fill(tiny_model, astronaut):
+    # A face at the photo's corner: most of its crop lies past the edge and is filled.
+    with BlazeFaceDetector() as detector:
+        (face,) = detector.detect(astronaut)
+    x0, y0 = int(face.box[0]) + 20, int(face.box[1]) + 20
+    corner = astronaut[y0:, x0:]
+    moved = dataclasses.replace(face, box=face.box - [x0, y0, x0, y0], landmarks=face.landmarks - [x0, y0])
+    card = ModelCard.load(card_path_for(tiny_model.float32))
+    assert card.fill == "replicate"  # cards written before the field keep the old behaviour
+    grey_card = dataclasses.replace(card, fill="grey")
+    with Embedder.from_path(tiny_model.float32) as plain, Embedder.from_path(tiny_model.float32, card=grey_card) as grey:
+        np.testing.assert_array_equal(plain.crop(corner, moved), align(corner, moved, (96, 96), fill="replicate"))
+        grey_crop = grey.crop(corner, moved)
+        np.testing.assert_array_equal(grey_crop, align(corner, moved, (96, 96), fill="grey"))
+        assert np.all(grey_crop[0, 0] == 128)
+        np.testing.assert_array_equal(plain.crop(corner, moved, fill="grey"), grey_crop)
+    with pytest.raises(ModelError, match="fill 'blue' is unknown"):
+        Embedder.from_path(tiny_model.float32, card=dataclasses.replace(card, fill="blue"))
+
+
 def test_empty_and_bad_crops(tiny_model):
     with Embedder.from_path(tiny_model.float32) as embedder:
         assert embedder.embed([]).shape == (0, 128)

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from facenet_edge.align import FILLS
 from facenet_edge.card import ModelCard, Thresholds, card_path_for
 from facenet_edge.detect import DEFAULT_DETECTOR
 
@@ -300,6 +301,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                 "`datasets.py` or names (default: from the run folder's config.json)")
     parser.add_argument("--flip-test", action="store_true",
                         help="card: embed each crop and its mirror and average them (doubles the embed time)")
+    parser.add_argument("--fill", choices=list(FILLS), default=ModelCard.fill,
+                        help="card: how the aligner fills a crop past the photo's edge (as the model was trained)")
     parser.add_argument("--teacher", choices=list(TEACHER_NAMES),
                         help="the teacher the model was distilled from (named in the card's terms)")
     parser.add_argument("--mean", type=float, default=ModelCard.mean, help="input normalisation: (pixel - mean) / std")
@@ -368,6 +371,7 @@ def _base_card(args: argparse.Namespace, keras_model) -> ModelCard:
         std=args.std,
         compatibility_group=args.compatibility_group,
         flip_test=args.flip_test,
+        fill=args.fill,
         flops=flops,
         parameters=int(keras_model.count_params()),
         training_data=datasets,

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-from facenet_edge.align import align
 from facenet_edge.detect import Detection, create_detector
 from facenet_edge.embed import Embedder, l2_normalize
 from facenet_edge.io import read_image
@@ -112,11 +111,10 @@ Describe = Callable[[list[np.ndarray], list[Detection]], np.ndarray]
 
 
 def describe_with(embedder: Embedder) -> Describe:
-    """Our runtime path after detection: the aligner (the model's size and template), then the interpreter."""
-    size, template = embedder.input_size, embedder.card.alignment
+    """Our runtime path after detection: the model's crop (size, template, fill), then the interpreter."""
 
     def describe(images: list[np.ndarray], detections: list[Detection]) -> np.ndarray:
-        return embedder.embed(np.stack([align(im, d, size, template=template) for im, d in zip(images, detections)]))
+        return embedder.embed(np.stack([embedder.crop(im, d) for im, d in zip(images, detections)]))
 
     return describe
 

@@ -111,6 +111,9 @@ class ModelCard:
     compatibility_group: str | None = None
     # Aligner the model was trained with; see facenet_edge.align.TEMPLATES.
     alignment: str = "facenet96"
+    # How the aligner fills the part of a crop past the photo's edge (a name in
+    # facenet_edge.align.FILLS): the fill the model was trained with.
+    fill: str = "replicate"
     # Embed each crop and its mirror image, and use their normalised mean (test-time flip):
     # set when it measured worth its doubled embed time (docs/model.md).
     flip_test: bool = False
@@ -128,7 +131,7 @@ class ModelCard:
     def __post_init__(self) -> None:
         """Check every field's type and range, so a bad card fails here, naming the field,
         rather than deep inside preprocessing or a gallery write."""
-        for name in ("name", "version", "architecture", "color_order", "alignment", "terms"):
+        for name in ("name", "version", "architecture", "color_order", "alignment", "fill", "terms"):
             _check_type(self, name, str)
         _check_type(self, "compatibility_group", str, optional=True)
         _check_type(self, "flip_test", bool)

@@ -80,7 +80,7 @@ def summary(card: ModelCard, model: Path, sha256: str) -> list[Row]:
             f"{card.input_height}x{card.input_width} {card.color_order}, (pixel - {card.mean:g}) / {card.std:g}",
         ),
         Row("embedding", f"{card.embedding_size}-d, unit length"),
-        Row("alignment", card.alignment),
+        Row("alignment", f"{card.alignment}, {card.fill} past the photo's edge"),
         Row("compatibility group", card.compatibility_group or "none"),
     ]
     size = [f"{model.stat().st_size / MB:.1f} MB"]

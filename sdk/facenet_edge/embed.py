@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .align import TEMPLATES
+from .align import FILLS, TEMPLATES, align
 from .card import CardError, ModelCard, ModelIdentity, card_path_for, model_identity
-from .detect import BLAZEFACE_MODEL
+from .detect import BLAZEFACE_MODEL, Detection
 from .errors import ModelError
 from .interpreter import MODELS_DIR, TFLiteModel, check_tflite_file, load_interpreter
 
@@ -48,6 +48,15 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
+def normalise(crops: np.ndarray, card: ModelCard) -> np.ndarray:
+    """Float32 crops -> the model's float input: the card's channel order, then
+    (pixel - mean) / std. The one definition: the Embedder, the converter's calibration and
+    checks, and the training step (on TensorFlow tensors: operators only) all use it."""
+    if card.color_order == "BGR":
+        crops = crops[..., ::-1]
+    return (crops - card.mean) / card.std
+
+
 class Embedder:
     """A face embedding model with its card. ``embed`` takes aligned RGB uint8 crops of
     ``input_size`` and returns (N, D) float32 unit vectors (with the card's ``flip_test``,
@@ -76,6 +85,8 @@ class Embedder:
                 f"{self.model_path}: the card's alignment {card.alignment!r} is unknown; "
                 f"known: {', '.join(sorted(TEMPLATES))}"
             )
+        if card.fill not in FILLS:
+            raise ModelError(f"{self.model_path}: the card's fill {card.fill!r} is unknown; known: {', '.join(FILLS)}")
 
     @classmethod
     def from_path(
@@ -106,12 +117,14 @@ class Embedder:
         """What a gallery records about this model (hashing the file once, on first use)."""
         return model_identity(self.model_path, self.card)
 
+    def crop(self, image: np.ndarray, detection: Detection, fill: str | None = None) -> np.ndarray:
+        """The crop of ``detection`` that ``embed`` takes: the card's size, template and
+        fill (``fill`` overrides the last, for comparing fills)."""
+        return align(image, detection, self.input_size, template=self.card.alignment, fill=fill or self.card.fill)
+
     def preprocess(self, crops: np.ndarray) -> np.ndarray:
         """Crops -> the input tensor: (pixel - mean) / std, then the input's quantization."""
-        if self.card.color_order == "BGR":
-            crops = crops[..., ::-1]
-        values = (crops.astype(np.float32) - self.card.mean) / self.card.std
-        return self._model.input.quantize(values)
+        return self._model.input.quantize(normalise(crops.astype(np.float32), self.card))
 
     def embed(self, crops: np.ndarray | list[np.ndarray]) -> np.ndarray:
         """(N, D) float32 unit embeddings of RGB uint8 crops shaped (N, h, w, 3)."""
