@@ -1,0 +1,139 @@
+"""The IoU tracker and per-track fusion (facenet_edge.tracker), on synthetic detections
+and a stub pipeline: no model needed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from facenet_edge.detect import Detection
+from facenet_edge.tracker import Tracker, TrackerOptions, iou, quality
+
+
+def face(x: float, y: float, side: float = 100.0, score: float = 0.9) -> Detection:
+    return Detection(box=np.array([x, y, x + side, y + side], dtype=float), score=score)
+
+
+def test_iou():
+    a = np.array([0, 0, 10, 10.0])
+    assert iou(a, a) == 1.0
+    assert iou(a, np.array([20, 20, 30, 30.0])) == 0.0
+    assert iou(a, np.array([5, 0, 15, 10.0])) == pytest.approx(50 / 150)
+
+
+def test_ids_are_kept_across_small_moves_and_two_faces_stay_apart():
+    tracker = Tracker()
+    first = tracker.update([face(100, 100), face(400, 100)])
+    ids = [t.id for t, _ in first]
+    for step in range(1, 10):  # both drift 4 px and grow a little each frame
+        moved = tracker.update([face(400 + 4 * step, 100, 100 + step), face(100 + 4 * step, 100 + 2 * step, 100 + step)])
+        assert sorted(t.id for t, _ in moved) == sorted(ids)
+        assert {t.id: float(d.box[0]) for t, d in moved}[ids[0]] == 100 + 4 * step
+    assert all(t.frames == 10 for t in tracker.tracks)
+
+
+def test_a_gap_longer_than_max_missed_starts_a_new_track():
+    tracker = Tracker(TrackerOptions(max_missed=2))
+    (track, _), = tracker.update([face(100, 100)])
+    for _ in range(2):
+        tracker.update([])
+    (same, _), = tracker.update([face(102, 100)])
+    assert same.id == track.id  # two missed frames: still the same person
+    for _ in range(3):
+        tracker.update([])
+    (new, _), = tracker.update([face(102, 100)])
+    assert new.id != track.id
+
+
+def test_a_jump_across_the_frame_is_a_new_track():
+    tracker = Tracker()
+    (a, _), = tracker.update([face(0, 0)])
+    (b, _), = tracker.update([face(500, 300)])
+    assert a.id != b.id
+
+
+@dataclass
+class Found:
+    name: str
+    distance: float
+    accepted: bool
+
+
+class StubGallery:
+    """One enrolled vector: accepted within ``threshold`` (squared L2)."""
+
+    def __init__(self, vector: np.ndarray, threshold: float) -> None:
+        self.vector, self.threshold = vector, threshold
+        self.queries: list[np.ndarray] = []
+
+    def match(self, embeddings, identity):
+        out = []
+        for e in np.atleast_2d(embeddings):
+            self.queries.append(e)
+            d = float(np.sum((e - self.vector) ** 2))
+            out.append(Found("ada", d, d <= self.threshold))
+        return out
+
+
+class StubEmbedder:
+    def __init__(self, vectors: list[np.ndarray]) -> None:
+        self.vectors = iter(vectors)
+
+    def crop(self, image, detection):
+        return np.zeros((4, 4, 3), np.uint8)
+
+    def embed(self, crops):
+        return np.stack([next(self.vectors) for _ in crops])
+
+
+class StubPipeline:
+    identity = "model"
+
+    def __init__(self, vectors: list[np.ndarray], boxes: list[list[Detection]]) -> None:
+        self.embedder = StubEmbedder(vectors)
+        self.boxes = iter(boxes)
+
+    def detect(self, image):
+        return next(self.boxes)
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+def test_fusion_averages_noisy_frames_into_an_accepted_decision():
+    rng = np.random.default_rng(0)
+    truth = unit(rng.normal(size=128))
+    # Each frame alone is too far from the enrolled vector; their mean is close.
+    noisy = [unit(truth + 0.13 * rng.normal(size=128)) for _ in range(30)]
+    gallery = StubGallery(truth, threshold=0.8)
+    assert all(np.sum((n - truth) ** 2) > 0.8 for n in noisy[:5])
+    frames = 20
+    pipeline = StubPipeline(noisy, [[face(100 + i, 100)] for i in range(frames)])
+    tracker = Tracker(TrackerOptions(min_frames=5, fuse=5, reembed_every=10))
+    decisions = []
+    for _ in range(frames):
+        (tracked,) = tracker.step(pipeline, np.zeros((480, 640, 3), np.uint8), gallery)
+        decisions.append(tracked.track.match)
+    assert decisions[:4] == [None] * 4  # undecided until min_frames embeddings
+    assert decisions[4] is not None and decisions[4].accepted
+    # Embedded on each of the first 5 frames, then every 10th: 5 + 1 (frame 15) of 20.
+    assert tracker.embed_calls == 6 and tracker.faces_seen == frames
+
+
+def test_fusion_keeps_the_best_quality_frames():
+    tracker = Tracker(TrackerOptions(fuse=2))
+    (track, _), = tracker.update([face(0, 0)])
+    good, bad = unit(np.ones(128)), unit(-np.ones(128))
+    tracker.add_embedding(track, good, quality(face(0, 0, 120, 0.9)))
+    tracker.add_embedding(track, bad, quality(face(0, 0, 30, 0.5)))  # small, doubtful
+    tracker.add_embedding(track, good, quality(face(0, 0, 110, 0.9)))
+    assert np.allclose(track.fused(), good)
+
+
+def test_options_are_checked():
+    for bad in ({"min_iou": 0}, {"min_frames": 0}, {"fuse": 0}, {"reembed_every": 0}, {"max_missed": -1}):
+        with pytest.raises(ValueError):
+            TrackerOptions(**bad)
