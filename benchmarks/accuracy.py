@@ -45,7 +45,6 @@ from facenet_edge.detect import DETECTORS
 from facenet_edge.embed import Embedder
 from facenet_edge.errors import FacenetEdgeError
 from facenet_train.metrics import LfwResult, plot_roc
-from facenet_train.verify import lfw_scores
 
 QUICK_PAIRS = 20
 
@@ -73,7 +72,7 @@ class Score:
             "model": self.model,
             "target": self.target,
             "detector": self.detector,
-            **lfw_scores(self.result),
+            **self.result.scores(),
             "fold_accuracies": self.result.fold_accuracies,
             "images": self.images(),
         }

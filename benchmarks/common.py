@@ -6,7 +6,7 @@ synthetic galleries, test frames, the ``--model/--out/--quick`` arguments) live 
 a Raspberry Pi; they are re-exported here so every script imports from one place. What
 only the scripts need is defined here: which models to compare. LFW through the runtime
 path (pairs, our detector's face per image, embeddings cached per model and detector,
-10-fold scores within one model or across two) lives in ``facenet_train.runtime_lfw``,
+10-fold scores within one model or across two) lives in ``facenet_train.evaluation``,
 shared with ``facenet-train evaluate --runtime-path``, and is re-exported here.
 """
 
@@ -43,17 +43,16 @@ from facenet_edge.bench import (
 from facenet_edge.card import ModelCard, card_path_for
 from facenet_edge.embed import Embedder
 from facenet_edge.interpreter import load_interpreter, uses_edgetpu
-from facenet_train.convert import TARGETS
-from facenet_train.runtime_lfw import (
+from facenet_train.conversion import TARGETS
+from facenet_train.evaluation import (
     Describe,
     LfwFaces,
-    LfwPairs,
     describe_with,
     lfw_cross_result,
     lfw_embeddings,
     lfw_result,
-    load_lfw,
 )
+from facenet_train.lfw import LfwPairs, load_lfw
 
 __all__ = [
     "DEFAULT_OUT",

@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine_info, markdown_table, report, write_json  # noqa: E402
 
+from facenet_train.checkpoint import load_keras_model  # noqa: E402
+from facenet_train.evaluation import LfwCropPairs, default_card, keras_embeddings  # noqa: E402
 from facenet_train.metrics import evaluate_distances  # noqa: E402
-from facenet_train.train import default_card, load_keras_model  # noqa: E402
-from facenet_train.verify import keras_embeddings, lfw_pairs, lfw_scores  # noqa: E402
 
 
 def pair_distances(gallery: np.ndarray, probes: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
@@ -45,11 +45,12 @@ def main(argv: list[str] | None = None) -> int:
 
     old_model = load_keras_model(args.old)
     card = default_card(old_model)
-    crops, first, second, issame = lfw_pairs(args.lfw, args.lfw_cache, card.input_size)
+    pairs = LfwCropPairs.from_cache(args.lfw, args.lfw_cache, card.input_height)
+    crops, first, second, issame = pairs.crops, pairs.first, pairs.second, pairs.issame
     old = keras_embeddings(old_model, crops, card)
     old_result = evaluate_distances(pair_distances(old, old, first, second), issame)
 
-    rows, results = [], {"old": {"path": args.old, "lfw": lfw_scores(old_result)}, "new": {}}
+    rows, results = [], {"old": {"path": args.old, "lfw": old_result.scores()}, "new": {}}
     rows.append(["old", "old", "old", f"{100 * old_result.accuracy_mean:.2f} ± {100 * old_result.accuracy_std:.2f}",
                  f"{100 * old_result.val_mean:.1f}"])
     for spec in args.new:
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         new = keras_embeddings(load_keras_model(path), crops, card)
         own = evaluate_distances(pair_distances(new, new, first, second), issame)
         cross = evaluate_distances(pair_distances(old, new, first, second), issame)
-        results["new"][name] = {"path": path, "lfw": lfw_scores(own), "cross_lfw": lfw_scores(cross)}
+        results["new"][name] = {"path": path, "lfw": own.scores(), "cross_lfw": cross.scores()}
         for gallery, result in (("new", own), ("old", cross)):
             rows.append([name, gallery, "new", f"{100 * result.accuracy_mean:.2f} ± {100 * result.accuracy_std:.2f}",
                          f"{100 * result.val_mean:.1f}"])

@@ -2,7 +2,7 @@
 
 The family is the training stack's (``facenet_train.models``: nn4_small2, nn4, nns1, nns2,
 nn2), counted analytically by ``facenet_train.flops``. Each model is converted with
-``facenet_train.convert`` to float32, float16 and full-integer int8 exactly as
+``facenet_train.conversion`` to float32, float16 and full-integer int8 exactly as
 ``facenet-train convert`` does. The weights are untrained: a file holds the same tensors
 whatever their values, so the sizes are a trained model's (the card ``facenet-train
 convert`` embeds adds about 2 KB). ``--model`` adds the real files of a converted model
@@ -40,7 +40,7 @@ from common import (
 
 from facenet_edge.bench import name_list
 from facenet_edge.errors import ModelError
-from facenet_train.convert import TARGETS
+from facenet_train.conversion import TARGETS
 
 FAMILY = ("nn4_small2", "nn4", "nns1", "nns2", "nn2")
 QUICK_FAMILY = ("nns2",)
@@ -88,7 +88,7 @@ class ModelFile:
 def measure_family(names: Sequence[str], targets: Sequence[str]) -> list[FamilyModel]:
     """Build, count and convert each model (TensorFlow is imported here, not at start-up)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
-    from facenet_train.convert import convert_model, with_batch_one
+    from facenet_train.conversion import convert_model, with_batch_one
     from facenet_train.flops import count_flops
     from facenet_train.models import MODELS, build_model
 

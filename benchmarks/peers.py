@@ -60,7 +60,6 @@ from common import (
 
 from facenet_edge.detect import DEFAULT_DETECTOR, DETECTORS, Detection, create_detector
 from facenet_edge.embed import Embedder
-from facenet_train.verify import lfw_scores
 
 DLIB = "dlib ResNet v1"
 TARGET_RATIO = 1 / 20
@@ -221,13 +220,13 @@ def lfw_accuracy(models: Sequence[ModelUnderTest], peer: DlibPeer | None, args: 
         if peer is not None:
             print(f"{DLIB} on LFW ...", file=sys.stderr, flush=True)
             dlib_descriptors, _ = lfw_embeddings(lfw, faces, f"dlib-{peer.version}", peer.describe, cache)
-            scores.append({"peer": DLIB, "target": "float32", **lfw_scores(lfw_result(lfw, dlib_descriptors))})
+            scores.append({"peer": DLIB, "target": "float32", **lfw_result(lfw, dlib_descriptors).scores()})
         for model in models:
             print(f"{model.label} on LFW ...", file=sys.stderr, flush=True)
             with Embedder.from_path(model.path, num_threads=args.threads) as embedder:
                 key = f"{model.label}-{embedder.identity.sha256[:12]}"
                 descriptors, _ = lfw_embeddings(lfw, faces, key, describe_with(embedder), cache)
-            scores.append({"peer": model.label, "target": model.target, **lfw_scores(lfw_result(lfw, descriptors))})
+            scores.append({"peer": model.label, "target": model.target, **lfw_result(lfw, descriptors).scores()})
             if dlib_descriptors is None:
                 continue
             if descriptors.shape != dlib_descriptors.shape:
@@ -245,7 +244,7 @@ def lfw_accuracy(models: Sequence[ModelUnderTest], peer: DlibPeer | None, args: 
                     "cross": True,
                     "gallery": DLIB,
                     "probes": model.label,
-                    **lfw_scores(result),
+                    **result.scores(),
                 }
             )
     return [{**score, "cross": score.get("cross", False), "pairs": len(lfw.pairs)} for score in scores + cross]

@@ -58,7 +58,6 @@ from facenet_edge.errors import FacenetEdgeError
 from facenet_edge.io import read_image
 from facenet_train.metrics import LfwResult
 from facenet_train.preprocess import LFW_CENTRE_FALLBACK, PICK_RULE, CropOptions
-from facenet_train.verify import lfw_scores
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK_PAIRS = 20
@@ -203,7 +202,7 @@ class Score:
             "model": self.model,
             "variant": self.variant,
             "fill": self.fill,
-            **lfw_scores(self.result),
+            **self.result.scores(),
             "fold_accuracies": self.result.fold_accuracies,
             "outside_fraction_median": float(np.median(self.fractions)),
             "outside_fraction_mean": float(np.mean(self.fractions)),

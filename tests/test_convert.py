@@ -20,13 +20,13 @@ keras = pytest.importorskip("keras")
 from facenet_edge.align import align  # noqa: E402
 from facenet_edge.card import ModelCard, card_path_for  # noqa: E402
 from facenet_edge.detect import BlazeFaceDetector  # noqa: E402
-from facenet_edge.embed import Embedder  # noqa: E402
-from facenet_train import cli, convert, edgetpu, verify  # noqa: E402
+from facenet_edge.embed import Embedder, normalise  # noqa: E402
+from facenet_train import cli, conversion, convert, edgetpu, verify  # noqa: E402
+from facenet_train.checkpoint import load_keras_model, run_config  # noqa: E402
 from facenet_train.faces import load_faces, spread_across_identities  # noqa: E402
 from facenet_train.models import L2Normalize  # noqa: E402
-from facenet_train.runtime_lfw import load_lfw  # noqa: E402
+from facenet_train.lfw import load_lfw  # noqa: E402
 from facenet_train.tflite_graph import embed_metadata, read_graph, read_metadata  # noqa: E402
-from facenet_train.train import load_keras_model  # noqa: E402
 
 SIZE = 96
 BORDER = 8
@@ -88,21 +88,21 @@ def work(tmp_path_factory, astronaut):
 
 @pytest.fixture(scope="module")
 def batch_one(work):
-    return convert.with_batch_one(load_keras_model(work / "tiny.keras"))
+    return conversion.with_batch_one(load_keras_model(work / "tiny.keras"))
 
 
 @pytest.fixture(scope="module")
 def calibration(work):
     faces = load_faces(work / "faces", (SIZE, SIZE), 24)
-    return convert.normalise(faces.crops, ModelCard("t", "0", "tiny", SIZE, SIZE))
+    return normalise(faces.crops.astype(np.float32), ModelCard("t", "0", "tiny", SIZE, SIZE))
 
 
 @pytest.fixture(scope="module")
 def converted(batch_one, calibration) -> dict[str, bytes]:
     return {
-        "float32": convert.convert_model(batch_one, "float32"),
-        "float16": convert.convert_model(batch_one, "float16"),
-        "int8": convert.convert_model(batch_one, "int8", calibration),
+        "float32": conversion.convert_model(batch_one, "float32"),
+        "float16": conversion.convert_model(batch_one, "float16"),
+        "int8": conversion.convert_model(batch_one, "int8", calibration),
     }
 
 
@@ -143,22 +143,22 @@ def test_float_op_check_names_the_op(calibration):
     x = keras.layers.Lambda(lambda t: tf.math.sin(t))(x)
     x = keras.layers.Flatten()(x)
     model = keras.Model(inputs, L2Normalize()(keras.layers.Dense(8)(x)))
-    raw = convert.run_converter(convert.make_converter(model, "int8", calibration[:8]))
+    raw = conversion.run_converter(conversion.make_converter(model, "int8", calibration[:8]))
     assert "SIN" in {op.name for op in read_graph(raw).float_ops()}
-    with pytest.raises(convert.ConversionError, match=r"op\(s\) SIN run in float"):
-        convert.check_full_integer(raw)
+    with pytest.raises(conversion.ConversionError, match=r"op\(s\) SIN run in float"):
+        conversion.check_full_integer(raw)
 
 
 def test_float_op_check_refuses_a_float_model(converted):
-    with pytest.raises(convert.ConversionError, match="CONV_2D.*L2_NORMALIZATION"):
-        convert.check_full_integer(converted["float32"])
+    with pytest.raises(conversion.ConversionError, match="CONV_2D.*L2_NORMALIZATION"):
+        conversion.check_full_integer(converted["float32"])
 
 
 def test_dynamic_range_is_refused(batch_one):
     with pytest.raises(argparse.ArgumentTypeError, match="tflite-runtime 2.14"):
         convert.parse_target("dynamic")
-    with pytest.raises(convert.ConversionError, match="dynamic-range"):
-        convert.convert_model(batch_one, "int8", calibration=None)
+    with pytest.raises(conversion.ConversionError, match="dynamic-range"):
+        conversion.convert_model(batch_one, "int8", calibration=None)
 
 
 def test_edgetpu_check_int8_maps_everything(converted):
@@ -176,7 +176,7 @@ def test_edgetpu_check_lists_float_ops(converted):
 def test_edgetpu_check_dynamic_batch(calibration, work):
     """The same model converted with a free batch size does not map at all."""
     model = load_keras_model(work / "tiny.keras")
-    raw = convert.run_converter(convert.make_converter(model, "int8", calibration[:8]))
+    raw = conversion.run_converter(conversion.make_converter(model, "int8", calibration[:8]))
     report = edgetpu.check_model(raw)
     assert report.fallback and "dynamic shape" in report.fallback[0].reason
 
@@ -188,7 +188,7 @@ def test_edgetpu_segment_ends_at_first_unsupported_op(calibration):
     x = keras.layers.Conv2D(8, 3, dilation_rate=(1, 2))(x)  # unequal dilation: not mappable
     x = keras.layers.Conv2D(8, 3)(x)
     model = keras.Model(inputs, L2Normalize()(keras.layers.Dense(8)(keras.layers.Flatten()(x))))
-    raw = convert.run_converter(convert.make_converter(model, "int8", calibration[:8]))
+    raw = conversion.run_converter(conversion.make_converter(model, "int8", calibration[:8]))
     verdicts = edgetpu.check_model(raw).ops
     assert [v.on_edgetpu for v in verdicts[:2]] == [True, False]
     assert "dilation" in verdicts[1].reason
@@ -260,7 +260,7 @@ def test_metadata_round_trip_keeps_outputs(converted):
 def test_card_written_and_embedded(cli_int8):
     card = ModelCard.load(card_path_for(cli_int8))
     raw = cli_int8.read_bytes()
-    assert convert.embedded_card(raw) == card
+    assert conversion.embedded_card(raw) == card
     assert card.size_bytes == len(raw)
     assert (card.name, card.version, card.architecture, card.compatibility_group) == ("tiny-test", "0.1", "tiny", "tiny-v1")
     assert (card.input_height, card.input_width, card.embedding_size, card.color_order) == (SIZE, SIZE, 128, "RGB")
@@ -305,7 +305,7 @@ def test_runtime_embedder_loads_the_int8_model(cli_int8, work):
 
 
 def test_layer_errors_are_ranked(batch_one, calibration):
-    rows = verify.layer_errors(convert.make_converter(batch_one, "int8", calibration), calibration[:4], count=3)
+    rows = verify.layer_errors(conversion.make_converter(batch_one, "int8", calibration), calibration[:4], count=3)
     assert len(rows) == 3
     assert rows[0].rmse_over_scale >= rows[1].rmse_over_scale >= rows[2].rmse_over_scale > 0
 
@@ -335,11 +335,11 @@ def test_run_folder_config_names_the_training_data(tmp_path, work):
     (run / "model.keras").write_bytes((work / "tiny.keras").read_bytes())
     (run / "config.json").write_text(json.dumps({"data": {"sources": ["pins", "utkface"]}}))
     for checkpoint in (run, run / "model.keras"):
-        config = convert.run_config(checkpoint)
+        config = run_config(checkpoint)
         assert convert.training_data(config) == ["Pins Face Recognition [pins]", "UTKFace [utkface]"]
     assert convert.dataset_label("pins") == "Pins Face Recognition [pins]" and convert.dataset_label("X") == "X"
     assert convert.default_output(run, "m", "int8") == run / "m_int8.tflite"
-    assert convert.run_config(work / "tiny.keras") is None
+    assert run_config(work / "tiny.keras") is None
 
 
 def test_terms_name_what_the_model_was_made_from():

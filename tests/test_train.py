@@ -20,7 +20,9 @@ import pytest
 
 tf = pytest.importorskip("tensorflow", reason="the training stack needs TensorFlow (pip install -e .[dev])")
 
-from facenet_train import cli, data, models, preprocess, teacher_head, train, weights  # noqa: E402
+from facenet_edge.embed import normalise  # noqa: E402
+from facenet_train import checkpoint, cli, data, evaluation, models, preprocess, teacher_head, train  # noqa: E402
+from facenet_train.augment import centre_crop  # noqa: E402
 from facenet_train.config import ConfigError, config_from_dict, load_config  # noqa: E402
 
 REAL_LFW = Path(__file__).parents[2] / "shared/data/lfw"
@@ -102,7 +104,7 @@ def make_config(cache: Path, **sections):
 def logged(run_dir: Path, tag: str) -> list[float]:
     """A scalar's values from the run's TensorBoard event files, in step order."""
     points = []
-    for path in sorted((run_dir / train.LOGS).glob("events.*")):
+    for path in sorted((run_dir / checkpoint.LOGS).glob("events.*")):
         for event in tf.compat.v1.train.summary_iterator(str(path)):
             points += [(event.step, float(tf.make_ndarray(v.tensor))) for v in event.summary.value if v.tag == tag]
     return [value for _, value in sorted(points)]
@@ -220,16 +222,16 @@ def test_training_lowers_the_loss(trained_run):
     assert np.mean(loss[-2:]) < 0.5 * np.mean(loss[:2])
     assert active[-1] < active[0]
     assert logged(trained_run, "learning_rate")[-1] == pytest.approx(3e-3)
-    for name in (train.KERAS_MODEL, train.WEIGHTS, train.CONFIG_JSON):
+    for name in (checkpoint.KERAS_MODEL, checkpoint.WEIGHTS, checkpoint.CONFIG_JSON):
         assert (trained_run / name).is_file()
-    assert json.loads((trained_run / train.CONFIG_JSON).read_text())["model"]["name"] == "tiny"
+    assert json.loads((trained_run / checkpoint.CONFIG_JSON).read_text())["model"]["name"] == "tiny"
 
 
 def test_trained_embeddings_separate_identities(trained_run, synthetic_cache):
     cache = data.load_cache(synthetic_cache)
-    model = train.load_keras_model(trained_run)
+    model = checkpoint.load_keras_model(trained_run)
     labeled = cache.labels >= 0
-    embed = train.keras_embedder(model)
+    embed = evaluation.keras_embedder(model)
     vectors = embed(cache.crops[labeled][:, 8:104, 8:104])
     labels = cache.labels[labeled]
     d = ((vectors[:, None] - vectors[None]) ** 2).sum(-1)
@@ -260,8 +262,8 @@ def test_interrupt_and_resume_continue_the_same_run(synthetic_cache, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         train.train(config, run_dir)
     monkeypatch.undo()
-    assert tf.train.latest_checkpoint(str(run_dir / train.CHECKPOINTS)).endswith("ckpt-6")
-    assert not (run_dir / train.KERAS_MODEL).exists()
+    assert tf.train.latest_checkpoint(str(run_dir / checkpoint.CHECKPOINTS)).endswith("ckpt-6")
+    assert not (run_dir / checkpoint.KERAS_MODEL).exists()
     with pytest.raises(ConfigError, match="--resume"):
         train.train(config, run_dir)
     capsys.readouterr()
@@ -270,8 +272,8 @@ def test_interrupt_and_resume_continue_the_same_run(synthetic_cache, tmp_path, m
     assert "from step 6 to 10" in capsys.readouterr().out
     assert result.step == 10
     # Batches and augmentation are functions of the step: the resumed run is the straight run.
-    a = train.load_keras_model(tmp_path / "straight").get_weights()
-    b = train.load_keras_model(run_dir).get_weights()
+    a = checkpoint.load_keras_model(tmp_path / "straight").get_weights()
+    b = checkpoint.load_keras_model(run_dir).get_weights()
     for x, y in zip(a, b):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
     assert straight.metrics["loss"] == pytest.approx(result.metrics["loss"], rel=1e-3, abs=1e-5)
@@ -284,9 +286,9 @@ def test_interrupt_and_resume_continue_the_same_run(synthetic_cache, tmp_path, m
         train.train(other, run_dir, resume=True)
 
     # A run folder without model.keras (still training) evaluates from its latest checkpoint.
-    keras_weights = train.load_keras_model(run_dir).get_weights()
-    (run_dir / train.KERAS_MODEL).unlink()
-    for x, y in zip(keras_weights, train.load_keras_model(run_dir).get_weights()):
+    keras_weights = checkpoint.load_keras_model(run_dir).get_weights()
+    (run_dir / checkpoint.KERAS_MODEL).unlink()
+    for x, y in zip(keras_weights, checkpoint.load_keras_model(run_dir).get_weights()):
         np.testing.assert_array_equal(x, y)
 
 
@@ -296,8 +298,8 @@ def test_distillation_and_harmonic(synthetic_cache, trained_run, tmp_path):
         data={"teacher": True},
         batch={"unlabeled": 4},
         loss={"distillation": 0.5, "harmonic": 1.0, "mining": "batch_hard"},
-        harmonic={"old_model": str(trained_run / train.WEIGHTS), "old_name": "tiny", "old_embedding_size": DIM},
-        model={"init_weights": str(trained_run / train.WEIGHTS)},
+        harmonic={"old_model": str(trained_run / checkpoint.WEIGHTS), "old_name": "tiny", "old_embedding_size": DIM},
+        model={"init_weights": str(trained_run / checkpoint.WEIGHTS)},
         optimizer={"name": "sgd", "learning_rate": 0.01},
         schedule={"kind": "cosine", "warmup_steps": 2},
         train={"steps": 4, "log_every": 2, "jit_compile": False},
@@ -308,12 +310,12 @@ def test_distillation_and_harmonic(synthetic_cache, trained_run, tmp_path):
     # Initialised from the old model, which is also the harmonic reference: old and new agree.
     assert result.metrics["harmonic"] < 0.2
     # Distilled towards centred teacher descriptors: the centre travels with the weights.
-    mean = weights.teacher_mean_of(tmp_path / "run")
+    mean = checkpoint.teacher_mean_of(tmp_path / "run")
     cache = train.load_training_cache(config)
     assert mean.shape == (DIM,) and np.allclose(mean, np.nanmean(cache.teacher[np.isfinite(cache.teacher).all(1)], 0))
-    exported = weights.save_compact(train.load_keras_model(tmp_path / "run"), tmp_path / "w.npz", mean)
-    assert np.array_equal(weights.teacher_mean_of(exported), mean)
-    assert weights.teacher_mean_of(trained_run) is None
+    exported = checkpoint.save_compact(checkpoint.load_keras_model(tmp_path / "run"), tmp_path / "w.npz", mean)
+    assert np.array_equal(checkpoint.teacher_mean_of(exported), mean)
+    assert checkpoint.teacher_mean_of(trained_run) is None
     assert logged(tmp_path / "run", "learning_rate")[0] == pytest.approx(0.01)
 
 
@@ -345,16 +347,16 @@ def test_a_wider_teacher_is_projected_on_its_principal_axes(synthetic_cache, tmp
                          train={"steps": 2, "log_every": 1, "checkpoint_every": 1, "jit_compile": False})
     result = train.train(config, tmp_path / "run")
     assert np.isfinite(result.metrics["distillation"])
-    basis = np.load(tmp_path / "run" / train.TEACHER_BASIS)
+    basis = np.load(tmp_path / "run" / checkpoint.TEACHER_BASIS)
     assert basis.shape == (3 * DIM, DIM)
     # The narrow part carries nearly all the variance: the basis lies in it.
     assert np.linalg.norm(basis[:DIM]) ** 2 > 0.99 * DIM
     # Its mean alone maps nothing: no dlib-style centre travels with the weights.
-    assert weights.teacher_mean_of(tmp_path / "run") is None
-    np.save(tmp_path / "run" / train.TEACHER_BASIS, basis[:, ::-1])  # resume reads the run's own basis back
+    assert checkpoint.teacher_mean_of(tmp_path / "run") is None
+    np.save(tmp_path / "run" / checkpoint.TEACHER_BASIS, basis[:, ::-1])  # resume reads the run's own basis back
     cache = train.load_training_cache(config)
     targets = train.student_targets(cache.teacher, config, tmp_path / "run", resume=True)
-    centre = np.load(tmp_path / "run" / train.TEACHER_MEAN)
+    centre = np.load(tmp_path / "run" / checkpoint.TEACHER_MEAN)
     assert np.allclose(targets, (cache.teacher - centre) @ basis[:, ::-1], equal_nan=True)
 
 
@@ -363,7 +365,7 @@ def test_mixed_bfloat16_keeps_the_embedding_float32(synthetic_cache, tmp_path):
                                                  "precision": "mixed_bfloat16"})
     result = train.train(config, tmp_path / "run")
     assert np.isfinite(result.metrics["loss"])
-    model = train.load_keras_model(tmp_path / "run")
+    model = checkpoint.load_keras_model(tmp_path / "run")
     assert model.get_layer("embedding_dense").compute_dtype == "float32"
     assert models.build_model("tiny").get_layer("conv1").compute_dtype == "float32"  # the policy did not leak
 
@@ -371,8 +373,8 @@ def test_mixed_bfloat16_keeps_the_embedding_float32(synthetic_cache, tmp_path):
 def test_compact_weights_round_trip_and_feed_training(synthetic_cache, trained_run, tmp_path, capsys):
     assert cli.main(["export-weights", str(trained_run), "--out", str(tmp_path / "w.npz")]) == 0
     assert "w.npz" in capsys.readouterr().out
-    original = train.load_keras_model(trained_run)
-    restored = train.load_keras_model(tmp_path / "w.npz")
+    original = checkpoint.load_keras_model(trained_run)
+    restored = checkpoint.load_keras_model(tmp_path / "w.npz")
     assert restored.name == "tiny" and restored.output_shape[-1] == DIM
     crops = np.random.default_rng(1).random((4, 96, 96, 3)).astype(np.float32)
     cosine = np.sum(original(crops).numpy() * restored(crops).numpy(), axis=1)
@@ -387,12 +389,12 @@ def test_compact_weights_round_trip_and_feed_training(synthetic_cache, trained_r
 
 
 def test_compact_weights_refuse_another_model_or_file(trained_run, tmp_path):
-    weights.save_compact(train.load_keras_model(trained_run), tmp_path / "w.npz")
+    checkpoint.save_compact(checkpoint.load_keras_model(trained_run), tmp_path / "w.npz")
     with pytest.raises(ValueError, match=r"embedding_dense/kernel is \(16, 16\), tiny needs \(16, 17\)"):
-        weights.load_into(models.build_model("tiny", embedding_size=DIM + 1), tmp_path / "w.npz")
+        checkpoint.load_into(models.build_model("tiny", embedding_size=DIM + 1), tmp_path / "w.npz")
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
     with pytest.raises(ValueError, match="not a compact weights file"):
-        weights.load_compact(tmp_path / "other.npz")
+        checkpoint.load_compact(tmp_path / "other.npz")
 
 
 def test_teacher_head_recovers_a_linear_map():
@@ -416,23 +418,17 @@ def test_teacher_head_moves_the_student_into_the_teacher_space(synthetic_cache, 
     keep = np.isfinite(cache.teacher).all(axis=1)
     teacher = cache.teacher[keep] - cache.teacher[keep].mean(axis=0)
     teacher /= np.linalg.norm(teacher, axis=1, keepdims=True)
-    crops = normalise_crops(cache.crops[keep])
+    student = checkpoint.load_keras_model(trained_run)
+    crops = normalise(centre_crop(cache.crops[keep], 96).astype(np.float32), evaluation.default_card(student))
 
     def cosine(model):
         return float(np.mean(np.sum(model(crops).numpy() * teacher, axis=1)))
 
-    student = train.load_keras_model(trained_run)
     before = cosine(student)
     student.load_weights(out)
     assert cosine(student) > before + 0.2
     with pytest.raises(ValueError, match="faces with teacher descriptors"):
         cli.main(["teacher-head", str(trained_run), "--cache", str(synthetic_cache), "--faces", "500", "--out", str(out)])
-
-
-def normalise_crops(crops: np.ndarray) -> np.ndarray:
-    from facenet_train.augment import centre_crop
-
-    return train.normalise(centre_crop(crops, 96))
 
 
 def test_xla_compiles_every_loss_term(synthetic_cache, trained_run, tmp_path):
@@ -442,7 +438,7 @@ def test_xla_compiles_every_loss_term(synthetic_cache, trained_run, tmp_path):
         data={"teacher": True},
         batch={"unlabeled": 2},
         loss={"distillation": 0.5, "harmonic": 1.0},
-        harmonic={"old_model": str(trained_run / train.KERAS_MODEL)},
+        harmonic={"old_model": str(trained_run / checkpoint.KERAS_MODEL)},
         train={"steps": 2, "log_every": 1, "jit_compile": True},
     )
     result = train.train(config, tmp_path / "run")
@@ -508,9 +504,9 @@ def fake_lfw(astronaut, tmp_path_factory) -> Path:
 
 def _tflite(model_path: Path, out: Path) -> Path:
     """float32 TFLite of a .keras model, with a default card beside it."""
-    model = train.load_keras_model(model_path)
+    model = checkpoint.load_keras_model(model_path)
     out.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
-    train.default_card(model).save(out.with_suffix(".json"))
+    evaluation.default_card(model).save(out.with_suffix(".json"))
     return out
 
 
@@ -530,11 +526,11 @@ def test_evaluate_keras_and_tflite_the_same_way(trained_run, fake_lfw, tmp_path,
 
     # Without a cache, crops are made on the spot by the same code: same scores.
     fresh = tmp_path / "fresh.json"
-    assert cli.main(["evaluate", "--checkpoint", str(trained_run / train.KERAS_MODEL), "--lfw", str(fake_lfw),
+    assert cli.main(["evaluate", "--checkpoint", str(trained_run / checkpoint.KERAS_MODEL), "--lfw", str(fake_lfw),
                      "--workers", "1", "--out", str(fresh)]) == 0
     assert json.loads(fresh.read_text())["accuracy_mean"] == scores["accuracy_mean"]
 
-    tflite = _tflite(trained_run / train.KERAS_MODEL, tmp_path / "tiny.tflite")
+    tflite = _tflite(trained_run / checkpoint.KERAS_MODEL, tmp_path / "tiny.tflite")
     tflite_json = tmp_path / "tflite.json"
     assert cli.main(["evaluate", "--tflite", str(tflite), "--lfw", str(fake_lfw), "--aligned-cache", str(cache),
                      "--out", str(tflite_json)]) == 0

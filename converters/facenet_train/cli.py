@@ -31,26 +31,12 @@ COMMANDS: dict[str, Command] = {
     "teacher-head": Command("facenet_train.teacher_head",
                             "refit a trained model's embedding layer to the teacher (a distillation start)"),
     "train": Command("facenet_train.train", "train an embedding model from a config file"),
-    "evaluate": Command("facenet_train.train", "LFW 10-fold verification of a Keras run or a TFLite model",
-                        "add_evaluate_arguments", "run_evaluate"),
-    "describe": Command("facenet_train.cli", "parameters and FLOPs of a model in the registry",
-                        "add_describe_arguments", "run_describe"),
+    "evaluate": Command("facenet_train.evaluate", "LFW 10-fold verification of a Keras run or a TFLite model"),
+    "describe": Command("facenet_train.flops", "parameters and FLOPs of a model in the registry"),
     "convert": Command("facenet_train.convert", "convert a trained model to TFLite with its model card"),
-    "export-weights": Command("facenet_train.weights", "write a run's float weights as a compact .npz (to commit)"),
+    "export-weights": Command("facenet_train.checkpoint",
+                              "write a run's float weights as a compact .npz (to commit)"),
 }
-
-
-def add_describe_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="model name (see facenet_train.models.MODELS)")
-    parser.add_argument("--embedding-size", type=int, default=128)
-
-
-def run_describe(args: argparse.Namespace) -> int:
-    from .flops import count_flops, format_report
-    from .models import build_model
-
-    print(format_report(count_flops(build_model(args.model, embedding_size=args.embedding_size))))
-    return 0
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:

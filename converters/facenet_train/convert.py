@@ -1,59 +1,47 @@
 """``facenet-train convert``: a trained Keras model -> a TFLite model with its model card.
 
-Targets:
-
-- ``float32``: the reference; any CPU.
-- ``float16``: weights stored as float16 (half the file), computed in float32 on the CPU.
-- ``int8``: full-integer: per-channel int8 weights, int8 activations, int8 input and
-  output, calibrated on aligned faces preprocessed exactly like the runtime does. The
-  fast one on a Raspberry Pi CPU and the only one the Coral Edge TPU runs.
-
-Dynamic-range quantization (int8 weights, float activations) is refused: tflite-runtime
-2.14 (that package's last release, still what many Pi setups install) cannot load those
-models (a TF 2.21 dynamic-range model asks for FULLY_CONNECTED version 12, which 2.14 does
-not have; the float32, float16 and int8 models made here load and run in it).
-
-Every model has a fixed batch of 1: the Edge TPU needs static shapes, and with a dynamic
-batch Keras' Flatten converts to SHAPE/STRIDED_SLICE/PACK/RESHAPE instead of folding
-away. The runtime still feeds larger batches (it resizes the input tensor).
-
-With TF 2.21 and Keras 3, ``TFLiteConverter.from_keras_model`` works (it exports a
-SavedModel internally). ``from_concrete_functions`` on a Keras 3 model does not: the
-variables stay resource variables (VAR_HANDLE/READ_VARIABLE ops) and int8 calibration
-fails in READ_VARIABLE. A fixed batch is therefore set by calling the model on a new
-``keras.Input(batch_shape=(1, h, w, 3))``, not by a concrete function's signature.
+Loads the checkpoint, converts it (``conversion``: the targets and how each is made),
+verifies the TFLite model against the Keras one (``verify``), scores it on LFW through the
+runtime path for the card's thresholds (``evaluation``), checks it for the Edge TPU
+(``edgetpu``), and writes the model, its card and the verification report.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import sys
 import tempfile
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 from facenet_edge.align import FILLS
 from facenet_edge.card import ModelCard, Thresholds, card_path_for
 from facenet_edge.detect import DEFAULT_DETECTOR
+from facenet_edge.embed import normalise
 
-from .faces import FaceSet, load_faces
-from .tflite_graph import embed_metadata, read_graph, read_metadata
-from .weights import teacher_mean_of
-
-TARGETS = ("float32", "float16", "int8")
-DYNAMIC_RANGE_NAMES = ("dynamic", "dynamic-range", "dynamic_range", "drq", "hybrid")
-DYNAMIC_RANGE_REFUSAL = (
-    "dynamic-range quantization is not produced: tflite-runtime 2.14 (that package's last release, "
-    "still installed on many Raspberry Pis) cannot load such models (their FULLY_CONNECTED op "
-    "version is too new for it); use --to int8 with --calibration (full integer) or --to float16"
+from . import edgetpu, verify
+from .checkpoint import load_keras_model, run_config, teacher_mean_of
+from .conversion import (
+    DYNAMIC_RANGE_NAMES,
+    DYNAMIC_RANGE_REFUSAL,
+    TARGETS,
+    ConversionError,
+    convert_model,
+    make_converter,
+    quantization_params,
+    save_model,
+    with_batch_one,
 )
-CARD_METADATA_NAME = "facenet_edge_card"
+from .evaluation import evaluate_runtime_path
+from .faces import FaceSet, load_faces
+from .flops import count_flops
+from .preprocess import CropOptions, build_lfw_cache
+
 DEFAULT_CALIBRATION_FACES = 300
 DEFAULT_VERIFY_FACES = 200
 # Crop-cache source keys (facenet_train.data) -> the dataset each comes from.
@@ -80,125 +68,8 @@ def terms(datasets: list[str], teacher: str | None) -> str:
     return f"non-commercial research only: {made_from}; these are licensed for non-commercial research"
 
 
-class ConversionError(RuntimeError):
-    """The model cannot be converted as asked (bad target, float ops left in an int8 model, ...)."""
-
-
-def run_config(checkpoint: Path) -> dict[str, Any] | None:
-    """The ``config.json`` of the run folder ``checkpoint`` is (or whose ``model.keras`` it
-    is), written by ``facenet-train train``: it names the training data."""
-    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    path = folder / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def with_batch_one(model):
-    """The same model (shared weights) with a static batch of 1 (see the module docstring)."""
-    import keras
-
-    inputs = keras.Input(batch_shape=(1, *model.input_shape[1:]), name="image")
-    return keras.Model(inputs, model(inputs), name=model.name)
-
-
-def normalise(crops: np.ndarray, card: ModelCard) -> np.ndarray:
-    """Crops -> model input exactly as the runtime's Embedder does before quantizing:
-    channel order from the card, then (pixel - mean) / std."""
-    if card.color_order == "BGR":
-        crops = crops[..., ::-1]
-    return (crops.astype(np.float32) - card.mean) / card.std
-
-
-def make_converter(model, target: str, calibration: np.ndarray | None = None):
-    """A configured ``TFLiteConverter`` for a batch-1 Keras model. ``calibration``: the
-    representative set for int8, already normalised, shape (N, H, W, 3)."""
-    import tensorflow as tf
-
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    if target == "float16":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.target_spec.supported_types = [tf.float16]
-    elif target == "int8":
-        if calibration is None or not len(calibration):
-            raise ConversionError(
-                "int8 needs a representative set: pass --calibration (a crop cache or a folder of aligned faces); "
-                + DYNAMIC_RANGE_REFUSAL
-            )
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = lambda: ([sample[None]] for sample in calibration)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.int8
-        converter.inference_output_type = tf.int8
-        # Per-channel weights are the default (_experimental_disable_per_channel is False).
-    elif target != "float32":
-        raise ConversionError(f"unknown target {target!r}: choose {', '.join(TARGETS)}")
-    return converter
-
-
-def run_converter(converter) -> bytes:
-    # Keras' SavedModel export prints its endpoint listing to stdout: noise here.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        # Raised for every int8-input conversion: the input scale comes from calibration.
-        warnings.filterwarnings("ignore", "Statistics for quantized inputs")
-        return converter.convert()
-
-
-def check_full_integer(model: bytes) -> None:
-    """Refuse an "int8" model in which some op still computes in float.
-
-    With ``supported_ops=[TFLITE_BUILTINS_INT8]`` TF 2.21 does not fail on an op that has
-    no int8 kernel: it wraps it in DEQUANTIZE/QUANTIZE and leaves it float (seen with
-    SIN), which is slow on a Pi and splits the graph on the Edge TPU."""
-    bad = read_graph(model).float_ops()
-    if bad:
-        detail = "; ".join(
-            f"{op.describe()} ({', '.join(f'{t.name or t.index}: {t.dtype}' for t in op.float_tensors)})" for op in bad
-        )
-        names = sorted({op.name for op in bad} - {"QUANTIZE", "DEQUANTIZE"}) or sorted({op.name for op in bad})
-        raise ConversionError(
-            f"int8 model is not full-integer: op(s) {', '.join(names)} run in float; float tensors at {detail}"
-        )
-
-
-def convert_model(model, target: str, calibration: np.ndarray | None = None) -> bytes:
-    """Convert a batch-1 Keras model; int8 models are checked to be full-integer."""
-    if target in DYNAMIC_RANGE_NAMES:
-        raise ConversionError(DYNAMIC_RANGE_REFUSAL)
-    tflite = run_converter(make_converter(model, target, calibration))
-    if target == "int8":
-        check_full_integer(tflite)
-    return tflite
-
-
-def quantization_params(model: bytes, target: str, calibration: FaceSet | None) -> dict[str, Any]:
-    """The card's ``quantization`` entry: what the target is and the I/O tensors' parameters."""
-    graph = read_graph(model)
-
-    def io(tensor) -> dict[str, Any]:
-        entry: dict[str, Any] = {"dtype": tensor.dtype}
-        if tensor.scales:
-            entry.update(scale=tensor.scales[0], zero_point=tensor.zero_points[0])
-        return entry
-
-    params: dict[str, Any] = {"target": target, "input": io(graph.inputs[0]), "output": io(graph.outputs[0])}
-    if target == "int8":
-        params["weights"] = "int8, per channel"
-        params["activations"] = "int8"
-        if calibration is not None:
-            params["calibration"] = {
-                "faces": len(calibration),
-                "identities": calibration.identity_count,
-                "source": calibration.source,
-            }
-    elif target == "float16":
-        params["weights"] = "float16"
-        params["activations"] = "float32"
-    return params
-
-
 def cost_of(model) -> tuple[int | None, dict[str, Any]]:
     """(FLOPs, notes) from ``flops.count_flops``; FLOPs None when a layer has no counting rule."""
-    from .flops import count_flops
-
     try:
         report = count_flops(model)
     except ValueError as exc:
@@ -222,43 +93,6 @@ def training_data(run_config: dict[str, Any] | None) -> list[str]:
 def dataset_label(key: str) -> str:
     """``celeba_aligned`` -> ``CelebA (aligned) [celeba_aligned]``; other names as given."""
     return f"{DATASET_NAMES[key]} [{key}]" if key in DATASET_NAMES else key
-
-
-def save_model(path: Path, model: bytes, card: ModelCard, embed_card: bool = True) -> tuple[bytes, ModelCard]:
-    """Write ``path`` and its card beside it. With ``embed_card`` the card JSON is also
-    stored in the model as metadata ``facenet_edge_card``. The card records the final
-    file size, which embedding changes, so the two are settled together."""
-    final, final_card = model, replace(card, size_bytes=len(model))
-    for _ in range(8):
-        if not embed_card:
-            break
-        final = embed_metadata(model, CARD_METADATA_NAME, card_json(final_card).encode())
-        if final_card.size_bytes == len(final):
-            break
-        final_card = replace(final_card, size_bytes=len(final))
-    else:
-        raise ConversionError(f"could not settle the size of {path} with its embedded card")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(final)
-    final_card.save(card_path_for(path))
-    return final, final_card
-
-
-def card_json(card: ModelCard) -> str:
-    """The card as ``ModelCard.save`` writes it."""
-    return json.dumps(card.to_dict(), indent=2, sort_keys=True) + "\n"
-
-
-def embedded_card(model: bytes) -> ModelCard | None:
-    """The card stored in a model's metadata, if any."""
-    raw = read_metadata(model, CARD_METADATA_NAME)
-    return None if raw is None else ModelCard.from_dict(json.loads(raw))
-
-
-def tf_version() -> str:
-    import tensorflow as tf
-
-    return tf.__version__
 
 
 def default_output(checkpoint: Path, name: str, target: str) -> Path:
@@ -343,8 +177,6 @@ def _read_faces(args: argparse.Namespace, size: tuple[int, int]) -> tuple[FaceSe
 
 def _crop_lfw(lfw_dir: Path, out: Path, size: int, workers: int) -> None:
     """Detect and align the LFW pair images now (as ``facenet-train preprocess-lfw`` does)."""
-    from .preprocess import CropOptions, build_lfw_cache
-
     print(f"cropping the LFW pair images of {lfw_dir} (pass --lfw-cache to reuse a preprocess-lfw cache) ...")
     build_lfw_cache(lfw_dir, out, CropOptions(crop_size=size), workers=workers)
 
@@ -376,15 +208,12 @@ def _base_card(args: argparse.Namespace, keras_model) -> ModelCard:
         parameters=int(keras_model.count_params()),
         training_data=datasets,
         terms=terms(datasets, args.teacher),
-        extra={"converter": {"tensorflow": tf_version(), "target": args.target, "checkpoint": str(args.checkpoint)},
+        extra={"converter": {"tensorflow": tf.__version__, "target": args.target, "checkpoint": str(args.checkpoint)},
                **notes},
     )
 
 
 def _run(args: argparse.Namespace) -> int:
-    from . import edgetpu, verify
-    from .train import load_keras_model
-
     if args.edgetpu and args.target != "int8":
         raise ConversionError("--edgetpu needs --to int8: the Edge TPU runs only full-integer models")
     if not args.checkpoint.exists():
@@ -400,7 +229,7 @@ def _run(args: argparse.Namespace) -> int:
     calibration, verification = _read_faces(args, (height, width))
 
     print(f"converting {args.checkpoint} to {args.target} ...")
-    calibration_inputs = normalise(calibration.crops, card) if calibration is not None else None
+    calibration_inputs = normalise(calibration.crops.astype(np.float32), card) if calibration is not None else None
     tflite = convert_model(model, args.target, calibration_inputs)
     card = replace(card, quantization=quantization_params(tflite, args.target, calibration))
     # Written now so the runtime's Embedder can load it for verification; written again
@@ -423,8 +252,6 @@ def _run(args: argparse.Namespace) -> int:
     if result.lfw is not None:
         # What users get: full LFW images through the runtime's default detector and
         # aligner; its thresholds are the ones the runtime applies.
-        from .runtime_lfw import evaluate_runtime_path
-
         runtime = evaluate_runtime_path(out, args.lfw, DEFAULT_DETECTOR)
         print(f"  LFW through the runtime path ({DEFAULT_DETECTOR}): {runtime.result.summary()}")
         card = replace(card, thresholds=Thresholds(far_1e3=runtime.result.threshold_at_far,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from facenet_edge import align
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp"})
 
@@ -29,8 +30,6 @@ FAILURES_NAME = "failures.tsv"
 def aligner_version() -> str:
     """A hash of ``facenet_edge.align``'s source: any change to the runtime's cropping
     changes it, so a cache made by another aligner is recognised as such."""
-    from facenet_edge import align
-
     return f"facenet_edge.align sha256:{hashlib.sha256(Path(align.__file__).read_bytes()).hexdigest()[:12]}"
 
 

@@ -28,6 +28,9 @@ import cv2
 import numpy as np
 
 from . import data
+# No TensorFlow in this module (evaluation needs none): torch's triton, when installed,
+# segfaulted importing after TensorFlow in one process here.
+from .evaluation import LfwCropPairs
 
 INPUT_SIZE = 112
 EMBEDDING_SIZE = 512
@@ -117,10 +120,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # TensorFlow only once torch has exported and is done: torch's triton, when installed,
-    # segfaulted importing after TensorFlow in one process here.
-    from .train import LfwCropPairs, lfw_summary
-
     if bool(args.lfw) != bool(args.lfw_cache):
         raise ValueError("--lfw and --lfw-cache go together")
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     if args.lfw:
         pairs = LfwCropPairs.load(args.lfw, args.lfw_cache, data.CacheManifest.load(args.lfw_cache).crop_size)
         for flip in (False, True):
-            scores = lfw_summary(pairs.evaluate(EdgeFaceTeacher(args.out, flip=flip).describe))
+            scores = pairs.evaluate(EdgeFaceTeacher(args.out, flip=flip).describe).scores()
             print(f"LFW {'with' if flip else 'without'} flip: {100 * scores['accuracy_mean']:.2f} "
                   f"± {100 * scores['accuracy_std']:.2f} %, VAL@FAR1e-3 {100 * scores['val_mean']:.1f} %")
     return 0

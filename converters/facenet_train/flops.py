@@ -9,16 +9,19 @@ Two counts per layer (docs/models.md):
 - ``flops``: floating-point operations: 2 per multiply-add, 1 per bias add, and the layers without
   multiply-adds: pooling ``k*k`` per output element (as TensorFlow's profiler counts it), ReLU 1 per
   element, L2 normalisation 3 per element.
+
+``facenet-train describe MODEL`` prints the report of a model in the registry.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 
 import keras
 
-from facenet_train.models import L2Normalize, StaticFlatten
+from .models import L2Normalize, StaticFlatten, build_model
 
 # Layers that only move data.
 _FREE = (keras.layers.InputLayer, keras.layers.Concatenate, StaticFlatten, keras.layers.Flatten, keras.layers.Reshape)
@@ -113,3 +116,14 @@ def format_report(report: FlopReport) -> str:
         f"{report.macs / 1e6:.1f}M multiply-adds (the FaceNet paper's 'FLOPS'), {report.flops / 1e6:.1f}M FLOPs"
     )
     return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="model name (see facenet_train.models.MODELS)")
+    parser.add_argument("--embedding-size", type=int, default=128)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``describe`` command."""
+    print(format_report(count_flops(build_model(args.model, embedding_size=args.embedding_size))))
+    return 0

@@ -1,9 +1,12 @@
-"""LFW files: the official View 2 ``pairs.txt`` and the list of training identities that are LFW people."""
+"""LFW files: the official View 2 ``pairs.txt`` (parsed here only) and the list of training
+identities that are LFW people."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,48 @@ def read_pairs(pairs_txt: str | Path) -> list[list[Pair]]:
         rows = range(start, start + 2 * per_fold)
         folds.append([_parse_pair(lines[i], i < start + per_fold, path, i + 1) for i in rows])
     return folds
+
+
+@dataclass(frozen=True)
+class LfwPairs:
+    """LFW View 2 pairs, in fold order (``pairs`` may be a subsample, equal per fold)."""
+
+    root: Path
+    pairs: list[Pair]
+    folds: int
+
+    @property
+    def images(self) -> list[Path]:
+        """Every image the pairs use, once, sorted."""
+        return sorted({p for pair in self.pairs for p in pair.paths(self.root)})
+
+    @property
+    def issame(self) -> np.ndarray:
+        return np.array([pair.issame for pair in self.pairs])
+
+    def pair_indices(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each pair's first and second image as rows of ``images``."""
+        row = {path: i for i, path in enumerate(self.images)}
+        first, second = zip(*(tuple(row[p] for p in pair.paths(self.root)) for pair in self.pairs))
+        return np.array(first), np.array(second)
+
+
+def load_lfw(root: str | Path, pairs: int | None = None) -> LfwPairs:
+    """``root/pairs.txt``; with ``pairs``, that many pairs spread evenly over every fold,
+    half matched and half mismatched (so the 10-fold protocol still applies)."""
+    root = Path(root)
+    folds = read_pairs(root / "pairs.txt")
+    if pairs is None:
+        return LfwPairs(root, [p for fold in folds for p in fold], len(folds))
+    per_half = pairs // (2 * len(folds))
+    if per_half < 1:
+        raise ValueError(f"pairs must be at least {2 * len(folds)} (one matched and one mismatched pair per fold)")
+    chosen = []
+    for fold in folds:
+        half = len(fold) // 2
+        picks = np.unique(np.linspace(0, half - 1, min(per_half, half)).round().astype(int))
+        chosen += [fold[i] for i in picks] + [fold[half + i] for i in picks]
+    return LfwPairs(root, chosen, len(folds))
 
 
 def _parse_pair(line: str, issame: bool, path: Path, line_no: int) -> Pair:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 
@@ -41,6 +42,21 @@ class LfwResult:
     val_std: float
     far_mean: float  # the false-accept rate measured on the held-out folds at the interpolated thresholds
     threshold_at_far: float  # the threshold giving ``far_target`` over all pairs
+
+    def scores(self) -> dict[str, float]:
+        """The numbers worth keeping (fractions, squared-L2 thresholds): what model cards,
+        conversion reports and benchmark results record."""
+        return {
+            "accuracy_mean": self.accuracy_mean,
+            "accuracy_std": self.accuracy_std,
+            "val_mean": self.val_mean,
+            "val_std": self.val_std,
+            "far_target": self.far_target,
+            "far_mean": self.far_mean,
+            "auc": self.auc,
+            "best_threshold": self.best_threshold,
+            "threshold_at_far": self.threshold_at_far,
+        }
 
     def summary(self) -> str:
         return (
@@ -162,8 +178,6 @@ def failure_sheet(
     people, closest) at ``threshold`` as a contact sheet: one row per pair, its two crops
     side by side and the distance under them, rejects in the left column, accepts in the
     right. Returns the PNG's path and the number of errors of each kind."""
-    import cv2
-
     d, same = np.asarray(distances, np.float64), np.asarray(issame, bool)
     rejects = np.flatnonzero(same & (d >= threshold))
     accepts = np.flatnonzero(~same & (d < threshold))

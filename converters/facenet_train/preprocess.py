@@ -30,6 +30,7 @@ from facenet_edge.io import read_image
 
 from . import data
 from .data import CacheManifest, Sample
+from .lfw import load_lfw
 
 NO_LANDMARKS = np.full((4, 2), np.nan, np.float32)
 
@@ -301,11 +302,7 @@ fraction of the side, centred."""
 
 def lfw_samples(lfw_dir: str | Path) -> list[Sample]:
     """Every image that LFW's ``pairs.txt`` uses, once, sorted."""
-    from .lfw import read_pairs
-
-    lfw_dir = Path(lfw_dir)
-    pairs = [pair for fold in read_pairs(lfw_dir / "pairs.txt") for pair in fold]
-    paths = sorted({str(path) for pair in pairs for path in pair.paths(lfw_dir)})
+    paths = sorted(str(path) for path in load_lfw(lfw_dir).images)
     return [Sample(p, f"lfw/{Path(p).parent.name}", "lfw") for p in paths]
 
 

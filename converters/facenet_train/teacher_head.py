@@ -15,9 +15,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import keras
 import numpy as np
+from facenet_edge.embed import normalise
 
 from . import data
+from .augment import centre_crop
+from .checkpoint import load_keras_model
+from .evaluation import default_card
 
 BATCH = 200
 
@@ -42,11 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import keras
-
-    from .augment import centre_crop
-    from .train import load_keras_model, normalise
-
     if not args.out.name.endswith(".weights.h5"):
         raise ValueError(f"--out {args.out}: Keras writes weights to a file named *.weights.h5")
     cache = data.load_cache(args.cache, with_teacher=True, max_shards=args.shards)
@@ -57,9 +57,10 @@ def run(args: argparse.Namespace) -> int:
     model = load_keras_model(args.checkpoint)
     dense = model.get_layer("embedding_dense")
     penultimate = keras.Model(model.input, dense.input)
-    size = int(model.input_shape[1])
+    size, card = int(model.input_shape[1]), default_card(model)
     features = np.concatenate([
-        penultimate(normalise(centre_crop(cache.crops[chosen[i:i + BATCH]], size)), training=False).numpy()
+        penultimate(normalise(centre_crop(cache.crops[chosen[i:i + BATCH]], size).astype(np.float32), card),
+                    training=False).numpy()
         for i in range(0, len(chosen), BATCH)
     ])
     size = int(model.output_shape[-1])

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import flatbuffers
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
@@ -158,8 +159,6 @@ def embed_metadata(model: bytes, name: str, data: bytes) -> bytes:
     entry of that name). The interpreter ignores metadata it does not know, so the graph
     and its outputs are unchanged; this is how TFLite Support's MetadataPopulator stores
     its own metadata (object API, re-packed)."""
-    import flatbuffers
-
     obj = schema.ModelT.InitFromObj(_root(model))
     payload = np.frombuffer(data, dtype=np.uint8)
     existing = [m for m in (obj.metadata or []) if m.name is not None and m.name.decode() == name]

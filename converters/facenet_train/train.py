@@ -1,6 +1,4 @@
-"""``facenet-train train`` and ``facenet-train evaluate``.
-
-Training: a custom step under a ``tf.distribute`` strategy (``MirroredStrategy`` over the
+"""``facenet-train train``: a custom step under a ``tf.distribute`` strategy (``MirroredStrategy`` over the
 GPUs when there are any, else the default strategy: the same code either way). Batches
 are P identities x K faces (+ unlabeled faces for distillation) drawn from the in-memory
 crop cache as a pure function of (seed, step), augmented with OpenCV in a tf.data
@@ -8,12 +6,8 @@ generator thread while the model runs. A resumed run therefore sees exactly the 
 the stopped one would have: the checkpoint holds model, optimizer and step, and the step
 is the whole sampler/augmentation RNG state.
 
-A run folder holds ``checkpoints/``, ``logs/`` (TensorBoard), ``config.json`` (resolved)
-plus a copy of the config file, and at the end ``model.weights.h5`` and ``model.keras``.
-
-Evaluation scores LFW's 10 folds from aligned crops (a ``preprocess-lfw`` cache, or crops
-made on the spot with the same code) through ``verify``'s embedding functions, which
-preprocess exactly as the runtime does; Keras and TFLite models go through the same path.
+The run folder's layout is ``checkpoint``'s; with ``train.eval_every`` the run is scored
+on LFW by ``evaluation``.
 """
 
 from __future__ import annotations
@@ -21,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,23 +25,25 @@ import tensorflow as tf
 from tqdm import tqdm
 
 import keras
-from facenet_edge.card import ModelCard
+from facenet_edge.embed import normalise
 from tensorflow.core.framework import summary_pb2
 
 from . import data, losses
 from .augment import augment_batch
+from .checkpoint import (
+    CHECKPOINTS,
+    CONFIG_JSON,
+    KERAS_MODEL,
+    LOGS,
+    TEACHER_BASIS,
+    TEACHER_MEAN,
+    WEIGHTS,
+    load_compact,
+    load_into,
+)
 from .config import Config, ConfigError, load_config
+from .evaluation import LfwCropPairs, default_card, keras_embedder
 from .models import MODELS, build_model
-from .weights import load_compact, load_into
-
-CHECKPOINTS = "checkpoints"
-LOGS = "logs"
-CONFIG_JSON = "config.json"
-WEIGHTS = "model.weights.h5"
-TEACHER_MEAN = "teacher_mean.npy"  # subtracted from the teacher's descriptors (loss.center_teacher)
-TEACHER_BASIS = "teacher_basis.npy"  # projects a teacher wider than the student (data.teacher_basis)
-KERAS_MODEL = "model.keras"
-EVAL_BATCH = 128
 
 
 # ---------------------------------------------------------------- data feeding
@@ -205,11 +200,6 @@ def write_scalars(writer, step: int, values: dict[str, float], prefix: str = "")
             tf.summary.write(prefix + name, tf.constant(value, tf.float32), metadata=SCALAR_METADATA)
 
 
-def normalise(images: tf.Tensor) -> tf.Tensor:
-    """uint8 crops -> model input, as the runtime's Embedder does with a default card."""
-    return (tf.cast(images, tf.float32) - ModelCard.mean) / ModelCard.std
-
-
 # ---------------------------------------------------------------- training
 
 
@@ -251,6 +241,7 @@ class Trainer:
             keras.mixed_precision.set_global_policy(config.train.precision)
             self.model = build_model(config.model.name, embedding_size=config.model.embedding_size)
             keras.mixed_precision.set_global_policy("float32")
+            self.card = default_card(self.model)  # its preprocessing is the model's input, as on the device
             self.old_model = load_old_model(config) if config.loss.harmonic else None
             self.optimizer = make_optimizer(config)
             self.optimizer.build(self.model.trainable_variables)  # slots exist before a restore
@@ -265,7 +256,7 @@ class Trainer:
                 has_teacher: tf.Tensor | None) -> tuple[list[tf.Tensor], dict[str, tf.Tensor]]:
         """(gradients, metrics) of one replica's batch; XLA-compiled when configured."""
         cfg, n = self.config.loss, self.spec.labeled
-        x = normalise(images)
+        x = normalise(tf.cast(images, tf.float32), self.card)
         mining = losses.triplet_semihard_loss if cfg.mining == "semihard" else losses.triplet_batch_hard_loss
         with tf.GradientTape() as tape:
             embeddings = self.model(x, training=True)
@@ -418,7 +409,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, config_file
     evaluate = None
     if config.train.eval_every:
         pairs = LfwCropPairs.load(config.train.lfw, config.train.lfw_cache, cache.manifest.crop_size)
-        evaluate = lambda model: lfw_summary(pairs.evaluate(keras_embedder(model)))  # noqa: E731
+        evaluate = lambda model: pairs.evaluate(keras_embedder(model)).scores()  # noqa: E731
     return trainer.run(evaluate)
 
 
@@ -435,171 +426,4 @@ def run(args: argparse.Namespace) -> int:
     result = train(config, args.out, args.resume, args.config)
     print(f"step {result.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
     print(f"saved {args.out / KERAS_MODEL} and {args.out / WEIGHTS}")
-    return 0
-
-
-# ---------------------------------------------------------------- evaluation
-
-
-Embed = Callable[[np.ndarray], np.ndarray]
-"""RGB uint8 crops (N, H, W, 3) -> (N, D) unit embeddings."""
-
-
-def keras_embedder(model: keras.Model) -> Embed:
-    from .verify import keras_embeddings
-
-    card = default_card(model)
-    return lambda crops: keras_embeddings(model, crops, card)
-
-
-def tflite_embedder(path: Path) -> tuple[Embed, tuple[int, int]]:
-    from facenet_edge.card import card_path_for
-
-    from .verify import tflite_embeddings
-
-    card = ModelCard.load(card_path_for(path))
-    return (lambda crops: tflite_embeddings(path, card, crops)), card.input_size
-
-
-def default_card(model: keras.Model) -> ModelCard:
-    """The card a converted model of this run gets by default (its preprocessing)."""
-    height, width = (int(d) for d in model.input_shape[1:3])
-    return ModelCard(name=model.name, version="0", architecture=model.name, input_height=height, input_width=width,
-                     embedding_size=int(model.output_shape[-1]))
-
-
-@dataclass(frozen=True)
-class LfwCropPairs:
-    """LFW's pairs as pre-cut crops (``preprocess-lfw`` cache) plus indices, in ``pairs.txt`` fold order.
-
-    For whole images through the runtime detector, see :class:`facenet_train.runtime_lfw.LfwPairs`.
-    """
-
-    crops: np.ndarray
-    first: np.ndarray
-    second: np.ndarray
-    issame: np.ndarray
-
-    @classmethod
-    def load(cls, lfw_dir: str | Path, lfw_cache: str | Path, size: int) -> LfwCropPairs:
-        from .verify import lfw_pairs
-
-        manifest = data.CacheManifest.load(lfw_cache)
-        data.check_aligner(manifest, lfw_cache)
-        if manifest.crop_size != size:
-            raise ValueError(f"LFW cache {lfw_cache} holds {manifest.crop_size}px crops, the model takes {size}px; "
-                             f"rebuild it with `facenet-train preprocess-lfw --crop-size {size}`")
-        return cls(*lfw_pairs(Path(lfw_dir), Path(lfw_cache), (size, size)))
-
-    def distances(self, embed: Embed) -> np.ndarray:
-        """Squared L2 distance of every pair."""
-        embeddings = np.concatenate([embed(self.crops[i:i + EVAL_BATCH]) for i in range(0, len(self.crops), EVAL_BATCH)])
-        return np.sum((embeddings[self.first] - embeddings[self.second]) ** 2, axis=1)
-
-    def evaluate(self, embed: Embed):
-        from .metrics import evaluate_distances
-
-        return evaluate_distances(self.distances(embed), self.issame)
-
-
-def lfw_summary(result) -> dict[str, float]:
-    from .verify import lfw_scores
-
-    return {k: float(v) for k, v in lfw_scores(result).items()}
-
-
-def load_keras_model(path: str | Path) -> keras.Model:
-    """A ``.keras`` file; a compact weights ``.npz``; a run folder's ``model.keras``; or, for
-    a run still training, its config's architecture with the latest checkpoint's weights."""
-    path = Path(path)
-    if path.suffix == ".npz":
-        return load_compact(path)
-    if path.is_dir() and not (path / KERAS_MODEL).is_file():
-        config_path, checkpoints = path / CONFIG_JSON, path / CHECKPOINTS
-        latest = tf.train.latest_checkpoint(str(checkpoints))
-        if not config_path.is_file() or latest is None:
-            raise FileNotFoundError(f"{path} holds neither {KERAS_MODEL} nor {CONFIG_JSON} with {CHECKPOINTS}/")
-        model_cfg = json.loads(config_path.read_text())["model"]
-        model = build_model(model_cfg["name"], embedding_size=model_cfg["embedding_size"])
-        tf.train.Checkpoint(model=model).restore(latest).expect_partial()
-        return model
-    from . import models  # noqa: F401  (registers the custom layers for deserialisation)
-
-    return keras.models.load_model(path / KERAS_MODEL if path.is_dir() else path, compile=False)
-
-
-def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--checkpoint", type=Path, help="a run folder or a .keras file")
-    which.add_argument("--tflite", type=Path, help="a .tflite model with its card (.json) beside it")
-    parser.add_argument("--lfw", required=True, type=Path, help="LFW folder (one folder per person, pairs.txt)")
-    parser.add_argument("--aligned-cache", type=Path, help="`facenet-train preprocess-lfw` output (default: crop now)")
-    parser.add_argument("--runtime-path", action="store_true",
-                        help="with --tflite: the full LFW images through the runtime (detector, aligner, "
-                             "interpreter), as the model card's `lfw.runtime_path` numbers are measured")
-    parser.add_argument("--detector", default="blazeface", choices=["blazeface", "haar"],
-                        help="detector for crops made now (without --aligned-cache) or for --runtime-path")
-    parser.add_argument("--workers", type=int, default=2, help="processes for crops made now")
-    parser.add_argument("--out", type=Path, help="write the scores as JSON")
-    parser.add_argument("--roc", type=Path, help="draw the ROC curve (PNG)")
-    parser.add_argument("--failures", type=Path,
-                        help="contact sheet (PNG) of the worst false rejects and false accepts at the best threshold")
-
-
-def run_evaluate(args: argparse.Namespace) -> int:
-    from .metrics import evaluate_distances, failure_sheet, plot_roc
-    from .preprocess import CropOptions, build_lfw_cache
-
-    if args.runtime_path:
-        return _run_evaluate_runtime_path(args)
-    if args.tflite:
-        embed, (height, width) = tflite_embedder(args.tflite)
-        name = args.tflite.stem
-    else:
-        model = load_keras_model(args.checkpoint)
-        embed, name = keras_embedder(model), args.checkpoint.stem
-        height, width = (int(d) for d in model.input_shape[1:3])
-    if height != width:
-        raise ValueError(f"{name} takes {width}x{height} crops; the aligned crops are square")
-    with tempfile.TemporaryDirectory(prefix="lfw-crops-") as scratch:
-        cache = args.aligned_cache
-        if cache is None:
-            cache = Path(scratch)
-            build_lfw_cache(args.lfw, cache, CropOptions(crop_size=height, detector=args.detector), workers=args.workers)
-        pairs = LfwCropPairs.load(args.lfw, cache, height)
-        distances = pairs.distances(embed)
-        result = evaluate_distances(distances, pairs.issame)
-        fallback = sum(c.get("fallback", 0) for c in data.CacheManifest.load(cache).sources.values())
-    print(f"{name}: {result.summary()}")
-    if fallback:
-        print(f"({fallback} LFW images had no face found; a centre box stood in)")
-    if args.out:
-        scores = {"model": str(args.tflite or args.checkpoint), **lfw_summary(result),
-                  "fold_accuracies": [float(a) for a in result.fold_accuracies], "centre_fallback_images": fallback}
-        args.out.write_text(json.dumps(scores, indent=1) + "\n")
-    if args.roc:
-        plot_roc({name: result}, args.roc)
-    if args.failures:
-        path, errors = failure_sheet(pairs.crops, pairs.first, pairs.second, distances, pairs.issame,
-                                     result.best_threshold, args.failures)
-        print(f"{errors['false_rejects']} false rejects and {errors['false_accepts']} false accepts at "
-              f"{result.best_threshold:.3f}; the worst are in {path}")
-    return 0
-
-
-def _run_evaluate_runtime_path(args: argparse.Namespace) -> int:
-    from .metrics import plot_roc
-    from .runtime_lfw import evaluate_runtime_path
-
-    if not args.tflite or args.aligned_cache or args.failures:
-        raise ValueError("--runtime-path scores a --tflite model on the full LFW images: "
-                         "it takes neither --aligned-cache nor --failures")
-    run = evaluate_runtime_path(args.tflite, args.lfw, args.detector)
-    print(f"{args.tflite.stem} (runtime path, {args.detector}): {run.result.summary()}")
-    print(f"faces: {run.found} found, {run.padded} after padding, {run.centre_box} centre boxes")
-    if args.out:
-        args.out.write_text(json.dumps({"model": str(args.tflite), **run.card_entry(),
-                                        "fold_accuracies": [float(a) for a in run.result.fold_accuracies]}, indent=1) + "\n")
-    if args.roc:
-        plot_roc({args.tflite.stem: run.result}, args.roc)
     return 0

@@ -21,21 +21,21 @@ import io
 import json
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from facenet_edge.card import ModelCard
-from facenet_edge.embed import Embedder, l2_normalize
+from facenet_edge.embed import l2_normalize, normalise
 
+from .evaluation import LfwCropPairs, keras_embeddings, tflite_embeddings
 from .faces import FaceSet
 
 INT8_MEDIAN_COSINE_TARGET = 0.99
 LFW_DROP_TARGET_POINTS = 0.3
 WORST_LAYERS = 10
 DEBUG_FACES = 64  # the layer-wise debugger runs float and int8 models per face: keep it short
-BATCH = 32
 NO_LFW_NOTE = "thresholds not calibrated: LFW was not evaluated (convert with --lfw)"
 
 
@@ -123,64 +123,6 @@ class VerifyReport:
         return out
 
 
-def keras_embeddings(model, crops: np.ndarray, card: ModelCard) -> np.ndarray:
-    """Float reference embeddings, preprocessed as the runtime does."""
-    from .convert import normalise
-
-    parts = [np.asarray(model(normalise(crops[i : i + BATCH], card), training=False)) for i in range(0, len(crops), BATCH)]
-    return l2_normalize(np.concatenate(parts))
-
-
-def tflite_embeddings(model_path: Path, card: ModelCard, crops: np.ndarray) -> np.ndarray:
-    """Embeddings from the runtime's Embedder (its preprocessing, quantization, batching),
-    without the card's test-time flip: these check the conversion against the float model."""
-    with Embedder.from_path(model_path, card=replace(card, flip_test=False)) as embedder:
-        return np.concatenate([embedder.embed(crops[i : i + BATCH]) for i in range(0, len(crops), BATCH)])
-
-
-def lfw_pairs(
-    lfw_dir: Path, lfw_cache: Path, size: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(crops of every image the pairs use, index of each pair's first and second image in
-    them, issame), pairs in ``pairs.txt`` fold order. Crops come from the LFW crop cache,
-    matched to the pairs by ``person/file`` (the last two path parts)."""
-    from .augment import centre_crop
-    from .data import load_cache
-    from .lfw import read_pairs
-
-    pairs = [pair for fold in read_pairs(Path(lfw_dir) / "pairs.txt") for pair in fold]
-    cache = load_cache(lfw_cache)
-    where = {"/".join(Path(p).parts[-2:]): i for i, p in enumerate(cache.paths.tolist())}
-    used: dict[int, int] = {}  # cache index -> position in the returned crops
-    first, second = [], []
-    for pair in pairs:
-        for path, out in zip(pair.paths(lfw_dir), (first, second), strict=True):
-            key = "/".join(path.parts[-2:])
-            if key not in where:
-                raise ValueError(
-                    f"{key} is not in the LFW crop cache {lfw_cache}; rebuild it with `facenet-train preprocess-lfw`"
-                )
-            out.append(used.setdefault(where[key], len(used)))
-    crops = centre_crop(cache.crops[list(used)], size[0])
-    issame = np.array([pair.issame for pair in pairs])
-    return crops, np.array(first), np.array(second), issame
-
-
-def lfw_scores(result) -> dict[str, Any]:
-    """The numbers of a ``metrics.LfwResult`` worth keeping (fractions, squared-L2 thresholds)."""
-    return {
-        "accuracy_mean": result.accuracy_mean,
-        "accuracy_std": result.accuracy_std,
-        "val_mean": result.val_mean,
-        "val_std": result.val_std,
-        "far_target": result.far_target,
-        "far_mean": result.far_mean,
-        "auc": result.auc,
-        "best_threshold": result.best_threshold,
-        "threshold_at_far": result.threshold_at_far,
-    }
-
-
 def layer_errors(converter, inputs: np.ndarray, count: int = WORST_LAYERS) -> list[LayerError]:
     """The ``count`` quantized tensors with the largest RMSE / scale."""
     import tensorflow as tf
@@ -229,22 +171,18 @@ def verify_model(
         notes.append("no faces given (--calibration): Keras/TFLite agreement not measured")
     comparison = None
     if lfw is not None:
-        from .train import LfwCropPairs
-
         pairs = LfwCropPairs.load(lfw, lfw_cache, card.input_height)
         keras_result = pairs.evaluate(lambda crops: keras_embeddings(keras_model, crops, card))
         tflite_result = pairs.evaluate(lambda crops: tflite_embeddings(model_path, card, crops))
         comparison = LfwComparison(
-            keras=lfw_scores(keras_result),
-            tflite=lfw_scores(tflite_result),
+            keras=keras_result.scores(),
+            tflite=tflite_result.scores(),
             thresholds={"far_1e3": tflite_result.threshold_at_far, "best_accuracy": tflite_result.best_threshold},
             pairs=len(pairs.issame),
         )
     report = VerifyReport(str(model_path), target, cosine, comparison, notes=notes)
     if report.misses and converter is not None and faces is not None:
-        from .convert import normalise
-
-        worst = layer_errors(converter(), normalise(faces.crops[:DEBUG_FACES], card))
+        worst = layer_errors(converter(), normalise(faces.crops[:DEBUG_FACES].astype(np.float32), card))
         report = VerifyReport(report.model, target, cosine, comparison, worst, notes)
     return report
 

@@ -1,80 +1,146 @@
-"""LFW through the runtime's own path: the detector finds the face in each full LFW image,
-``facenet_edge.align`` crops it, the model embeds it — what a user of the SDK gets, as
-opposed to scoring pre-cut crops from a cache.
+"""LFW scoring of a model: the 10-fold protocol (``metrics``) on LFW's pairs (``lfw``), two ways.
 
-The face per image follows ``facenet-train preprocess-lfw``'s protocol
-(``preprocess.crop_face``): the photo's subject (``facenet_edge.detect.main_face``),
-retries on black-padded copies, a centred box when nothing is found, so every pair is
-scored. Descriptors are cached per (model, detector) so a second run only scores.
-Used by ``facenet-train evaluate --runtime-path``, the converter's card and the
-benchmarks (accuracy, peers).
+- From aligned crops (:class:`LfwCropPairs`, a ``preprocess-lfw`` cache matched to the
+  pairs): what ``train.eval_every``, ``facenet-train evaluate`` and the converter's
+  Keras-vs-TFLite check score. Keras and TFLite models embed through the same functions,
+  which preprocess exactly as the runtime does (``facenet_edge.embed.normalise``).
+- Through the runtime's own path (:func:`evaluate_runtime_path`): the detector finds the
+  face in each full LFW image, the model's crop is cut from it, the model embeds it —
+  what a user of the SDK gets. The face per image follows ``facenet-train preprocess-lfw``'s
+  protocol (``preprocess.crop_face``): the photo's subject (``facenet_edge.detect.main_face``),
+  retries on black-padded copies, a centred box when nothing is found, so every pair is
+  scored. Descriptors are cached per (model, detector) so a second run only scores. Used by
+  ``facenet-train evaluate --runtime-path``, the converter's card and the benchmarks
+  (accuracy, peers).
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from facenet_edge.card import ModelCard, card_path_for
 from facenet_edge.detect import Detection, create_detector
-from facenet_edge.embed import Embedder, l2_normalize
+from facenet_edge.embed import Embedder, l2_normalize, normalise
 from facenet_edge.io import read_image
 
-from .data import aligner_version
-from .lfw import Pair, read_pairs
+from . import data
+from .augment import centre_crop
+from .lfw import LfwPairs, load_lfw
 from .metrics import LfwResult, evaluate_distances
 from .preprocess import LFW_CENTRE_FALLBACK, PICK_RULE, CropOptions, crop_face
 
+MODEL_BATCH = 32  # crops per call of a Keras model or the Embedder
+LFW_BATCH = 128  # crops per call of an ``Embed`` when scoring LFW pairs
+
+Embed = Callable[[np.ndarray], np.ndarray]
+"""RGB uint8 crops (N, H, W, 3) -> (N, D) unit embeddings."""
+
+
+# ---------------------------------------------------------------- embedding crops
+
+
+def keras_embeddings(model, crops: np.ndarray, card: ModelCard) -> np.ndarray:
+    """Float reference embeddings, preprocessed as the runtime does."""
+    parts = [np.asarray(model(normalise(crops[i : i + MODEL_BATCH].astype(np.float32), card), training=False))
+             for i in range(0, len(crops), MODEL_BATCH)]
+    return l2_normalize(np.concatenate(parts))
+
+
+def tflite_embeddings(model_path: Path, card: ModelCard, crops: np.ndarray) -> np.ndarray:
+    """Embeddings from the runtime's Embedder (its preprocessing, quantization, batching),
+    without the card's test-time flip: these check the conversion against the float model."""
+    with Embedder.from_path(model_path, card=replace(card, flip_test=False)) as embedder:
+        return np.concatenate([embedder.embed(crops[i : i + MODEL_BATCH]) for i in range(0, len(crops), MODEL_BATCH)])
+
+
+def default_card(model) -> ModelCard:
+    """The card a converted model of this run gets by default (its preprocessing)."""
+    height, width = (int(d) for d in model.input_shape[1:3])
+    return ModelCard(name=model.name, version="0", architecture=model.name, input_height=height, input_width=width,
+                     embedding_size=int(model.output_shape[-1]))
+
+
+def keras_embedder(model) -> Embed:
+    card = default_card(model)
+    return lambda crops: keras_embeddings(model, crops, card)
+
+
+def tflite_embedder(path: Path) -> tuple[Embed, tuple[int, int]]:
+    """The model's ``Embed`` and its (height, width), from the card beside it."""
+    card = ModelCard.load(card_path_for(path))
+    return (lambda crops: tflite_embeddings(path, card, crops)), card.input_size
+
+
+# ---------------------------------------------------------------- LFW from aligned crops
+
 
 @dataclass(frozen=True)
-class LfwPairs:
-    """LFW View 2 pairs, in fold order (``pairs`` may be a subsample, equal per fold)."""
+class LfwCropPairs:
+    """LFW's pairs as pre-cut crops (``preprocess-lfw`` cache) plus indices, in ``pairs.txt`` fold order.
 
-    root: Path
-    pairs: list[Pair]
-    folds: int
+    For whole images through the runtime detector, see :func:`evaluate_runtime_path`.
+    """
 
-    @property
-    def images(self) -> list[Path]:
-        """Every image the pairs use, once, sorted."""
-        return sorted({p for pair in self.pairs for p in pair.paths(self.root)})
+    crops: np.ndarray
+    first: np.ndarray
+    second: np.ndarray
+    issame: np.ndarray
 
-    @property
-    def issame(self) -> np.ndarray:
-        return np.array([pair.issame for pair in self.pairs])
+    @classmethod
+    def load(cls, lfw_dir: str | Path, lfw_cache: str | Path, size: int) -> LfwCropPairs:
+        """The pairs of ``lfw_dir`` with their crops from ``lfw_cache``, which must hold
+        ``size`` px crops made by the current aligner."""
+        manifest = data.CacheManifest.load(lfw_cache)
+        data.check_aligner(manifest, lfw_cache)
+        if manifest.crop_size != size:
+            raise ValueError(f"LFW cache {lfw_cache} holds {manifest.crop_size}px crops, the model takes {size}px; "
+                             f"rebuild it with `facenet-train preprocess-lfw --crop-size {size}`")
+        return cls.from_cache(lfw_dir, lfw_cache, size)
 
-    def pair_indices(self) -> tuple[np.ndarray, np.ndarray]:
-        """Each pair's first and second image as rows of ``images``."""
-        row = {path: i for i, path in enumerate(self.images)}
-        first, second = zip(*(tuple(row[p] for p in pair.paths(self.root)) for pair in self.pairs))
-        return np.array(first), np.array(second)
+    @classmethod
+    def from_cache(cls, lfw_dir: str | Path, lfw_cache: str | Path, size: int) -> LfwCropPairs:
+        """The crops of every image the pairs use (matched to the cache by ``person/file``,
+        the last two path parts; centre-cut to ``size``) and each pair's first and second
+        crop in them."""
+        lfw = load_lfw(lfw_dir)
+        cache = data.load_cache(lfw_cache)
+        where = {"/".join(Path(p).parts[-2:]): i for i, p in enumerate(cache.paths.tolist())}
+        used: dict[int, int] = {}  # cache index -> position in the returned crops
+        first, second = [], []
+        for pair in lfw.pairs:
+            for path, out in zip(pair.paths(lfw.root), (first, second), strict=True):
+                key = "/".join(path.parts[-2:])
+                if key not in where:
+                    raise ValueError(
+                        f"{key} is not in the LFW crop cache {lfw_cache}; rebuild it with `facenet-train preprocess-lfw`"
+                    )
+                out.append(used.setdefault(where[key], len(used)))
+        crops = centre_crop(cache.crops[list(used)], size)
+        return cls(crops, np.array(first), np.array(second), lfw.issame)
+
+    def distances(self, embed: Embed) -> np.ndarray:
+        """Squared L2 distance of every pair."""
+        embeddings = np.concatenate([embed(self.crops[i:i + LFW_BATCH]) for i in range(0, len(self.crops), LFW_BATCH)])
+        return np.sum((embeddings[self.first] - embeddings[self.second]) ** 2, axis=1)
+
+    def evaluate(self, embed: Embed) -> LfwResult:
+        return evaluate_distances(self.distances(embed), self.issame)
 
 
-def load_lfw(root: Path, pairs: int | None = None) -> LfwPairs:
-    """``root/pairs.txt``; with ``pairs``, that many pairs spread evenly over every fold,
-    half matched and half mismatched (so the 10-fold protocol still applies)."""
-    folds = read_pairs(root / "pairs.txt")
-    if pairs is None:
-        return LfwPairs(root, [p for fold in folds for p in fold], len(folds))
-    per_half = pairs // (2 * len(folds))
-    if per_half < 1:
-        raise ValueError(f"pairs must be at least {2 * len(folds)} (one matched and one mismatched pair per fold)")
-    chosen = []
-    for fold in folds:
-        half = len(fold) // 2
-        picks = np.unique(np.linspace(0, half - 1, min(per_half, half)).round().astype(int))
-        chosen += [fold[i] for i in picks] + [fold[half + i] for i in picks]
-    return LfwPairs(root, chosen, len(folds))
+# ---------------------------------------------------------------- LFW through the runtime path
 
 
 class LfwFaces:
     """Our detector's face in each LFW image, found once per run, with the protocol of
     ``facenet-train preprocess-lfw`` (``facenet_train.preprocess.crop_face``): the most
-    subject covering the image centre (else the largest, most central face), retries on black-padded copies, a centred box when nothing is
-    found, so every pair is scored. ``outcome``: 0 found, > 0 found after padding by
+    subject covering the image centre (else the largest, most central face), retries on
+    black-padded copies, a centred box when nothing is found, so every pair is scored. ``outcome``: 0 found, > 0 found after padding by
     that many pixels, -1 centre box."""
 
     def __init__(self, detector: str, threads: int | None = None) -> None:
@@ -87,7 +153,7 @@ class LfwFaces:
     @property
     def protocol(self) -> str:
         """Recorded in the embedding cache: a change of aligner or protocol invalidates it."""
-        return (f"{aligner_version()}; {self.name}; {PICK_RULE}; pad retries {self._options.pad_retries}; "
+        return (f"{data.aligner_version()}; {self.name}; {PICK_RULE}; pad retries {self._options.pad_retries}; "
                 f"centre {LFW_CENTRE_FALLBACK:.4f}")
 
     def find(self, path: Path, image: np.ndarray) -> tuple[Detection, int]:
@@ -186,9 +252,7 @@ class RuntimeLfw:
     centre_box: int  # ... nowhere: a centre box stood in
 
     def card_entry(self) -> dict:
-        from .verify import lfw_scores
-
-        return {**lfw_scores(self.result), "detector": self.detector, "pairs": self.pairs, "found": self.found,
+        return {**self.result.scores(), "detector": self.detector, "pairs": self.pairs, "found": self.found,
                 "found_after_padding": self.padded, "centre_box": self.centre_box}
 
 
@@ -197,8 +261,6 @@ def evaluate_runtime_path(model: str | Path, lfw_dir: str | Path, detector: str 
     """LFW 10-fold of the ``.tflite`` at ``model`` on the full LFW images of ``pairs.txt``,
     through ``detector`` -> ``main_face`` -> ``align`` -> ``Embedder``. ``cache_dir``
     keeps the embeddings for a later run (default: none kept)."""
-    import tempfile
-
     lfw = load_lfw(Path(lfw_dir))
     with Embedder.from_path(model, num_threads=threads) as embedder, LfwFaces(detector, threads) as faces, \
             tempfile.TemporaryDirectory(prefix="lfw-embeddings-") as scratch:

@@ -1,5 +1,11 @@
-"""Compact float weights: a trained model's variables in one ``.npz``, small enough to commit.
+"""A trained model on disk: a run folder, a ``.keras`` file or a compact weights ``.npz``.
 
+A run folder (``facenet-train train --out``) holds ``checkpoints/``, ``logs/``
+(TensorBoard), ``config.json`` (resolved) plus a copy of the config file, the teacher's
+``teacher_mean.npy``/``teacher_basis.npy`` of a distilled run, and at the end
+``model.weights.h5`` and ``model.keras``.
+
+Compact weights: a trained model's variables in one ``.npz``, small enough to commit.
 Convolution and dense kernels (99 % of the bytes) are stored as float16, everything else
 (batch-norm statistics, biases) as float32: half the size of ``model.weights.h5``, and the
 rounding moves embeddings far less than int8 conversion does. The file names its
@@ -14,15 +20,68 @@ re-converted (``facenet-train convert FILE.npz``).
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
+import keras
 import numpy as np
+import tensorflow as tf
 
-if TYPE_CHECKING:  # TensorFlow is imported only where a model is built
-    import keras
+# Importing models also registers its custom layers, which loading a .keras file needs.
+from .models import build_model
+
+CHECKPOINTS = "checkpoints"
+LOGS = "logs"
+CONFIG_JSON = "config.json"
+WEIGHTS = "model.weights.h5"
+TEACHER_MEAN = "teacher_mean.npy"  # subtracted from the teacher's descriptors (loss.center_teacher)
+TEACHER_BASIS = "teacher_basis.npy"  # projects a teacher wider than the student (data.teacher_basis)
+KERAS_MODEL = "model.keras"
 
 FORMAT = "facenet-train compact weights v1"
+
+
+def load_keras_model(path: str | Path) -> keras.Model:
+    """A ``.keras`` file; a compact weights ``.npz``; a run folder's ``model.keras``; or, for
+    a run still training, its config's architecture with the latest checkpoint's weights."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        return load_compact(path)
+    if path.is_dir() and not (path / KERAS_MODEL).is_file():
+        config_path, checkpoints = path / CONFIG_JSON, path / CHECKPOINTS
+        latest = tf.train.latest_checkpoint(str(checkpoints))
+        if not config_path.is_file() or latest is None:
+            raise FileNotFoundError(f"{path} holds neither {KERAS_MODEL} nor {CONFIG_JSON} with {CHECKPOINTS}/")
+        model_cfg = json.loads(config_path.read_text())["model"]
+        model = build_model(model_cfg["name"], embedding_size=model_cfg["embedding_size"])
+        tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+        return model
+    return keras.models.load_model(path / KERAS_MODEL if path.is_dir() else path, compile=False)
+
+
+def run_config(checkpoint: Path) -> dict[str, Any] | None:
+    """The ``config.json`` of the run folder ``checkpoint`` is (or whose ``model.keras`` it
+    is), written by ``facenet-train train``: it names the training data."""
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    path = folder / CONFIG_JSON
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def teacher_mean_of(checkpoint: str | Path) -> np.ndarray | None:
+    """The mean teacher descriptor a model distilled in the teacher's own space (dlib's) was
+    trained against (a run folder's ``teacher_mean.npy`` or a compact file's), None for
+    other models, and for a teacher projected onto the student (its mean alone maps nothing)."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.suffix == ".npz":
+        return _read(checkpoint)[0].get("teacher_mean")
+    path = checkpoint / TEACHER_MEAN
+    if not checkpoint.is_dir() or not path.is_file() or (checkpoint / TEACHER_BASIS).is_file():
+        return None
+    return np.load(path)
+
+
+# ---------------------------------------------------------------- compact weights
 
 
 def save_compact(model: keras.Model, path: str | Path, teacher_mean: np.ndarray | None = None) -> Path:
@@ -72,27 +131,10 @@ def load_into(model: keras.Model, path: str | Path) -> None:
 
 def load_compact(path: str | Path) -> keras.Model:
     """The model stored in ``path``, rebuilt from its architecture name."""
-    from .models import build_model
-
     meta, _ = _read(Path(path))
     model = build_model(str(meta["architecture"]), embedding_size=int(meta["embedding_size"]))
     load_into(model, path)
     return model
-
-
-def teacher_mean_of(checkpoint: str | Path) -> np.ndarray | None:
-    """The mean teacher descriptor a model distilled in the teacher's own space (dlib's) was
-    trained against (a run folder's ``teacher_mean.npy`` or a compact file's), None for
-    other models, and for a teacher projected onto the student (its mean alone maps nothing)."""
-    from .train import TEACHER_BASIS, TEACHER_MEAN
-
-    checkpoint = Path(checkpoint)
-    if checkpoint.suffix == ".npz":
-        return _read(checkpoint)[0].get("teacher_mean")
-    path = checkpoint / TEACHER_MEAN
-    if not checkpoint.is_dir() or not path.is_file() or (checkpoint / TEACHER_BASIS).is_file():
-        return None
-    return np.load(path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,8 +143,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .train import load_keras_model
-
+    """The ``export-weights`` command."""
     path = save_compact(load_keras_model(args.checkpoint), args.out, teacher_mean_of(args.checkpoint))
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)")
     return 0

@@ -1,0 +1,91 @@
+"""``facenet-train evaluate``: LFW 10-fold verification of a Keras run or a TFLite model.
+
+From aligned crops (a ``preprocess-lfw`` cache, or crops made on the spot with the same
+code), or with ``--runtime-path`` through the runtime's detector, aligner and interpreter
+on the full images; the scoring itself is ``evaluation``'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from . import data
+from .checkpoint import load_keras_model
+from .evaluation import LfwCropPairs, evaluate_runtime_path, keras_embedder, tflite_embedder
+from .metrics import evaluate_distances, failure_sheet, plot_roc
+from .preprocess import CropOptions, build_lfw_cache
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", type=Path, help="a run folder or a .keras file")
+    which.add_argument("--tflite", type=Path, help="a .tflite model with its card (.json) beside it")
+    parser.add_argument("--lfw", required=True, type=Path, help="LFW folder (one folder per person, pairs.txt)")
+    parser.add_argument("--aligned-cache", type=Path, help="`facenet-train preprocess-lfw` output (default: crop now)")
+    parser.add_argument("--runtime-path", action="store_true",
+                        help="with --tflite: the full LFW images through the runtime (detector, aligner, "
+                             "interpreter), as the model card's `lfw.runtime_path` numbers are measured")
+    parser.add_argument("--detector", default="blazeface", choices=["blazeface", "haar"],
+                        help="detector for crops made now (without --aligned-cache) or for --runtime-path")
+    parser.add_argument("--workers", type=int, default=2, help="processes for crops made now")
+    parser.add_argument("--out", type=Path, help="write the scores as JSON")
+    parser.add_argument("--roc", type=Path, help="draw the ROC curve (PNG)")
+    parser.add_argument("--failures", type=Path,
+                        help="contact sheet (PNG) of the worst false rejects and false accepts at the best threshold")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.runtime_path:
+        return _run_runtime_path(args)
+    if args.tflite:
+        embed, (height, width) = tflite_embedder(args.tflite)
+        name = args.tflite.stem
+    else:
+        model = load_keras_model(args.checkpoint)
+        embed, name = keras_embedder(model), args.checkpoint.stem
+        height, width = (int(d) for d in model.input_shape[1:3])
+    if height != width:
+        raise ValueError(f"{name} takes {width}x{height} crops; the aligned crops are square")
+    with tempfile.TemporaryDirectory(prefix="lfw-crops-") as scratch:
+        cache = args.aligned_cache
+        if cache is None:
+            cache = Path(scratch)
+            build_lfw_cache(args.lfw, cache, CropOptions(crop_size=height, detector=args.detector), workers=args.workers)
+        pairs = LfwCropPairs.load(args.lfw, cache, height)
+        distances = pairs.distances(embed)
+        result = evaluate_distances(distances, pairs.issame)
+        fallback = sum(c.get("fallback", 0) for c in data.CacheManifest.load(cache).sources.values())
+    print(f"{name}: {result.summary()}")
+    if fallback:
+        print(f"({fallback} LFW images had no face found; a centre box stood in)")
+    if args.out:
+        scores = {"model": str(args.tflite or args.checkpoint), **result.scores(),
+                  "fold_accuracies": [float(a) for a in result.fold_accuracies], "centre_fallback_images": fallback}
+        args.out.write_text(json.dumps(scores, indent=1) + "\n")
+    if args.roc:
+        plot_roc({name: result}, args.roc)
+    if args.failures:
+        path, errors = failure_sheet(pairs.crops, pairs.first, pairs.second, distances, pairs.issame,
+                                     result.best_threshold, args.failures)
+        print(f"{errors['false_rejects']} false rejects and {errors['false_accepts']} false accepts at "
+              f"{result.best_threshold:.3f}; the worst are in {path}")
+    return 0
+
+
+def _run_runtime_path(args: argparse.Namespace) -> int:
+    if not args.tflite or args.aligned_cache or args.failures:
+        raise ValueError("--runtime-path scores a --tflite model on the full LFW images: "
+                         "it takes neither --aligned-cache nor --failures")
+    run = evaluate_runtime_path(args.tflite, args.lfw, args.detector)
+    print(f"{args.tflite.stem} (runtime path, {args.detector}): {run.result.summary()}")
+    print(f"faces: {run.found} found, {run.padded} after padding, {run.centre_box} centre boxes")
+    if args.out:
+        fold_accuracies = [float(a) for a in run.result.fold_accuracies]
+        args.out.write_text(json.dumps({"model": str(args.tflite), **run.card_entry(),
+                                        "fold_accuracies": fold_accuracies}, indent=1) + "\n")
+    if args.roc:
+        plot_roc({args.tflite.stem: run.result}, args.roc)
+    return 0
