@@ -2,8 +2,9 @@
 against this machine's memory bandwidth.
 
 Each gallery holds synthetic people (one random unit vector each, quantized to int8 as the
-gallery stores it), written through SQLite with ``executemany`` in one transaction
-(``facenet_edge.bench.bulk_enroll``). Search goes through the public ``Gallery.match``.
+gallery stores it), added with ``Gallery.add_many`` in one transaction
+(``facenet_edge.bench.bulk_enroll``). Search goes through the public ``Gallery.match`` and
+``Gallery.match_top_k``.
 Memory: what the in-memory index keeps after loading (``tracemalloc``: numpy buffers,
 names, everything Python allocated), next to the bare int8 matrix (N x 128 bytes).
 Bandwidth: numpy reading (``sum`` over a uint64 view) and copying an int8 array of exactly
@@ -45,7 +46,7 @@ from common import (
     write_json,
 )
 
-from facenet_edge import gallery as gallery_module
+from facenet_edge import search
 from facenet_edge.bench import int_list
 from facenet_edge.card import ModelIdentity
 from facenet_edge.embed import Embedder
@@ -141,11 +142,11 @@ def measure_scale(people: int, directory: Path, runs: int, identity: ModelIdenti
         start = time.perf_counter()
         gallery.match(query, identity)
         first_match_s = time.perf_counter() - start
-        top1 = Percentiles.of(time_calls(lambda: gallery.match(query, identity, top_k=1), runs, warmup=3))
-        top5 = Percentiles.of(time_calls(lambda: gallery.match(query, identity, top_k=5), runs, warmup=3))
+        top1 = Percentiles.of(time_calls(lambda: gallery.match(query, identity), runs, warmup=3))
+        top5 = Percentiles.of(time_calls(lambda: gallery.match_top_k(query, identity, 5), runs, warmup=3))
         top1_float32 = None
-        if gallery_module.first_pass() != "numpy float32":  # the fallback, for the ratio in the same run
-            with mock.patch.object(gallery_module, "_simsimd", None):
+        if search.first_pass() != "numpy float32":  # the fallback, for the ratio in the same run
+            with mock.patch.object(search, "_simsimd", None):
                 top1_float32 = Percentiles.of(time_calls(lambda: gallery.match(query, identity), runs, warmup=3))
     index_mb, index_peak_mb = index_memory(path, query, identity)
     scale = Scale(
@@ -235,14 +236,14 @@ def print_tables(scales: Sequence[Scale], add_s: float, add_people: int) -> None
     rows = []
     for s in scales:
         b = s.bandwidth
-        search = [s.top1.p50_ms, s.top1.p90_ms, s.top1.p99_ms, s.top5.p50_ms, s.top5.p99_ms]
+        times = [s.top1.p50_ms, s.top1.p90_ms, s.top1.p99_ms, s.top5.p50_ms, s.top5.p99_ms]
         rows.append(
-            [f"{s.people:,}", *(fmt(v, 3) for v in search), fmt(b.read.p50_ms, 3), fmt(b.read_gb_s, 1)]
+            [f"{s.people:,}", *(fmt(v, 3) for v in times), fmt(b.read.p50_ms, 3), fmt(b.read_gb_s, 1)]
             + [fmt(b.copy.p50_ms, 3), fmt(b.copy_gb_s, 1), fmt(s.search_over_read), fmt(s.search_over_copy)]
             + [fmt(s.top1_float32.p50_ms if s.top1_float32 else None, 3), fmt(s.float32_over_read)]
         )
     print(markdown_table(headers, rows))
-    print(f"\nFirst pass of top-1 / top-5: {gallery_module.first_pass()}")
+    print(f"\nFirst pass of top-1 / top-5: {search.first_pass()}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -281,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
             }
             for s in scales
         ],
-        "first_pass": gallery_module.first_pass(),  # of top1 / top5; top1_float32 is numpy's
+        "first_pass": search.first_pass(),  # of top1 / top5; top1_float32 is numpy's
         "add_ms_per_person": 1000 * add_s,
         "add_people": add_people,
         "plot": str(png) if png else None,

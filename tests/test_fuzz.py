@@ -28,7 +28,8 @@ import cv2
 import numpy as np
 import pytest
 from facenet_edge.cli import ExitCode, main
-from facenet_edge.gallery import EXPORT_FORMAT, Gallery
+from facenet_edge.gallery import Gallery
+from facenet_edge.gallery_store import EXPORT_FORMAT
 
 # Peak RSS of the child running a whole family: the runtime, OpenCV, both models and the
 # largest single bad input.

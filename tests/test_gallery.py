@@ -13,7 +13,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from facenet_edge import gallery as gallery_module
+from facenet_edge import gallery_store, search
 from facenet_edge.card import ModelIdentity
 from facenet_edge.errors import GalleryError, IncompatibleModelError
 from facenet_edge.gallery import Gallery, Match, Person, quantize
@@ -98,7 +98,7 @@ def test_top_k_ordering_matches_brute_force(gallery, rng, first_pass):
         stored[f"person {i:02d}"] = faces
     # Queries near some stored faces, plus pure noise.
     queries = np.concatenate([unit(stored["person 07"][:1] + 0.3 * rng.standard_normal((1, 128))), random_unit(rng, 4)])
-    results = gallery.match(queries, IDENTITY, top_k=5)
+    results = gallery.match_top_k(queries, IDENTITY, 5)
     assert len(results) == len(queries)
     for query, found in zip(queries, results):
         expected = []
@@ -110,14 +110,51 @@ def test_top_k_ordering_matches_brute_force(gallery, rng, first_pass):
         np.testing.assert_allclose([m.distance for m in found], [d for d, _ in expected[:5]], atol=1e-5)
         assert all(a.distance <= b.distance for a, b in zip(found, found[1:]))
     assert results[0][0].name == "person 07"
-    # top_k=1 gives one Match per query, the head of the top-k list.
+    # match gives one Match per query, the head of the top-k list.
     assert [m.name for m in gallery.match(queries, IDENTITY)] == [found[0].name for found in results]
+
+
+def test_add_many_is_one_transaction_like_add(gallery, path, rng):
+    faces = random_unit(rng, 5)
+    gallery.add("alice", faces[0], IDENTITY)
+    pairs = [("bob", faces[1]), ("alice", faces[2:4]), ("carol", faces[4])]
+    assert gallery.add_many(iter(pairs), IDENTITY) == 4
+    assert [(p.name, p.samples) for p in gallery.list()] == [("alice", 3), ("bob", 1), ("carol", 1)]
+    assert [m.name for m in gallery.match(faces, IDENTITY)] == ["alice", "bob", "alice", "alice", "carol"]
+    before = snapshot(path)
+    with pytest.raises(ValueError, match=r"add_many 'dave': expected \(N, 128\)"):
+        gallery.add_many([("eve", faces[0]), ("dave", np.ones(64, np.float32))], IDENTITY)
+    with pytest.raises(GalleryError, match="must not be empty"):
+        gallery.add_many([("eve", faces[0]), (" ", faces[1])], IDENTITY)
+    with pytest.raises(IncompatibleModelError):
+        gallery.add_many([("eve", faces[0])], STRANGER)
+    assert snapshot(path) == before  # a refused pair adds nothing
+
+
+def test_embedding_size_is_the_gallerys(tmp_path, rng):
+    faces = unit(rng.standard_normal((3, 64)))
+    with Gallery.create(tmp_path / "small.db", IDENTITY, THRESHOLD, embedding_size=64) as small:
+        small.add("alice", faces[:2], IDENTITY)
+        small.add("bob", faces[2], IDENTITY)
+        assert [m.name for m in small.match(faces, IDENTITY)] == ["alice", "alice", "bob"]
+        with pytest.raises(ValueError, match=r"expected \(N, 64\)"):
+            small.match(random_unit(rng, 1), IDENTITY)
+        small.export(tmp_path / "small.npz")
+    with Gallery.restore(tmp_path / "copy.db", tmp_path / "small.npz") as copy:
+        assert copy.embedding_size == 64
+        assert [m.name for m in copy.match(faces, IDENTITY)] == ["alice", "alice", "bob"]
+    with Gallery.create(tmp_path / "big.db", IDENTITY, THRESHOLD) as big:
+        assert big.embedding_size == 128
+        with pytest.raises(GalleryError, match="holds 64-d embeddings; gallery .* holds 128-d ones"):
+            big.import_from(tmp_path / "small.npz")
+    with pytest.raises(GalleryError, match="embedding size must be an integer from 1 to 4096"):
+        Gallery.create(tmp_path / "zero.db", IDENTITY, THRESHOLD, embedding_size=0)
 
 
 def test_empty_gallery_matches_nothing(gallery, rng):
     queries = random_unit(rng, 2)
     assert gallery.match(queries, IDENTITY) == [None, None]
-    assert gallery.match(queries, IDENTITY, top_k=3) == [[], []]
+    assert gallery.match_top_k(queries, IDENTITY, 3) == [[], []]
     assert gallery.match(np.zeros((0, 128), np.float32), IDENTITY) == []
 
 
@@ -384,7 +421,7 @@ def _export_file(path, names, matrix):
     """An export file (Gallery.export's format) holding ``matrix`` rows for ``names``."""
     np.savez(
         path,
-        format=np.array(gallery_module.EXPORT_FORMAT),
+        format=np.array(gallery_store.EXPORT_FORMAT),
         names=np.array(names, dtype="<U128"),
         embeddings=matrix,
         model_sha256=np.array(IDENTITY.sha256),
@@ -421,18 +458,19 @@ def _random_people(rng, people=1200):
 def first_pass(request, monkeypatch):
     """Each search runs with SimSIMD's int8 first pass and with numpy's float32 one."""
     if request.param == "int8":
-        monkeypatch.setattr(gallery_module, "_simsimd", pytest.importorskip("simsimd", reason="facenet-edge[search] not installed"))
+        simsimd = pytest.importorskip("simsimd", reason="facenet-edge[search] not installed")
+        monkeypatch.setattr(search, "_simsimd", simsimd)
     else:
-        monkeypatch.setattr(gallery_module, "_simsimd", None)
+        monkeypatch.setattr(search, "_simsimd", None)
     return request.param
 
 
 @pytest.mark.parametrize("small_steps", [False, True], ids=["default-steps", "small-steps"])
 def test_index_and_search_agree_with_brute_force(gallery, tmp_path, rng, monkeypatch, small_steps, first_pass):
     if small_steps:  # many load chunks, blocks and query batches, none of them whole
-        monkeypatch.setattr(gallery_module, "_LOAD_ROWS", 97)
-        monkeypatch.setattr(gallery_module, "_BLOCK_ROWS", 300)
-        monkeypatch.setattr(gallery_module, "_QUERY_COLUMNS", 4)
+        monkeypatch.setattr(gallery_store, "_LOAD_ROWS", 97)
+        monkeypatch.setattr(search, "_BLOCK_ROWS", 300)
+        monkeypatch.setattr(search, "_QUERY_COLUMNS", 4)
     names, matrix = _random_people(rng)
     # Two imports: the second adds samples to people of the first, so a person's rows are
     # not next to each other in the table (the index must group them itself).
@@ -462,7 +500,7 @@ def test_index_and_search_agree_with_brute_force(gallery, tmp_path, rng, monkeyp
         ]
     ).astype(np.float32)
     for k in (1, 5, 40):
-        results = gallery.search(queries, IDENTITY, k)
+        results = gallery.match_top_k(queries, IDENTITY, k)
         assert len(results) == len(queries)
         for query, found in zip(queries, results):
             expected_names, expected_distances = _brute_force(names, matrix, query, k)
@@ -484,7 +522,7 @@ def test_index_holds_the_int8_matrix_and_two_numbers_a_row(gallery, tmp_path, rn
     assert index.nbytes == n * 128 + n * 4 + n * 4
 
     # Loading streams rows into the preallocated arrays: the peak is the index plus one chunk.
-    monkeypatch.setattr(gallery_module, "_LOAD_ROWS", 64)
+    monkeypatch.setattr(gallery_store, "_LOAD_ROWS", 64)
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
@@ -506,8 +544,8 @@ def test_person_removed_elsewhere_between_loading_and_naming(gallery, path, rng)
         other.remove("alice")
     # As if the removal landed after this instance checked data_version: the search finds
     # alice's id gone when it reads the names, reloads and searches again.
-    gallery._data_version = gallery._conn.execute("PRAGMA data_version").fetchone()[0]
-    assert [m.name for m in gallery.match(a, IDENTITY, top_k=5)[0]] == ["bob"]
+    gallery._data_version = gallery._version()
+    assert [m.name for m in gallery.match_top_k(a, IDENTITY, 5)[0]] == ["bob"]
 
 
 def test_person_ids_beyond_int32(gallery, path, rng):
@@ -527,14 +565,14 @@ def test_person_ids_beyond_int32(gallery, path, rng):
 def test_many_equal_samples_of_one_person(gallery, tmp_path, rng, monkeypatch, first_pass):
     # Rows of one person within float32 noise of each other all survive the first pass;
     # it must still finish and rank correctly.
-    monkeypatch.setattr(gallery_module, "_BLOCK_ROWS", 128)
+    monkeypatch.setattr(search, "_BLOCK_ROWS", 128)
     face = random_unit(rng, 1)
     names = [f"other {i:03d}" for i in range(300)]
     others = quantize(random_unit(rng, 300))
     gallery.import_from(_export_file(tmp_path / "a.npz", names[:150], others[:150]))
     gallery.add("twin", np.repeat(face, 700, axis=0), IDENTITY)  # add keeps duplicates
     gallery.import_from(_export_file(tmp_path / "b.npz", names[150:], others[150:]))
-    found = gallery.match(face, IDENTITY, top_k=3)[0]
+    found = gallery.match_top_k(face, IDENTITY, 3)[0]
     names = ["twin"] + names
     matrix = np.concatenate([quantize(face), others])
     assert [m.name for m in found] == _brute_force(names, matrix, face[0], 3)[0]

@@ -131,8 +131,8 @@ def test_gallery_is_called_once_per_frame(pipeline, astronaut):
         def __init__(self):
             self.calls = []
 
-        def match(self, embeddings, identity, top_k):
-            self.calls.append((embeddings.shape, identity, top_k))
+        def match_top_k(self, embeddings, identity, k):
+            self.calls.append((embeddings.shape, identity, k))
             return [f"match-{i}" for i in range(len(embeddings))]
 
     gallery = FakeGallery()

@@ -29,7 +29,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from facenet_edge import gallery as gallery_module
+from facenet_edge import gallery_store
 from facenet_edge.camera import FolderSource, OpenCVSource, redact
 from facenet_edge.card import CardError, ModelCard, ModelIdentity, Thresholds
 from facenet_edge.cli import ExitCode, main
@@ -231,7 +231,7 @@ def test_creation_interrupted_before_publishing_leaves_nothing(tmp_path, monkeyp
     def power_cut(*args):
         raise KeyboardInterrupt  # stands for the process dying at this instant
 
-    monkeypatch.setattr(gallery_module.os, "link", power_cut)
+    monkeypatch.setattr(gallery_store.os, "link", power_cut)
     with pytest.raises(KeyboardInterrupt):
         Gallery.create(path, IDENTITY, 1.0)
     assert list(tmp_path.iterdir()) == []  # no gallery, no temporary file
@@ -244,7 +244,7 @@ def test_creation_without_hard_links(tmp_path, monkeypatch):
     def no_links(source, target):
         raise OSError(errno.EPERM, "Operation not permitted")
 
-    monkeypatch.setattr(gallery_module.os, "link", no_links)
+    monkeypatch.setattr(gallery_store.os, "link", no_links)
     with Gallery.create(tmp_path / "faces.db", IDENTITY, 1.0) as gallery:
         assert len(gallery) == 0
     with pytest.raises(GalleryError, match="already exists"):
@@ -407,7 +407,7 @@ def test_names_are_nfc(tmp_path):
 def _export(tmp_path: Path, **arrays) -> Path:
     """A valid export of two samples, with ``arrays`` replacing or adding arrays."""
     base = {
-        "format": np.array(gallery_module.EXPORT_FORMAT),
+        "format": np.array(gallery_store.EXPORT_FORMAT),
         "names": np.array(["Eve", "Bob"]),
         "embeddings": np.eye(2, 128, dtype=np.int8) * 127,
         "model_sha256": np.array(IDENTITY.sha256),
@@ -442,7 +442,7 @@ def test_export_with_2d_names_refused(tmp_path):
     "arrays, words",
     [
         ({"embeddings": np.eye(2, 128, dtype=np.float32)}, "array 'embeddings' must be 2-d of kind 'i'"),
-        ({"embeddings": np.ones((3, 128), np.int8)}, "embeddings must be (2, 128) int8"),
+        ({"embeddings": np.ones((3, 128), np.int8)}, "embeddings must be (2, D) int8"),
         ({"threshold": np.array("1.0")}, "array 'threshold' must be 0-d of kind 'f'"),
         ({"threshold": np.array(7.0)}, "threshold must be a squared-L2 distance"),
         ({"format": np.array(["x", "y"])}, "array 'format' must be 0-d"),
@@ -477,8 +477,8 @@ def test_export_extra_arrays_are_not_read(tmp_path, monkeypatch):
     path = _export(tmp_path, junk=np.zeros(1000, np.uint8))
     _header_only_member(path, "junk", (3 * 1024**3,), "u1")  # 3 GiB declared, never loaded
     read = []
-    real = gallery_module._export_array
-    monkeypatch.setattr(gallery_module, "_export_array", lambda archive, key: read.append(key) or real(archive, key))
+    real = gallery_store._export_array
+    monkeypatch.setattr(gallery_store, "_export_array", lambda archive, key: read.append(key) or real(archive, key))
     with Gallery.restore(tmp_path / "g.db", path) as gallery:
         assert [p.name for p in gallery.list()] == ["Bob", "Eve"]
     assert "junk" not in read

@@ -277,7 +277,7 @@ def open_gallery_for_enrollment(path: Path, pipeline: FacePipeline, threshold: f
     threshold = threshold if threshold is not None else pipeline.card.thresholds.default()
     if threshold is None:
         raise DoorError("the model card has no threshold: pass --threshold D to create the gallery")
-    return Gallery.create(path, identity, threshold)
+    return Gallery.create(path, identity, threshold, embedding_size=pipeline.embedder.embedding_size)
 
 
 # ------------------------------------------------------------------ the door

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import platform
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -427,47 +426,34 @@ def run_script(
 # --------------------------------------------------------------------------- synthetic gallery
 
 
-def synthetic_embeddings(count: int, rng: np.random.Generator) -> np.ndarray:
-    """(count, 128) int8 rows: random unit vectors quantized exactly as the gallery stores them."""
-    vectors = rng.standard_normal((count, 128), dtype=np.float32)
+def random_unit_vectors(count: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """(count, size) float32 random unit vectors: synthetic faces."""
+    vectors = rng.standard_normal((count, size), dtype=np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    return quantize(vectors)
+    return vectors
 
 
-def bulk_enroll(path: Path, identity: ModelIdentity, people: int, seed: int = 0, chunk: int = 65536) -> float:
+def synthetic_embeddings(count: int, rng: np.random.Generator, size: int = 128) -> np.ndarray:
+    """(count, size) int8 rows: random unit vectors quantized exactly as the gallery stores them."""
+    return quantize(random_unit_vectors(count, size, rng))
+
+
+def bulk_enroll(
+    path: Path, identity: ModelIdentity, people: int, embedding_size: int = 128, seed: int = 0, chunk: int = 65536
+) -> float:
     """Create a gallery at ``path`` holding ``people`` synthetic people (one sample each),
-    written through SQLite with ``executemany`` in ONE transaction. Returns the seconds
-    that transaction took (commit included).
+    added with ``Gallery.add_many`` in ONE transaction. Returns the seconds that took."""
 
-    ``Gallery.add`` enrols one person per transaction, each fsynced (``synchronous=FULL``):
-    right for a door, far too slow for a million. This writes the gallery's own tables
-    directly, at the same durability setting."""
-    Gallery.create(path, identity, threshold=1.0).close()
-    rng = np.random.default_rng(seed)
-    now = time.time()
-
-    def samples() -> Iterator[tuple[int, bytes, float]]:
+    def samples() -> Iterator[tuple[str, np.ndarray]]:
         for start in range(0, people, chunk):
-            rows = synthetic_embeddings(min(chunk, people - start), rng)
-            for offset, row in enumerate(rows):
-                yield start + offset + 1, row.tobytes(), now
+            for offset, row in enumerate(random_unit_vectors(min(chunk, people - start), embedding_size, rng)):
+                yield f"person-{start + offset:07d}", row
 
-    conn = sqlite3.connect(path, isolation_level=None)
-    try:
-        conn.execute("PRAGMA synchronous=FULL")
+    rng = np.random.default_rng(seed)
+    with Gallery.create(path, identity, threshold=1.0, embedding_size=embedding_size) as gallery:
         start = time.perf_counter()
-        conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(
-            "INSERT INTO people(id, name, created, updated) VALUES (?, ?, ?, ?)",
-            ((i + 1, f"person-{i:07d}", now, now) for i in range(people)),
-        )
-        conn.executemany("INSERT INTO samples(person_id, embedding, created) VALUES (?, ?, ?)", samples())
-        conn.execute("COMMIT")
-        seconds = time.perf_counter() - start
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # leave one tidy file, untimed
-    finally:
-        conn.close()
-    return seconds
+        gallery.add_many(samples(), identity)
+        return time.perf_counter() - start
 
 
 # --------------------------------------------------------------------------- test frames
@@ -954,7 +940,7 @@ def run(args: argparse.Namespace) -> int:
         jpeg = Path(tmp) / "frame.jpg"
         cv2.imwrite(str(jpeg), cv2.cvtColor(frames[1], cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
         gallery_path = Path(tmp) / "gallery.db"
-        bulk_enroll(gallery_path, identity, config.gallery_size)
+        bulk_enroll(gallery_path, identity, config.gallery_size, card.embedding_size)
         with Gallery.open(gallery_path) as gallery:
             stages = measure_stages(model, args.delegate, frames[1], jpeg, gallery, config)
             pipeline = measure_pipeline(model, frames, gallery, config)

@@ -271,7 +271,13 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             threshold = _threshold(args, pipeline.embedder.card, pipeline.embedder.model_path)
             # create=True: another enrolment creating the same gallery meanwhile is joined.
             gallery = stack.enter_context(
-                Gallery.open(gallery_path, create=True, identity=identity, threshold=threshold)
+                Gallery.open(
+                    gallery_path,
+                    create=True,
+                    identity=identity,
+                    threshold=threshold,
+                    embedding_size=pipeline.embedder.embedding_size,
+                )
             )
         added = gallery.add(name, np.stack(embeddings), identity)
         people = gallery.list()
@@ -304,7 +310,7 @@ def cmd_identify(args: argparse.Namespace) -> int:
         identity = pipeline.embedder.identity
         gallery.check_identity(identity)
         for path, faces in _faces_per_image(pipeline, args, failures, "identifying"):
-            results = gallery.search(np.stack([f.embedding for f in faces]), identity, args.top_k) if faces else []
+            results = gallery.match_top_k(np.stack([f.embedding for f in faces]), identity, args.top_k) if faces else []
             if args.json:
                 _print_json({"path": path, "faces": [_identified_json(f, r) for f, r in zip(faces, results)]})
             else:
@@ -394,7 +400,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
             # write on a full disk surfaces without an errno ("5120 requested and 2016
             # written"); a Python write reports ENOSPC, which names the file.
             buffer = io.BytesIO()
-            np.save(buffer, np.stack(rows) if rows else np.zeros((0, 128), np.float32))
+            np.save(buffer, np.stack(rows) if rows else np.zeros((0, pipeline.embedder.embedding_size), np.float32))
             out.write(buffer.getbuffer())
     if args.out is not None:
         _say(f"wrote {len(rows)} embedding(s) to {args.out}")
@@ -631,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_verify)
 
     p = commands.add_parser("embed", parents=batch, help="face embeddings of images")
-    p.add_argument("--out", metavar="FILE.npy", help="also save all embeddings as one (N, 128) float32 .npy")
+    p.add_argument("--out", metavar="FILE.npy", help="also save all embeddings as one (N, D) float32 .npy")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="photos; every face in each is embedded")
     p.set_defaults(handler=cmd_embed)
 

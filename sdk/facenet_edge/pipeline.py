@@ -164,10 +164,12 @@ class FacePipeline:
         size, template = self.embedder.input_size, self.embedder.card.alignment
         crops = np.stack([align(image, d, size, template=template) for d in detections])
         embeddings = self.embedder.embed(crops)
-        if gallery is not None:
-            matches = gallery.match(embeddings, identity=self.embedder.identity, top_k=top_k)
-        else:
+        if gallery is None:
             matches = [None] * len(detections)
+        elif top_k == 1:
+            matches = gallery.match(embeddings, self.embedder.identity)
+        else:
+            matches = gallery.match_top_k(embeddings, self.embedder.identity, top_k)
         return [
             Face(box=d.box, score=d.score, landmarks=d.landmarks, embedding=e, match=m, crop=c)
             for d, e, m, c in zip(detections, embeddings, matches, crops)
