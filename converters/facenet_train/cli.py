@@ -34,6 +34,8 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command("facenet_train.evaluate", "LFW 10-fold verification of a Keras run or a TFLite model"),
     "describe": Command("facenet_train.flops", "parameters and FLOPs of a model in the registry"),
     "convert": Command("facenet_train.convert", "convert a trained model to TFLite with its model card"),
+    "calibrate-openset": Command("facenet_train.openset_lfw",
+                                 "write the impostor distance distribution (open-set thresholds) into a model card"),
     "export-weights": Command("facenet_train.checkpoint",
                               "write a run's float weights as a compact .npz (to commit)"),
 }

@@ -23,6 +23,7 @@ from facenet_edge.align import FILLS
 from facenet_edge.card import ModelCard, Thresholds, card_path_for
 from facenet_edge.detect import DEFAULT_DETECTOR
 from facenet_edge.embed import normalise
+from facenet_edge.fpir import DistributionError
 
 from . import edgetpu, verify
 from .checkpoint import load_keras_model, run_config, teacher_mean_of
@@ -39,6 +40,7 @@ from .conversion import (
 )
 from .evaluation import evaluate_runtime_path
 from .faces import FaceSet, load_faces
+from .openset_lfw import impostor_distribution
 from .flops import count_flops
 from .preprocess import CropOptions, build_lfw_cache
 
@@ -257,6 +259,14 @@ def _run(args: argparse.Namespace) -> int:
         card = replace(card, thresholds=Thresholds(far_1e3=runtime.result.threshold_at_far,
                                                    best_accuracy=runtime.result.best_threshold),
                        lfw={**result.lfw.card_entry(), "runtime_path": runtime.card_entry()})
+        # Open-set thresholds per target FPIR (facenet_edge.fpir) from LFW's calibration half.
+        try:
+            impostor = impostor_distribution(out, args.lfw, detector=DEFAULT_DETECTOR)
+        except DistributionError as exc:  # an LFW stand-in too small to measure it
+            print(f"  no impostor distribution for open-set thresholds: {exc}")
+        else:
+            card = replace(card, extra={**card.extra, "impostor": impostor.to_dict()})
+            print(f"  impostor distances: {impostor.pairs} pairs of the LFW calibration half")
     else:
         card = replace(card, extra={**card.extra, "thresholds_note": verify.NO_LFW_NOTE})
         print(f"thresholds: {verify.NO_LFW_NOTE}")
