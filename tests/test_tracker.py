@@ -1,15 +1,23 @@
 """The IoU tracker and per-track fusion (facenet_edge.tracker), on synthetic detections
-and a stub pipeline: no model needed."""
+and a stub pipeline: no model needed; and benchmarks/tracking.py on a tiny configuration
+(skipped when ../shared/data/lfw is absent)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from facenet_edge import bench
 from facenet_edge.detect import Detection
 from facenet_edge.tracker import Tracker, TrackerOptions, iou, quality
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def face(x: float, y: float, side: float = 100.0, score: float = 0.9) -> Detection:
@@ -137,3 +145,22 @@ def test_options_are_checked():
     for bad in ({"min_iou": 0}, {"min_frames": 0}, {"fuse": 0}, {"reembed_every": 0}, {"max_missed": -1}):
         with pytest.raises(ValueError):
             TrackerOptions(**bad)
+
+
+@pytest.mark.skipif(bench.default_lfw() is None, reason="LFW not found at ../shared/data/lfw (beside the repository)")
+def test_tracking_benchmark_quick(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "tracking.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "|---|" in done.stdout
+    report = json.loads((tmp_path / "tracking.json").read_text())
+    assert report["benchmark"] == "tracking" and report["machine"]["cpu"]
+    single, vote, tracking = report["results"]["policies"]
+    assert [single["policy"], vote["policy"], tracking["policy"]] == ["single frames", "vote 3 of 5 frames",
+                                                                      "tracking + fusion"]  # fmt: skip
+    assert tracking["mated"] == vote["mated"] == 6 and single["mated"] > 6
+    assert 0 < tracking["embed_calls"] < single["embed_calls"]
