@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facenet_edge import bench
 from facenet_edge.detect import Detection
 from facenet_edge.tracker import Tracker, TrackerOptions, iou, quality
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+LFW = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw"
+NO_LFW = "LFW not found at ../shared/data/lfw (beside the repository)"
 
 
 def face(x: float, y: float, side: float = 100.0, score: float = 0.9) -> Detection:
@@ -147,7 +148,7 @@ def test_options_are_checked():
             TrackerOptions(**bad)
 
 
-@pytest.mark.skipif(bench.default_lfw() is None, reason="LFW not found at ../shared/data/lfw (beside the repository)")
+@pytest.mark.skipif(not (LFW / "pairs.txt").is_file(), reason=NO_LFW)
 def test_tracking_benchmark_quick(tmp_path):
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / "tracking.py"), "--quick", "--out", str(tmp_path)],
