@@ -13,6 +13,13 @@ Matching
     in SQLite; the few that a search returns are read with one ``SELECT ... WHERE id IN
     (...)``. The index is loaded on the first match and again after any write (this
     instance's or another process's).
+
+Thresholds
+    The stored threshold is fixed. With :meth:`Gallery.use_fpir` (the CLI does it whenever
+    the model card carries an impostor distribution) the threshold is instead derived for a
+    target rate of strangers given a name per attempt (FPIR), for the number of samples
+    enrolled at each match (:mod:`facenet_edge.fpir`): the more people enrolled, the
+    tighter the threshold, so the rate a door was set for holds as it grows.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import numpy as np
 
 from .card import ModelIdentity
 from .errors import GalleryError
+from .fpir import DEFAULT_FPIR, FpirThreshold, ImpostorDistribution, check_fpir, threshold_for_fpir
 from .gallery_store import GalleryStore, Person, quantize, unit_rows, validate_name
 from .search import Index, nearest
 
@@ -61,6 +69,30 @@ class Gallery(GalleryStore):
         super().__init__(path, conn, identity, threshold, embedding_size)
         self._index: Index | None = None
         self._data_version: tuple[int, int] | None = None  # the store's _version() of _index
+        self._fpir: tuple[ImpostorDistribution, float] | None = None
+
+    def use_fpir(self, distribution: ImpostorDistribution, target: float = DEFAULT_FPIR) -> None:
+        """Match with the threshold for ``target`` strangers named per attempt, derived
+        from ``distribution`` (the model card's, ``fpir.card_distribution``) for the
+        samples enrolled at each match, instead of the stored threshold. This instance
+        only; the file is not changed."""
+        self._fpir = (distribution, check_fpir(target))
+
+    def operating_point(self) -> FpirThreshold | None:
+        """The FPIR target this instance holds and the threshold it gives for the samples
+        enrolled now; None with a fixed threshold."""
+        if self._fpir is None:
+            return None
+        with self._read() as conn:
+            samples = conn.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+        return threshold_for_fpir(*self._fpir, samples)
+
+    @property
+    def threshold(self) -> float:
+        """The open-set threshold (squared L2) matching uses now: derived for the FPIR
+        target and the samples enrolled (after :meth:`use_fpir`), else the stored one."""
+        point = self.operating_point()
+        return super().threshold if point is None else point.threshold
 
     def match(self, embeddings: np.ndarray, identity: ModelIdentity) -> list[Match | None]:
         """Open-set matching, one query per (D,) or row of (N, D): per query its nearest
@@ -85,6 +117,7 @@ class Gallery(GalleryStore):
                 index = self._current_index()
             if not len(index.matrix):
                 return [[] for _ in queries]
+            threshold = self._threshold_for(len(index.matrix))
             found = nearest(index, queries, k)  # outside the lock: the index is immutable
             wanted = sorted({person for people in found for person, _ in people})
             names = self._names(wanted)
@@ -95,13 +128,20 @@ class Gallery(GalleryStore):
                 if self._index is index:
                     self._index = None
         return [
-            [self._match(names[person], similarity) for person, similarity in people if person in names]
+            [self._match(names[person], similarity, threshold) for person, similarity in people if person in names]
             for people in found
         ]
 
-    def _match(self, name: str, similarity: float) -> Match:
+    def _threshold_for(self, samples: int) -> float:
+        """The threshold for an index of ``samples`` rows."""
+        if self._fpir is None:
+            return super().threshold
+        return threshold_for_fpir(*self._fpir, samples).threshold
+
+    @staticmethod
+    def _match(name: str, similarity: float, threshold: float) -> Match:
         distance = float(np.clip(2.0 - 2.0 * similarity, 0.0, 4.0))
-        return Match(name, distance, 1.0 - distance / 2.0, distance <= self.threshold)
+        return Match(name, distance, 1.0 - distance / 2.0, distance <= threshold)
 
     def _current_index(self) -> Index:
         """The index of what is stored now (call under the lock)."""
