@@ -676,6 +676,18 @@ class GalleryStore:
             ).fetchall()
         return [Person(name, samples, created, updated) for name, samples, created, updated in rows]
 
+    def samples_of(self, name: str) -> np.ndarray:
+        """``name``'s samples as stored, (N, D) int8, oldest first (GalleryError when
+        ``name`` is not enrolled): what enrolment checks for consistency."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT s.embedding FROM samples s JOIN people p ON p.id = s.person_id WHERE p.name = ? ORDER BY s.id",
+                (name,),
+            ).fetchall()
+        if not rows:
+            raise GalleryError(f"no person named {name!r} in gallery {self.path}")
+        return np.frombuffer(b"".join(r[0] for r in rows), dtype=np.int8).reshape(len(rows), self._embedding_size)
+
     @contextmanager
     def _snapshot(self) -> Iterator[Samples]:
         """Every sample in one read snapshot, streamed _LOAD_ROWS rows at a time. Call
