@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append([name, gallery, "new", f"{100 * result.accuracy_mean:.2f} ± {100 * result.accuracy_std:.2f}",
                          f"{100 * result.val_mean:.1f}"])
 
-    print(markdown_table(["model", "gallery embedded by", "probes embedded by", "LFW 10-fold %", "VAL@FAR=1e-3 %"], rows))
+    headers = ["model", "gallery embedded by", "probes embedded by", "LFW 10-fold %", "VAL@FAR=1e-3 %"]
+    print(markdown_table(headers, rows))
     config = {"old": args.old, "new": args.new, "lfw": str(args.lfw), "lfw_cache": str(args.lfw_cache)}
     path = write_json(args.out / "harmonic_cross.json", report("harmonic_cross", machine_info(), config, results, []))
     print(f"wrote {path}")

@@ -225,7 +225,8 @@ def run(args: argparse.Namespace) -> int:
     with FacePipeline(model_path=model) as pipeline, tempfile.TemporaryDirectory(prefix="tracking-") as scratch:
         distribution = card_distribution(pipeline.card)
         if distribution is None:
-            raise FacenetEdgeError(f"the card of {model} has no impostor distribution (facenet-train calibrate-openset)")
+            raise FacenetEdgeError(
+                f"the card of {model} has no impostor distribution (facenet-train calibrate-openset)")
         samples = args.enrol * len(enrolment)
         threshold = threshold_for_fpir(distribution, DEFAULT_FPIR, samples).threshold
         with Gallery.create(Path(scratch) / "door.db", pipeline.identity, threshold) as gallery:

@@ -113,7 +113,8 @@ def _tiny_paths(directory: Path) -> TinyModels:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, astronaut: np.ndarray) -> TinyModels:
+def tiny_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+               astronaut: np.ndarray) -> TinyModels:
     """A small random-weight model 96x96x3 -> 128-d (L2-normalised), converted to int8
     and float32 TFLite with cards, plus two models with wrong I/O shapes.
 

@@ -33,7 +33,8 @@ def _load_script():
 @pytest.fixture(scope="module")
 def arm():
     if shutil.which("debootstrap") is None or not Path("/usr/bin/qemu-aarch64-static").exists():
-        pytest.skip("needs qemu-user-static and debootstrap (apt-get install qemu-user-static binfmt-support debootstrap)")
+        pytest.skip("needs qemu-user-static and debootstrap "
+                    "(apt-get install qemu-user-static binfmt-support debootstrap)")
     if os.geteuid() != 0:
         pytest.skip("needs root (debootstrap, chroot, mount)")
     return _load_script()

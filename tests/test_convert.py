@@ -219,12 +219,13 @@ CONV_2D                        3          Mapped to Edge TPU
 MAX_POOL_2D                    1          Mapped to Edge TPU
 HARD_SWISH                     1          Operation not supported
 FULLY_CONNECTED                1          Mapped to Edge TPU
-"""
+"""  # noqa: E501 (edgetpu_compiler's output, verbatim)
 
 
 def test_compiler_output_parsing():
     parsed = edgetpu.parse_compiler_output(COMPILER_LOG)
-    assert (parsed["version"], parsed["total_ops"], parsed["mapped_ops"], parsed["cpu_ops"]) == ("16.0.384591198", 9, 8, 1)
+    counts = (parsed["version"], parsed["total_ops"], parsed["mapped_ops"], parsed["cpu_ops"])
+    assert counts == ("16.0.384591198", 9, 8, 1)
     assert {"op": "HARD_SWISH", "count": 1, "status": "Operation not supported"} in parsed["operations"]
     # When every op maps, the compiler prints no "run on" lines: the table is summed.
     everything = COMPILER_LOG.split("\nModel successfully compiled but")[0] + "\n\n" + COMPILER_LOG.split("Status\n")[1]
@@ -262,7 +263,8 @@ def test_card_written_and_embedded(cli_int8):
     raw = cli_int8.read_bytes()
     assert conversion.embedded_card(raw) == card
     assert card.size_bytes == len(raw)
-    assert (card.name, card.version, card.architecture, card.compatibility_group) == ("tiny-test", "0.1", "tiny", "tiny-v1")
+    identity = (card.name, card.version, card.architecture, card.compatibility_group)
+    assert identity == ("tiny-test", "0.1", "tiny", "tiny-v1")
     assert (card.input_height, card.input_width, card.embedding_size, card.color_order) == (SIZE, SIZE, 128, "RGB")
     assert card.terms.startswith("non-commercial research only")
     assert card.fill == "grey"
@@ -270,9 +272,10 @@ def test_card_written_and_embedded(cli_int8):
     graph = read_graph(raw)
     q = card.quantization
     assert q["target"] == "int8"
-    assert (q["input"]["scale"], q["input"]["zero_point"]) == (graph.inputs[0].scales[0], graph.inputs[0].zero_points[0])
-    assert (q["output"]["scale"], q["output"]["zero_point"]) == (graph.outputs[0].scales[0], graph.outputs[0].zero_points[0])
-    assert q["calibration"] == {"faces": 24, "identities": 6, "source": f"image folder {cli_int8.parent.parent / 'faces'}"}
+    for side, tensor in (("input", graph.inputs[0]), ("output", graph.outputs[0])):
+        assert (q[side]["scale"], q[side]["zero_point"]) == (tensor.scales[0], tensor.zero_points[0])
+    source = f"image folder {cli_int8.parent.parent / 'faces'}"
+    assert q["calibration"] == {"faces": 24, "identities": 6, "source": source}
     # No --lfw: thresholds are left unset, and the card says so.
     assert card.thresholds.far_1e3 is None and card.thresholds.best_accuracy is None
     assert card.extra["thresholds_note"] == verify.NO_LFW_NOTE

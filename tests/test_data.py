@@ -212,7 +212,8 @@ def test_tight_views_keep_a_window_and_fill_the_rest_like_the_aligner(bordered):
     # The aligner's other fills are the options; an unknown one is refused when configured.
     replicate = AugmentConfig(**{**tight.__dict__, "tight_fill": "replicate"})
     streaks = augment_batch(crop[None], 96, replicate, np.random.default_rng(0))[0]
-    np.testing.assert_array_equal(streaks[ys.min(), :xs.min()], np.repeat(streaks[ys.min(), xs.min()][None], xs.min(), 0))
+    edge = streaks[ys.min(), xs.min()]
+    np.testing.assert_array_equal(streaks[ys.min(), :xs.min()], np.repeat(edge[None], xs.min(), 0))
     with pytest.raises(ValueError, match="tight_fill 'blue'"):
         AugmentConfig(tight_fill="blue")
 

@@ -89,7 +89,8 @@ def test_crop_follows_the_cards_fill(tiny_model, astronaut):
     card = ModelCard.load(card_path_for(tiny_model.float32))
     assert card.fill == "replicate"  # cards written before the field keep the old behaviour
     grey_card = dataclasses.replace(card, fill="grey")
-    with Embedder.from_path(tiny_model.float32) as plain, Embedder.from_path(tiny_model.float32, card=grey_card) as grey:
+    with Embedder.from_path(tiny_model.float32) as plain, \
+            Embedder.from_path(tiny_model.float32, card=grey_card) as grey:
         np.testing.assert_array_equal(plain.crop(corner, moved), align(corner, moved, (96, 96), fill="replicate"))
         grey_crop = grey.crop(corner, moved)
         np.testing.assert_array_equal(grey_crop, align(corner, moved, (96, 96), fill="grey"))

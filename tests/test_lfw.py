@@ -72,7 +72,8 @@ def test_official_pairs_file_points_at_existing_images():
 
 def test_lfw_overlap_reads_tab_separated_rows(tmp_path):
     path = tmp_path / "overlap.txt"
-    path.write_text("# from datasets.py lfw-overlap\npins\tpins_Bill Gates\tBill_Gates\n\nglint24\tTom Hanks\tTom_Hanks\n")
+    path.write_text("# from datasets.py lfw-overlap\n"
+                    "pins\tpins_Bill Gates\tBill_Gates\n\nglint24\tTom Hanks\tTom_Hanks\n")
     assert lfw_overlap(path) == [
         LfwOverlap("pins", "pins_Bill Gates", "Bill_Gates"),
         LfwOverlap("glint24", "Tom Hanks", "Tom_Hanks"),

@@ -144,7 +144,8 @@ def test_worker_processes_give_the_same_crops(datasets, tmp_path):
 def test_exclusion_and_limit(datasets, tmp_path):
     overlap = tmp_path / "overlap.txt"
     overlap.write_text("faces\tbob\tBob\n")
-    samples, excluded, duplicates = preprocess.gather_samples(["faces", "flat"], datasets, limit=4, exclude_files=[overlap])
+    samples, excluded, duplicates = preprocess.gather_samples(["faces", "flat"], datasets, limit=4,
+                                                              exclude_files=[overlap])
     assert excluded == {"faces/bob"} and duplicates == 0
     assert [s.identity for s in samples] == ["faces/anna"] * 3 + ["faces/cy"] + [None, None]
 

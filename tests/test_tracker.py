@@ -37,7 +37,8 @@ def test_ids_are_kept_across_small_moves_and_two_faces_stay_apart():
     first = tracker.update([face(100, 100), face(400, 100)])
     ids = [t.id for t, _ in first]
     for step in range(1, 10):  # both drift 4 px and grow a little each frame
-        moved = tracker.update([face(400 + 4 * step, 100, 100 + step), face(100 + 4 * step, 100 + 2 * step, 100 + step)])
+        moved = tracker.update([face(400 + 4 * step, 100, 100 + step),
+                                face(100 + 4 * step, 100 + 2 * step, 100 + step)])
         assert sorted(t.id for t, _ in moved) == sorted(ids)
         assert {t.id: float(d.box[0]) for t, d in moved}[ids[0]] == 100 + 4 * step
     assert all(t.frames == 10 for t in tracker.tracks)

@@ -45,10 +45,11 @@ def tiny_model():
         yield
 
 
-def write_cache(root: Path, crops: np.ndarray, labels: np.ndarray, teacher: np.ndarray | None, shard_size: int = 40) -> Path:
+def write_cache(root: Path, crops: np.ndarray, labels: np.ndarray, teacher: np.ndarray | None,
+                shard_size: int = 40) -> Path:
     """A complete crop cache (96 px crops with an 8 px border) from arrays."""
     root.mkdir(parents=True, exist_ok=True)
-    identities = np.array([f"synthetic/{l}" if l >= 0 else "" for l in labels])
+    identities = np.array([f"synthetic/{label}" if label >= 0 else "" for label in labels])
     shards = [data.shard_name(i) for i in range(-(-len(crops) // shard_size))]
     for i, shard in enumerate(shards):
         part = slice(i * shard_size, (i + 1) * shard_size)
@@ -62,7 +63,8 @@ def write_cache(root: Path, crops: np.ndarray, labels: np.ndarray, teacher: np.n
         if teacher is not None:
             np.save(root / data.teacher_name(shard), teacher[part])
     data.CacheManifest(
-        crop_size=96, border=8, template="facenet96", detector="synthetic", aligner=data.aligner_version(), shard_size=shard_size,
+        crop_size=96, border=8, template="facenet96", detector="synthetic", aligner=data.aligner_version(),
+        shard_size=shard_size,
         plan="synthetic", people=[f"synthetic/{i}" for i in range(IDENTITIES)], shards=shards,
         sources={"synthetic": {"faces": len(crops)}}, complete=True,
     ).save(root)
@@ -428,7 +430,8 @@ def test_teacher_head_moves_the_student_into_the_teacher_space(synthetic_cache, 
     student.load_weights(out)
     assert cosine(student) > before + 0.2
     with pytest.raises(ValueError, match="faces with teacher descriptors"):
-        cli.main(["teacher-head", str(trained_run), "--cache", str(synthetic_cache), "--faces", "500", "--out", str(out)])
+        cli.main(["teacher-head", str(trained_run), "--cache", str(synthetic_cache), "--faces", "500",
+                  "--out", str(out)])
 
 
 def test_xla_compiles_every_loss_term(synthetic_cache, trained_run, tmp_path):
@@ -516,8 +519,9 @@ def test_evaluate_keras_and_tflite_the_same_way(trained_run, fake_lfw, tmp_path,
     assert data.CacheManifest.load(cache).sources["lfw"]["faces"] == 20
 
     keras_json, roc, failures = tmp_path / "keras.json", tmp_path / "roc.png", tmp_path / "failures.png"
-    assert cli.main(["evaluate", "--checkpoint", str(trained_run), "--lfw", str(fake_lfw), "--aligned-cache", str(cache),
-                     "--out", str(keras_json), "--roc", str(roc), "--failures", str(failures)]) == 0
+    assert cli.main(["evaluate", "--checkpoint", str(trained_run), "--lfw", str(fake_lfw),
+                     "--aligned-cache", str(cache), "--out", str(keras_json), "--roc", str(roc),
+                     "--failures", str(failures)]) == 0
     scores = json.loads(keras_json.read_text())
     assert 0 <= scores["accuracy_mean"] <= 1 and len(scores["fold_accuracies"]) == 10
     assert roc.stat().st_size > 1000

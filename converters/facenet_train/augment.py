@@ -121,7 +121,8 @@ def augment_batch(crops: np.ndarray, size: int, config: AugmentConfig, rng: np.r
     for i in range(n):
         m = _affine(full, size, shifts[i], scales[i], angles[i], flips[i])
         view = cv2.warpAffine(crops[i], m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        out[i] = cv2.transform(view, _colour_matrix(sum(cv2.mean(view)[:3]) / 3, brightness[i], contrast[i], saturation[i]))
+        colour = _colour_matrix(sum(cv2.mean(view)[:3]) / 3, brightness[i], contrast[i], saturation[i])
+        out[i] = cv2.transform(view, colour)
 
     for i in np.flatnonzero(rng.random(n) < config.blur):
         out[i] = cv2.GaussianBlur(out[i], (0, 0), float(rng.uniform(*config.blur_sigma)))

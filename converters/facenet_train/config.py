@@ -167,8 +167,10 @@ class Config:
             (self.batch.unlabeled == 0 or loss.distillation > 0,
              "batch.unlabeled > 0 only feeds the distillation loss: set loss.distillation"),
             (loss.harmonic == 0 or bool(self.harmonic.old_model), "loss.harmonic > 0 needs harmonic.old_model"),
-            (t.eval_every == 0 or bool(t.lfw and t.lfw_cache), "train.eval_every > 0 needs train.lfw and train.lfw_cache"),
-            (t.precision in ("float32", "mixed_bfloat16"), f"train.precision {t.precision!r}: float32 or mixed_bfloat16"),
+            (t.eval_every == 0 or bool(t.lfw and t.lfw_cache),
+             "train.eval_every > 0 needs train.lfw and train.lfw_cache"),
+            (t.precision in ("float32", "mixed_bfloat16"),
+             f"train.precision {t.precision!r}: float32 or mixed_bfloat16"),
             (t.steps > 0 and t.checkpoint_every > 0 and t.log_every > 0,
              "train.steps, checkpoint_every and log_every must be > 0"),
         ]
@@ -216,7 +218,8 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         data=dataclasses.replace(config.data, cache=resolve(config.data.cache),
                                  exclude=[resolve(p) for p in config.data.exclude]),
         harmonic=dataclasses.replace(config.harmonic, old_model=resolve(config.harmonic.old_model)),
-        train=dataclasses.replace(config.train, lfw=resolve(config.train.lfw), lfw_cache=resolve(config.train.lfw_cache)),
+        train=dataclasses.replace(config.train, lfw=resolve(config.train.lfw),
+                                  lfw_cache=resolve(config.train.lfw_cache)),
     )
 
 

@@ -117,12 +117,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", dest="target", required=True, type=parse_target, metavar="|".join(TARGETS),
                         help="float32, float16 or int8 (full integer)")
     parser.add_argument("--edgetpu", action="store_true",
-                        help="int8 only: check every op against the Edge TPU's list and run edgetpu_compiler if installed")
+                        help="int8 only: check every op against the Edge TPU's list and run edgetpu_compiler "
+                             "if installed")
     parser.add_argument("--calibration", type=Path,
                         help="aligned faces (a crop cache or a folder of aligned crops): the int8 representative set, "
                              "and the faces the TFLite model is verified on")
     parser.add_argument("--calibration-faces", type=int, default=DEFAULT_CALIBRATION_FACES,
-                        help=f"faces for int8 calibration, spread across identities (default {DEFAULT_CALIBRATION_FACES})")
+                        help="faces for int8 calibration, spread across identities "
+                             f"(default {DEFAULT_CALIBRATION_FACES})")
     parser.add_argument("--verify-faces", type=int, default=DEFAULT_VERIFY_FACES,
                         help=f"other faces to compare Keras and TFLite embeddings on (default {DEFAULT_VERIFY_FACES})")
     parser.add_argument("--lfw", type=Path, help="LFW folder (pairs.txt): 10-fold accuracy and thresholds for the card")
@@ -132,7 +134,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="output .tflite (default: NAME_TARGET.tflite beside the checkpoint)")
     parser.add_argument("--name", help="model name for the card (default: the run folder's or checkpoint's name)")
     parser.add_argument("--version", default="1", help="model version for the card (default 1)")
-    parser.add_argument("--compatibility-group", help="shared by models trained to give comparable embeddings (harmonic)")
+    parser.add_argument("--compatibility-group",
+                        help="shared by models trained to give comparable embeddings (harmonic)")
     parser.add_argument("--training-data", help="datasets the model was trained on, comma-separated keys of "
                                                 "`datasets.py` or names (default: from the run folder's config.json)")
     parser.add_argument("--flip-test", action="store_true",
@@ -246,7 +249,8 @@ def _run(args: argparse.Namespace) -> int:
         try:
             result = verify.verify_model(
                 out, card, keras_model, verification, lfw=args.lfw, lfw_cache=lfw_cache,
-                converter=(lambda: make_converter(model, "int8", calibration_inputs)) if args.target == "int8" else None,
+                converter=(lambda: make_converter(model, "int8", calibration_inputs))
+                if args.target == "int8" else None,
             )  # fmt: skip
         except (ValueError, FileNotFoundError) as exc:  # an unusable LFW folder or cache
             raise ConversionError(f"verification of {out}: {exc}") from None
@@ -277,7 +281,8 @@ def _run(args: argparse.Namespace) -> int:
         print("\n".join(check.lines()))
         compiled = edgetpu.compile_model(out)
         print(compiled.message)
-        card = replace(card, extra={**card.extra, "edgetpu_check": check.to_dict(), "edgetpu_compiler": compiled.to_dict()})
+        card = replace(card, extra={**card.extra, "edgetpu_check": check.to_dict(),
+                                    "edgetpu_compiler": compiled.to_dict()})
 
     tflite, card = save_model(out, tflite, card, args.embed_card)
     verify.save_report(result, verify.report_path_for(out))

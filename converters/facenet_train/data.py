@@ -194,7 +194,8 @@ class CacheManifest:
     def load(cls, cache_dir: str | Path) -> CacheManifest:
         path = Path(cache_dir) / MANIFEST_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"no crop cache at {cache_dir} (missing {MANIFEST_NAME}); run `facenet-train preprocess`")
+            raise FileNotFoundError(
+                f"no crop cache at {cache_dir} (missing {MANIFEST_NAME}); run `facenet-train preprocess`")
         data = json.loads(path.read_text())
         if data.get("version") != CACHE_VERSION:
             raise ValueError(f"{path}: cache version {data.get('version')}, this code reads {CACHE_VERSION}")

@@ -113,10 +113,12 @@ class EdgeFaceTeacher:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", type=Path, help="edgeface_xs_q.pt (github:yayoimizuha/face_recognition_train, checkpoints/)")
+    parser.add_argument("checkpoint", type=Path,
+                        help="edgeface_xs_q.pt (github:yayoimizuha/face_recognition_train, checkpoints/)")
     parser.add_argument("--out", required=True, type=Path, help="the ONNX file to write")
     parser.add_argument("--lfw", type=Path, help="LFW folder: score the export on LFW's pairs (reproduce its figure)")
-    parser.add_argument("--lfw-cache", type=Path, help="`facenet-train preprocess-lfw` output (96 px crops), with --lfw")
+    parser.add_argument("--lfw-cache", type=Path,
+                        help="`facenet-train preprocess-lfw` output (96 px crops), with --lfw")
 
 
 def run(args: argparse.Namespace) -> int:

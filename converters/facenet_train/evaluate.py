@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         cache = args.aligned_cache
         if cache is None:
             cache = Path(scratch)
-            build_lfw_cache(args.lfw, cache, CropOptions(crop_size=height, detector=args.detector), workers=args.workers)
+            options = CropOptions(crop_size=height, detector=args.detector)
+            build_lfw_cache(args.lfw, cache, options, workers=args.workers)
         pairs = LfwCropPairs.load(args.lfw, cache, height)
         distances = pairs.distances(embed)
         result = evaluate_distances(distances, pairs.issame)

@@ -117,9 +117,8 @@ class LfwCropPairs:
             for path, out in zip(pair.paths(lfw.root), (first, second), strict=True):
                 key = "/".join(path.parts[-2:])
                 if key not in where:
-                    raise ValueError(
-                        f"{key} is not in the LFW crop cache {lfw_cache}; rebuild it with `facenet-train preprocess-lfw`"
-                    )
+                    raise ValueError(f"{key} is not in the LFW crop cache {lfw_cache}; "
+                                     "rebuild it with `facenet-train preprocess-lfw`")
                 out.append(used.setdefault(where[key], len(used)))
         crops = centre_crop(cache.crops[list(used)], size)
         return cls(crops, np.array(first), np.array(second), lfw.issame)
@@ -140,8 +139,8 @@ class LfwFaces:
     """Our detector's face in each LFW image, found once per run, with the protocol of
     ``facenet-train preprocess-lfw`` (``facenet_train.preprocess.crop_face``): the most
     subject covering the image centre (else the largest, most central face), retries on
-    black-padded copies, a centred box when nothing is found, so every pair is scored. ``outcome``: 0 found, > 0 found after padding by
-    that many pixels, -1 centre box."""
+    black-padded copies, a centred box when nothing is found, so every pair is scored.
+    ``outcome``: 0 found, > 0 found after padding by that many pixels, -1 centre box."""
 
     def __init__(self, detector: str, threads: int | None = None) -> None:
         self.name = detector

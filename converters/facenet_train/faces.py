@@ -67,7 +67,8 @@ def _fit(crop: np.ndarray, size: tuple[int, int], where: str) -> np.ndarray:
     if crop.shape[:2] == (height, width):
         return crop
     if crop.shape[0] - height != crop.shape[1] - width:
-        raise ValueError(f"{where}: {crop.shape[1]}x{crop.shape[0]} is not an aligned {width}x{height} crop (plus a border)")
+        raise ValueError(
+            f"{where}: {crop.shape[1]}x{crop.shape[0]} is not an aligned {width}x{height} crop (plus a border)")
     return centre_crop(crop[None], height)[0]
 
 
@@ -76,7 +77,8 @@ def _cache_faces(cache_dir: Path, size: tuple[int, int], count: int, seed: int) 
     if not manifest.complete:
         raise ValueError(f"crop cache {cache_dir} is incomplete; finish `facenet-train preprocess` first")
     if manifest.crop_size != size[0] or size[0] != size[1]:
-        raise ValueError(f"crop cache {cache_dir} holds {manifest.crop_size}px crops; the model takes {size[1]}x{size[0]}")
+        raise ValueError(
+            f"crop cache {cache_dir} holds {manifest.crop_size}px crops; the model takes {size[1]}x{size[0]}")
     identities, where = [], []
     for shard in manifest.shards:
         with np.load(cache_dir / shard) as arrays:  # npz members load lazily: identities only

@@ -187,7 +187,8 @@ def failure_sheet(
     cell = np.full((size + label_h, 2 * size, 3), 255, np.uint8)
     rows = max(1, *(len(c) for c in columns))
     sheet = np.full((label_h + rows * (size + label_h), 4 * size + gap, 3), 255, np.uint8)
-    for col, (title, pairs) in enumerate(zip(("false rejects (same person)", "false accepts (different people)"), columns)):
+    titles = ("false rejects (same person)", "false accepts (different people)")
+    for col, (title, pairs) in enumerate(zip(titles, columns)):
         x0 = col * (2 * size + gap)
         cv2.putText(sheet, title, (x0 + 2, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
         for row, pair in enumerate(pairs):

@@ -128,7 +128,8 @@ def write_card_entry(model: Path, key: str, entry: dict) -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="the .tflite whose card (beside it) gets the entry")
     parser.add_argument("--lfw", type=Path, required=True, help="LFW folder (one folder of images per person)")
-    parser.add_argument("--cache", type=Path, default=Path("/tmp/openset"), help="embedding cache (default: /tmp/openset)")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/openset"),
+                        help="embedding cache (default: /tmp/openset)")
     parser.add_argument("--detector", default=DEFAULT_DETECTOR, help=f"detector backend (default: {DEFAULT_DETECTOR})")
 
 

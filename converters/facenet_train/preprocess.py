@@ -229,7 +229,8 @@ def finish(out: Path, manifest: CacheManifest) -> None:
                 for source, pad in zip(shard["sources"], shard["pads"]):
                     counts[str(source)]["faces"] += 1
                     counts[str(source)]["padded" if pad > 0 else "fallback" if pad < 0 else "direct"] += 1
-                for path, reason, source in zip(shard["failed_paths"], shard["failed_reasons"], shard["failed_sources"]):
+                failed = zip(shard["failed_paths"], shard["failed_reasons"], shard["failed_sources"])
+                for path, reason, source in failed:
                     counts[str(source)]["failed"] += 1
                     failures.write(f"{source}\t{path}\t{reason}\n")
     manifest.sources = {s: dict(c) for s, c in sorted(counts.items())}
@@ -265,7 +266,8 @@ def print_summary(manifest: CacheManifest, out: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="dataset keys, comma-separated (folders under --datasets-dir)")
-    parser.add_argument("--datasets-dir", required=True, type=Path, help="folder holding one sub-folder per dataset key")
+    parser.add_argument("--datasets-dir", required=True, type=Path,
+                        help="folder holding one sub-folder per dataset key")
     parser.add_argument("--out", required=True, type=Path, help="cache folder (created; resumed when it exists)")
     _add_crop_arguments(parser)
     parser.add_argument("--exclude", action="append", default=[], type=Path, metavar="FILE",

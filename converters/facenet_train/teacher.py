@@ -171,7 +171,8 @@ def _save(path: Path, rows: list[np.ndarray]) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", required=True, type=Path, help="a `facenet-train preprocess` folder")
-    parser.add_argument("--teacher", choices=list(TEACHERS), default="edgeface", help="which teacher (default edgeface)")
+    parser.add_argument("--teacher", choices=list(TEACHERS), default="edgeface",
+                        help="which teacher (default edgeface)")
     parser.add_argument("--onnx", type=Path, help="with --teacher edgeface: the `facenet-train teacher-export` file")
     parser.add_argument("--workers", type=int, default=2, help="processes for dlib, threads for edgeface (default 2)")
 

@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     cache = data.load_cache(args.cache, with_teacher=True, max_shards=args.shards)
     described = np.flatnonzero(np.isfinite(cache.teacher).all(axis=1))
     if len(described) < args.faces:
-        raise ValueError(f"{args.cache} has {len(described)} faces with teacher descriptors; --faces asks for {args.faces}")
+        raise ValueError(
+            f"{args.cache} has {len(described)} faces with teacher descriptors; --faces asks for {args.faces}")
     chosen = np.random.default_rng(args.seed).choice(described, args.faces, replace=False)
     model = load_keras_model(args.checkpoint)
     dense = model.get_layer("embedding_dense")
@@ -73,5 +74,6 @@ def run(args: argparse.Namespace) -> int:
                     * targets / np.linalg.norm(targets, axis=1, keepdims=True), axis=1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     model.save_weights(args.out)
-    print(f"head fitted on {args.faces} faces: mean cosine to the centred teacher {cosine.mean():.3f}; wrote {args.out}")
+    print(f"head fitted on {args.faces} faces: mean cosine to the centred teacher {cosine.mean():.3f}; "
+          f"wrote {args.out}")
     return 0

@@ -223,11 +223,12 @@ class Trainer:
         spec = MODELS[config.model.name].input_shape
         size = cache.manifest.crop_size
         if spec[0] != size or spec[1] != size:
-            raise ConfigError(f"model {config.model.name} takes {spec[1]}x{spec[0]} crops, the cache holds {size}px crops; "
+            raise ConfigError(f"model {config.model.name} takes {spec[1]}x{spec[0]} crops, "
+                              f"the cache holds {size}px crops; "
                               f"preprocess with --crop-size {spec[0]}")
         b = config.batch
-        sampler = data.PKSampler(cache.labels, data.SamplerConfig(b.p, b.k, b.unlabeled, b.identity_power, config.train.seed),
-                                 replicas=replicas)
+        sampling = data.SamplerConfig(b.p, b.k, b.unlabeled, b.identity_power, config.train.seed)
+        sampler = data.PKSampler(cache.labels, sampling, replicas=replicas)
         teacher_dim = cache.teacher.shape[1] if config.loss.distillation else 0
         if teacher_dim and teacher_dim != config.model.embedding_size:
             raise ConfigError(f"the teacher's descriptors are {teacher_dim}-d; "
@@ -287,7 +288,8 @@ class Trainer:
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
         # Every replica receives the whole batch and takes its own row: rows hold whole identities.
         mine = {k: tf.gather(v, replica) for k, v in batch.items()}
-        gradients, metrics = self._losses_fn(mine["images"], mine["labels"], mine.get("teacher"), mine.get("has_teacher"))
+        gradients, metrics = self._losses_fn(mine["images"], mine["labels"], mine.get("teacher"),
+                                             mine.get("has_teacher"))
         self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
         return metrics
 
@@ -332,7 +334,8 @@ class Trainer:
                 if evaluate and cfg.eval_every and step % cfg.eval_every == 0:
                     scores = evaluate(self.model)
                     write_scalars(writer, step, scores, "lfw/")
-                    bar.write(f"step {step}: LFW accuracy {scores['accuracy_mean']:.4f}, VAL@FAR1e-3 {scores['val_mean']:.4f}")
+                    bar.write(f"step {step}: LFW accuracy {scores['accuracy_mean']:.4f}, "
+                              f"VAL@FAR1e-3 {scores['val_mean']:.4f}")
         except KeyboardInterrupt:
             bar.write(f"interrupted: checkpoint at step {int(self.step.numpy())}; continue with --resume")
             self.save_checkpoint()

@@ -143,7 +143,8 @@ def layer_errors(converter, inputs: np.ndarray, count: int = WORST_LAYERS) -> li
         scale = float(row["scale"])
         if scale > 0:
             rmse = float(np.sqrt(float(row["mean_squared_error"])))
-            rows.append(LayerError(row["op_name"], row["tensor_name"], rmse / scale, float(row["max_abs_error"]), scale))
+            error = LayerError(row["op_name"], row["tensor_name"], rmse / scale, float(row["max_abs_error"]), scale)
+            rows.append(error)
     return sorted(rows, key=lambda r: r.rmse_over_scale, reverse=True)[:count]
 
 
@@ -199,7 +200,8 @@ def format_report(report: VerifyReport) -> str:
         k, t = report.lfw.keras, report.lfw.tflite
         lines.append(
             f"  LFW 10-fold accuracy ({report.lfw.pairs} pairs): Keras {100 * k['accuracy_mean']:.2f} "
-            f"+- {100 * k['accuracy_std']:.2f} %, TFLite {100 * t['accuracy_mean']:.2f} +- {100 * t['accuracy_std']:.2f} % "
+            f"+- {100 * k['accuracy_std']:.2f} %, "
+            f"TFLite {100 * t['accuracy_mean']:.2f} +- {100 * t['accuracy_std']:.2f} % "
             f"(drop {report.lfw.drop_points:.2f} points); VAL@FAR={t['far_target']:g}: Keras "
             f"{100 * k['val_mean']:.1f} %, TFLite {100 * t['val_mean']:.1f} %"
         )

@@ -95,7 +95,8 @@ class ImpostorDistribution:
         return max(0.0, self.distances[0] - slope * (logs[0] - x)), True
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rates": list(self.rates), "distances": list(self.distances), "pairs": self.pairs, "source": self.source}
+        return {"rates": list(self.rates), "distances": list(self.distances), "pairs": self.pairs,
+                "source": self.source}
 
     @classmethod
     def from_dict(cls, data: object) -> ImpostorDistribution:
