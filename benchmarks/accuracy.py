@@ -40,7 +40,7 @@ from common import (
     write_json,
 )
 
-from facenet_edge.bench import name_list
+from facenet_edge.arguments import name_list
 from facenet_edge.detect import DETECTORS
 from facenet_edge.embed import Embedder
 from facenet_edge.errors import FacenetEdgeError

@@ -1,10 +1,12 @@
 """What the benchmark scripts share.
 
 The general helpers (machine info, percentiles, Markdown tables, JSON output, targets,
-synthetic galleries, test frames, the ``--model/--out/--quick`` arguments) live in
+a synthetic gallery, test frames, the ``--model/--out/--quick`` arguments) live in
 ``facenet_edge.bench``, because ``facenet-edge bench`` ships in the wheel and needs them on
 a Raspberry Pi; they are re-exported here so every script imports from one place. What
-only the scripts need is defined here: which models to compare. LFW through the runtime
+only a source checkout has is defined here: the machine info with the checkout's commit,
+LFW beside the repository (``SHARED_LFW``), synthetic int8 embeddings, running a script,
+and which models to compare. LFW through the runtime
 path (pairs, our detector's face per image, embeddings cached per model and detector,
 10-fold scores within one model or across two) lives in ``facenet_train.evaluation``,
 shared with ``facenet-train evaluate --runtime-path``, and is re-exported here.
@@ -13,10 +15,15 @@ shared with ``facenet-train evaluate --runtime-path``, and is re-exported here.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+from facenet_edge import bench
 from facenet_edge.bench import (
     DEFAULT_OUT,
     MB,
@@ -25,23 +32,21 @@ from facenet_edge.bench import (
     Target,
     add_common_arguments,
     bulk_enroll,
-    default_lfw,
     face_images,
     fmt,
-    machine_info,
-    machine_line,
     markdown_table,
+    random_unit_vectors,
     report,
     resolve_model,
     rss_bytes,
-    run_script,
-    synthetic_embeddings,
     targets_table,
     time_calls,
     write_json,
 )
 from facenet_edge.card import ModelCard, card_path_for
 from facenet_edge.embed import Embedder
+from facenet_edge.errors import FacenetEdgeError
+from facenet_edge.gallery import quantize
 from facenet_edge.interpreter import load_interpreter, uses_edgetpu
 from facenet_train.conversion import TARGETS
 from facenet_train.evaluation import (
@@ -89,7 +94,14 @@ __all__ = [
     "lfw_result",
     "lfw_cross_result",
     "add_lfw_arguments",
+    "git_commit",
+    "lfw_photos",
 ]
+
+# The repository: these scripts run from its checkout.
+ROOT = Path(__file__).resolve().parents[1]
+# Where the project keeps LFW, relative to the repository root.
+SHARED_LFW = Path("../shared/data/lfw")
 
 
 def face_outcomes(outcomes) -> dict[str, int]:
@@ -100,6 +112,72 @@ def face_outcomes(outcomes) -> dict[str, int]:
         "found_after_padding": int((outcomes > 0).sum()),
         "centre_box": int((outcomes < 0).sum()),
     }
+
+
+# --------------------------------------------------------------------------- the checkout
+
+
+def git_commit() -> str | None:
+    """HEAD of the checkout, with ``+dirty`` when tracked files differ from it (None
+    without git, or outside a git checkout)."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        status = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+
+
+def machine_info(threads: Sequence[int] | None = None) -> dict[str, Any]:
+    """``facenet_edge.bench.machine_info`` with the checkout's commit (``git_commit``)."""
+    return {**bench.machine_info(threads), "git_commit": git_commit()}
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    """``facenet_edge.bench.machine_line``, then the commit when there is one."""
+    commit = machine.get("git_commit")
+    suffix = f" (commit {commit[:12]}{'+dirty' if commit.endswith('+dirty') else ''})" if commit else ""
+    return bench.machine_line(machine) + suffix
+
+
+def default_lfw() -> Path | None:
+    """``../shared/data/lfw`` beside the checkout, when it exists."""
+    path = (ROOT / SHARED_LFW).resolve()
+    return path if (path / "pairs.txt").is_file() else None
+
+
+def lfw_photos(lfw: Path | None) -> Iterator[tuple[str, Path]]:
+    """(name, path) of the first photo of each LFW person, in name order (none without LFW)."""
+    if lfw is None:
+        return
+    for person in sorted(p for p in lfw.iterdir() if p.is_dir()):
+        first = person / f"{person.name}_0001.jpg"
+        if first.is_file():
+            yield f"lfw/{person.name}", first
+
+
+def synthetic_embeddings(count: int, rng: np.random.Generator, size: int = 128) -> np.ndarray:
+    """(count, size) int8 rows: random unit vectors quantized exactly as the gallery stores them."""
+    return quantize(random_unit_vectors(count, size, rng))
+
+
+def run_script(
+    parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int], argv: Sequence[str] | None
+) -> int:
+    """Parse, run, and report a user-fixable error (no model, unreadable image) as one line."""
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except FacenetEdgeError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
 
 # --------------------------------------------------------------------------- models
 

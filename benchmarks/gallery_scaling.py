@@ -47,7 +47,7 @@ from common import (
 )
 
 from facenet_edge import search
-from facenet_edge.bench import int_list
+from facenet_edge.arguments import int_list
 from facenet_edge.card import ModelIdentity
 from facenet_edge.embed import Embedder
 from facenet_edge.gallery import Gallery

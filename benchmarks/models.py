@@ -38,7 +38,7 @@ from common import (
     write_json,
 )
 
-from facenet_edge.bench import name_list
+from facenet_edge.arguments import name_list
 from facenet_edge.errors import ModelError
 from facenet_train.conversion import TARGETS
 

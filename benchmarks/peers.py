@@ -46,6 +46,7 @@ from common import (
     fmt,
     lfw_cross_result,
     lfw_embeddings,
+    lfw_photos,
     lfw_result,
     load_lfw,
     machine_info,
@@ -299,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
     print(machine_line(machine))
     cv2.setNumThreads(args.threads)  # OpenCV (our aligner) at the same thread count
     with create_detector(args.detector, num_threads=args.threads) as detector:
-        faces = face_images(count, detector, args.image, args.lfw)
+        faces = face_images(count, detector, args.image, lfw_photos(args.lfw))
     rows = measure_latency(models, peer, faces, args.threads, runs)
     use_lfw = args.lfw is not None and (args.lfw / "pairs.txt").is_file() and not args.no_lfw
     accuracy = lfw_accuracy(models, peer, args) if use_lfw else []

@@ -51,7 +51,7 @@ from common import (
 )
 
 from facenet_edge.align import FILLS, alignment_matrix
-from facenet_edge.bench import name_list
+from facenet_edge.arguments import name_list
 from facenet_edge.detect import DEFAULT_DETECTOR, Detection
 from facenet_edge.embed import Embedder, l2_normalize
 from facenet_edge.errors import FacenetEdgeError

@@ -29,6 +29,8 @@ DEFERRED = {
     ("facenet_edge", "importlib.metadata"),
     # Capture set-up only when `facenet-edge stream` runs.
     ("facenet_edge.cli", "facenet_edge.camera"),
+    # The benchmark harness only when `facenet-edge bench` runs.
+    ("facenet_edge.cli", "facenet_edge.bench"),
 }
 
 

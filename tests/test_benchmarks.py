@@ -21,12 +21,14 @@ import pytest
 
 from facenet_edge import bench
 from facenet_edge import embed as embed_module
+from facenet_edge.cli import ExitCode
 from facenet_edge.cli import main as cli_main
 from facenet_edge.detect import create_detector
 from facenet_edge.io import read_image
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-LFW = bench.default_lfw()
+SHARED_LFW = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw"  # common.SHARED_LFW
+LFW = SHARED_LFW if (SHARED_LFW / "pairs.txt").is_file() else None
 NO_LFW = "LFW not found at ../shared/data/lfw (beside the repository)"
 MACHINE_KEYS = {"cpu", "cores", "python", "libraries", "threads", "git_commit", "load_average", "tflite_runtime"}
 TARGET_KEYS = {"name", "limit", "unit", "measured", "met", "ratio", "status"}
@@ -87,18 +89,21 @@ def test_targets_and_table():
     assert len(table) == 5 and "NOT MET" in table[3] and "not measured (not run)" in table[4]
 
 
-def test_machine_line_names_the_package_not_a_missing_checkout():
-    machine = bench.machine_info((1,))
-    line = bench.machine_line({**machine, "git_commit": None})  # an installed wheel: no checkout
+def test_machine_line_names_the_package_not_a_missing_checkout(common):
+    machine = bench.machine_info((1,))  # an installed wheel: no checkout
+    line = bench.machine_line(machine)
     assert f"facenet-edge {machine['libraries']['facenet-edge']}" in line and "commit" not in line
-    line = bench.machine_line({**machine, "git_commit": "0123456789abcdef+dirty"})
+    assert "git_commit" not in machine
+    assert common.machine_info((1,)).keys() == {*machine, "git_commit"}
+    line = common.machine_line({**machine, "git_commit": "0123456789abcdef+dirty"})
     assert line.endswith("(commit 0123456789ab+dirty)")
+    assert common.machine_line({**machine, "git_commit": None}) == bench.machine_line(machine)
 
 
 def test_frames_hold_the_faces():
     # The shipped photo: no flags, no scikit-image, no LFW needed.
     with create_detector("haar") as detector:
-        faces = bench.face_images(1, detector, lfw=None)
+        faces = bench.face_images(1, detector)
         assert faces[0].source == "astronaut"
         for count in (1, 5):
             frame = bench.compose_frame(faces, count)
@@ -185,24 +190,31 @@ def test_latency(tiny_model, tmp_path):
 
 def test_bench_command_is_registered(capsys):
     assert cli_main(["bench", "--help"]) == 0
-    assert "--quick" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--quick" in out and "--lfw" not in out  # LFW beside a checkout is benchmarks/latency.py's
+    assert cli_main(["bench", "--lfw", "x"]) == ExitCode.USAGE
+
+
+def test_bench_module_loads_only_when_bench_runs():
+    code = "import sys, facenet_edge.cli; print('facenet_edge.bench' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr
 
 
 def test_bench_json_prints_the_report(tiny_model, tmp_path, capsys):
     args = ["bench", "--quick", "--json", "--model", str(tiny_model.int8), "--out", str(tmp_path)]
-    args += ["--lfw", str(tmp_path)]
     assert cli_main(args) == 0
     out = capsys.readouterr().out
     (line,) = out.splitlines()  # one JSON object, no tables
     report = json.loads(line)
     assert report == json.loads((tmp_path / "latency.json").read_text())
-    assert report["results"]["faces"] == ["astronaut"]  # the shipped photo; the empty --lfw adds none
+    assert report["results"]["faces"] == ["astronaut"]  # the shipped photo: a device has no LFW
 
 
 def test_bench_without_a_model_says_pass_model(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(embed_module, "MODELS_DIR", tmp_path)
     monkeypatch.setattr(embed_module, "DEFAULT_MODEL_POINTER", tmp_path / "default.txt")
-    assert bench.main(["--quick", "--out", str(tmp_path)]) == 1
+    assert cli_main(["bench", "--quick", "--out", str(tmp_path)]) == ExitCode.MODEL
     assert "pass --model" in capsys.readouterr().err
     assert not (tmp_path / "latency.json").exists()
 

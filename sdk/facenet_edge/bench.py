@@ -1,11 +1,12 @@
 """``facenet-edge bench``: latency per stage, cold start, pipeline FPS and memory, on this machine.
 
-This is also ``benchmarks/latency.py``. It ships in the wheel so a Raspberry Pi user can run
-it after ``pip install .``: it needs only the runtime's dependencies, plus psutil if
-installed (else RSS is read from ``/proc/self/statm``); its face photo ships in the wheel
-(``BENCH_PHOTO``). The helpers every benchmark script shares live here too (machine info,
-percentiles, Markdown tables, JSON output, targets, synthetic galleries, test frames);
-``benchmarks/common.py`` re-exports them.
+It ships in the wheel so a Raspberry Pi user can run it after ``pip install .``: it needs
+only the runtime's dependencies, plus psutil if installed (else RSS is read from
+``/proc/self/statm``); its face photo ships in the wheel (``BENCH_PHOTO``). What it
+measures with (machine info, percentiles, Markdown tables, JSON output, targets, a
+synthetic gallery, test frames) is here too, and ``benchmarks/common.py`` re-exports it for
+the benchmark scripts; what only a source checkout has (its commit, LFW beside it) is
+``benchmarks/``'s. ``benchmarks/latency.py`` runs this benchmark with those added.
 
 Measured (docs/benchmarks.md):
 
@@ -31,7 +32,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -43,11 +44,12 @@ import cv2
 import numpy as np
 
 from .align import align
+from .arguments import int_list, name_list, positive_int
 from .card import ModelIdentity
 from .detect import DEFAULT_DETECTOR, DETECTORS, Detection, Detector, create_detector
 from .embed import Embedder, default_model_path
 from .errors import FacenetEdgeError, ModelError
-from .gallery import Gallery, quantize
+from .gallery import Gallery
 from .interpreter import EDGETPU_SUFFIX, uses_edgetpu
 from .io import read_image
 from .pipeline import FacePipeline
@@ -55,8 +57,6 @@ from .pipeline import FacePipeline
 DEFAULT_OUT = Path("runs/benchmarks")
 # A public-domain face photo shipped as package data, so the benchmark runs with no flags on a device.
 BENCH_PHOTO = Path(__file__).resolve().parent / "data" / "astronaut.jpg"
-# Where the project keeps LFW, relative to the repository root (a source checkout only).
-SHARED_LFW = Path("../shared/data/lfw")
 LIBRARIES = (
     "facenet-edge",
     "numpy",
@@ -117,32 +117,6 @@ def tflite_runtime_module() -> str | None:
     return None
 
 
-def repo_root() -> Path | None:
-    """The source checkout this module lives in (an editable install), else None."""
-    root = Path(__file__).resolve().parents[2]
-    return root if (root / "pyproject.toml").is_file() and (root / "sdk" / "facenet_edge").is_dir() else None
-
-
-def git_commit() -> str | None:
-    """HEAD of the checkout, with ``+dirty`` when tracked files differ from it."""
-    root = repo_root()
-    if root is None:
-        return None
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        status = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if head.returncode != 0:
-        return None
-    return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
-
-
 def memory_total_mb() -> float | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -168,7 +142,6 @@ def machine_info(threads: Sequence[int] | None = None) -> dict[str, Any]:
         "libraries": library_versions(),
         "tflite_runtime": tflite_runtime_module(),
         "threads": list(threads) if threads is not None else None,
-        "git_commit": git_commit(),
         "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -177,11 +150,8 @@ def machine_line(machine: dict[str, Any]) -> str:
     """One line summarising ``machine_info`` above the tables."""
     libraries, runtime = machine["libraries"], machine["tflite_runtime"]
     runtime_version = libraries.get(runtime.replace("_", "-")) if runtime else None
-    commit = machine["git_commit"]
-    # A device runs an installed wheel: its version says what ran; a checkout adds its commit.
+    # A device runs an installed wheel: its version says what ran.
     source = f"facenet-edge {libraries.get('facenet-edge', '?')}"
-    if commit:
-        source += f" (commit {commit[:12]}{'+dirty' if commit.endswith('+dirty') else ''})"
     return (
         f"machine: {machine['cpu']} ({machine['architecture']}), {machine['cores_available']} of "
         f"{machine['cores']} cores, load {' '.join(map(str, machine['load_average']))}, "
@@ -362,65 +332,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, several_models: bool =
     )
 
 
-def positive_int(text: str) -> int:
-    """An argument that must be an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def int_list(text: str) -> tuple[int, ...]:
-    """``"1,2,4"`` -> (1, 2, 4), every value at least 1."""
-    try:
-        values = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,4, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"values must be at least 1, got {text!r}")
-    return values
-
-
-def name_list(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
-    """Parser of a comma-separated subset of ``choices``."""
-
-    def parse(text: str) -> tuple[str, ...]:
-        names = tuple(part.strip() for part in text.split(",") if part.strip())
-        unknown = [n for n in names if n not in choices]
-        if unknown or not names:
-            raise argparse.ArgumentTypeError(f"choose from {','.join(choices)}; got {text!r}")
-        return names
-
-    return parse
-
-
 def resolve_model(path: Path | None) -> Path:
     """``--model``, else the shipped model; ModelError ("... pass --model PATH") when none ships."""
     return path if path is not None else default_model_path()
-
-
-def default_lfw() -> Path | None:
-    """``../shared/data/lfw`` beside the source checkout, when there is one and it exists."""
-    root = repo_root()
-    if root is None:
-        return None
-    path = (root / SHARED_LFW).resolve()
-    return path if (path / "pairs.txt").is_file() else None
-
-
-def run_script(
-    parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int], argv: Sequence[str] | None
-) -> int:
-    """Parse, run, and report a user-fixable error (no model, unreadable image) as one line."""
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except FacenetEdgeError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 1
 
 
 # --------------------------------------------------------------------------- synthetic gallery
@@ -431,11 +345,6 @@ def random_unit_vectors(count: int, size: int, rng: np.random.Generator) -> np.n
     vectors = rng.standard_normal((count, size), dtype=np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     return vectors
-
-
-def synthetic_embeddings(count: int, rng: np.random.Generator, size: int = 128) -> np.ndarray:
-    """(count, size) int8 rows: random unit vectors quantized exactly as the gallery stores them."""
-    return quantize(random_unit_vectors(count, size, rng))
 
 
 def bulk_enroll(
@@ -473,25 +382,25 @@ class FaceImage:
     source: str
 
 
-def _photo_candidates(images: Sequence[Path], lfw: Path | None) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+def _photo_candidates(
+    images: Sequence[Path], more: Iterable[tuple[str, Path]]
+) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
     """(name, loader) of face photos in order of preference: ``--image`` files, the
-    shipped astronaut photo, then the first photo of each LFW person."""
+    shipped astronaut photo, then ``more`` (name, path), read only when needed."""
     for path in images:
         yield str(path), lambda path=path: read_image(path)
     yield "astronaut", lambda: read_image(BENCH_PHOTO)
-    if lfw is not None:
-        for person in sorted(p for p in lfw.iterdir() if p.is_dir()):
-            first = person / f"{person.name}_0001.jpg"
-            if first.is_file():
-                yield f"lfw/{person.name}", lambda first=first: read_image(first)
+    for name, path in more:
+        yield name, lambda path=path: read_image(path)
 
 
 def face_images(
-    count: int, detector: Detector, images: Sequence[Path] = (), lfw: Path | None = None
+    count: int, detector: Detector, images: Sequence[Path] = (), more: Iterable[tuple[str, Path]] = ()
 ) -> list[FaceImage]:
-    """Up to ``count`` photos in which ``detector`` finds a face (photos without one are skipped)."""
+    """Up to ``count`` photos in which ``detector`` finds a face (photos without one are
+    skipped): ``images``, the shipped photo, then ``more``."""
     found: list[FaceImage] = []
-    for source, load in _photo_candidates(images, lfw):
+    for source, load in _photo_candidates(images, more):
         if len(found) == count:
             break
         image = load()
@@ -874,15 +783,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="PATH",
-        help="face photo(s) to build the test frames from (default: the astronaut photo shipped in the "
-        "package, then LFW's when --lfw is found)",
-    )
-    parser.add_argument(
-        "--lfw",
-        type=Path,
-        default=default_lfw(),
-        metavar="DIR",
-        help="LFW folder: more faces for the five-face frame (default: ../shared/data/lfw of a checkout)",
+        help="face photo(s) to build the test frames from (default: the astronaut photo shipped in the package)",
     )
     parser.add_argument(
         "--delegate",
@@ -912,8 +813,15 @@ def _config(args: argparse.Namespace) -> LatencyConfig:
     return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
 
 
-def run(args: argparse.Namespace) -> int:
-    """The latency benchmark: prints Markdown tables, writes ``latency.json`` to ``--out``."""
+def run(
+    args: argparse.Namespace,
+    describe: Callable[[Sequence[int]], dict[str, Any]] = machine_info,
+    more_photos: Iterable[tuple[str, Path]] = (),
+) -> int:
+    """The latency benchmark: prints Markdown tables, writes ``latency.json`` to ``--out``.
+    ``describe``: what the report says about the machine (benchmarks/ add the checkout's
+    commit); ``more_photos``: (name, path) of faces to try after ``--image`` and the
+    shipped photo, for the five-face frame."""
     config = _config(args)
     model = resolve_model(args.model)
     if args.delegate == "edgetpu" and not model.name.endswith(EDGETPU_SUFFIX):
@@ -921,11 +829,11 @@ def run(args: argparse.Namespace) -> int:
         # silently run on the CPU in the pipeline part.
         raise ModelError(f"--delegate edgetpu needs the edgetpu_compiler output (*{EDGETPU_SUFFIX}), got {model}")
     edgetpu = uses_edgetpu(model, args.delegate)
-    machine = machine_info(config.threads)
+    machine = describe(config.threads)
     with Embedder.from_path(model, delegate=args.delegate) as embedder:
         card, identity = embedder.card, embedder.identity
     with create_detector(DEFAULT_DETECTOR) as detector:
-        faces = face_images(5, detector, args.image, args.lfw)
+        faces = face_images(5, detector, args.image, more_photos)
     model_line = (
         f"model: {card.name} {card.version} ({model}), input {card.input_width}x{card.input_height}, "
         f"{model.stat().st_size / MB:.2f} MB{', Edge TPU' if edgetpu else ''}; "
@@ -977,9 +885,3 @@ def run(args: argparse.Namespace) -> int:
         print_latency(stages, pipeline, cold, memory, targets)
         print(f"\nwrote {path}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="latency", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run_script(parser, run, argv)
