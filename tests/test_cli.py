@@ -31,6 +31,7 @@ from facenet_edge import embed as embed_module
 from facenet_edge.card import ModelCard
 from facenet_edge.cli import ExitCode, build_parser, main
 from facenet_edge.embed import Embedder
+from facenet_edge.fpir import ImpostorDistribution, card_distribution, threshold_for_fpir
 from facenet_edge.gallery import Gallery
 
 NAME = "astronaut"
@@ -149,7 +150,11 @@ def test_enroll_adds_samples(gallery, model, images, capsys):
     capsys.readouterr()
     argv = ["enroll", "--gallery", gallery, "--name", NAME, "--model", model]
     assert main([*argv, "--json", images["flipped"], images["astronaut"]]) == 0
-    assert json.loads(capsys.readouterr().out) == {
+    enrolment = json.loads(capsys.readouterr().out)
+    # How far apart the person's samples are, against the threshold (the same photo: close).
+    samples = enrolment.pop("consistency")
+    assert (samples["name"], samples["samples"]) == (NAME, 3) and samples["largest"] < samples["threshold"]
+    assert enrolment == {
         "gallery": gallery,
         "name": NAME,
         "added": 2,
@@ -530,3 +535,66 @@ def test_console_script_stream_without_a_camera(gallery, model):
     assert run.returncode == ExitCode.IMAGE
     (line,) = _our_stderr(run.stderr)
     assert line.startswith("facenet-edge: error: ")
+
+
+# ---------------------------------------------------------------- open-set thresholds, tracking, enrolment quality
+
+
+def test_enroll_refuses_a_poor_photo_with_the_reason(tmp_path, model, astronaut, capsys):
+    blurred = _save_png(tmp_path / "blurred.png", cv2.GaussianBlur(astronaut, (0, 0), 6))
+    argv = ["enroll", "--gallery", str(tmp_path / "g.db"), "--name", "Ada", "--model", model, blurred]
+    assert main(argv) == ExitCode.IMAGE
+    assert "too blurry" in capsys.readouterr().err and not (tmp_path / "g.db").exists()
+    assert main([*argv, "--any-photo"]) == 0
+
+
+@pytest.fixture
+def calibrated(tmp_path, model) -> str:
+    """The tiny model with an impostor distribution in its card (log-linear: 1.25 at 1e-3)."""
+    copy = tmp_path / "calibrated.tflite"
+    shutil.copy(model, copy)
+    card = json.loads(Path(model).with_suffix(".json").read_text())
+    u = (np.arange(1_000_000) + 0.5) / 1_000_000
+    entry = ImpostorDistribution.of(np.clip(2.0 + 0.25 * np.log10(u), 0.0, 4.0), "test").to_dict()
+    card["extra"] = {**card.get("extra", {}), "impostor": entry}
+    copy.with_suffix(".json").write_text(json.dumps(card))
+    return str(copy)
+
+
+def test_fpir_sets_the_threshold_for_the_gallery_size(tmp_path, calibrated, model, images, capsys):
+    gallery = str(tmp_path / "g.db")
+    assert main(["enroll", "--gallery", gallery, "--name", NAME, "--model", calibrated, images["astronaut"]]) == 0
+    distribution = card_distribution(ModelCard.load(Path(calibrated).with_suffix(".json")))
+    capsys.readouterr()
+    for extra, target in (([], 1e-3), (["--fpir", "1e-4"], 1e-4)):
+        assert main(["identify", "--gallery", gallery, "--model", calibrated, "--json", *extra, images["flipped"]]) == 0
+        (line,) = json_lines(capsys.readouterr().out)
+        expected = threshold_for_fpir(distribution, target, 1).threshold
+        assert (line["fpir_target"], line["samples"]) == (target, 1)
+        assert line["threshold"] == round(expected, 4)
+        assert main(["gallery", "info", "--gallery", gallery, "--model", calibrated, "--json", *extra]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert (info["people"], info["samples"], info["fpir_target"]) == (1, 1, target)
+        assert info["threshold"] == round(expected, 4) and info["stored_threshold"] == 1.0
+    # A fixed threshold, and a card without a distribution: the gallery's own threshold.
+    assert main(["identify", "--gallery", gallery, "--model", calibrated, "--json", "--threshold", "0.5",
+                 images["flipped"]]) == 0  # fmt: skip
+    assert json_lines(capsys.readouterr().out)[0]["fpir_target"] is None
+    assert main(["gallery", "info", "--gallery", gallery, "--model", model]) == 0
+    assert "threshold 1.0000 (fixed; stored 1.0000)" in capsys.readouterr().out
+    assert main(["identify", "--gallery", gallery, "--model", model, "--fpir", "1e-3", images["flipped"]]) != 0
+    assert "no impostor distribution" in capsys.readouterr().err
+    assert main(["identify", "--gallery", gallery, "--model", model, "--fpir", "2", images["flipped"]]) == 2
+
+
+def test_stream_with_tracking_decides_from_fused_frames(gallery, tmp_path, model, images, capsys):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, key in enumerate(["blank", "astronaut", "astronaut", "astronaut", "blank"]):
+        shutil.copy(images[key], folder / f"{i:02d}.png")
+    capsys.readouterr()
+    argv = ["stream", "--source", str(folder), "--gallery", gallery, "--model", model, "--track", "--json"]
+    assert main(argv) == 0
+    decisions = json_lines(capsys.readouterr().out)
+    # Three embedded frames decide the track (TrackerOptions.min_frames); gone with the face.
+    assert [(d["frame"], d["name"]) for d in decisions] == [(3, NAME), (4, None)]

@@ -21,6 +21,10 @@ class MultipleFacesError(FacenetEdgeError):
     """Several faces were found where exactly one was required (enrolment)."""
 
 
+class PoorPhotoError(ImageError):
+    """A face too poor to enrol (small, blurred, turned away, another face beside it)."""
+
+
 class GalleryError(FacenetEdgeError):
     """A gallery file is missing, unreadable, or an operation on it is invalid."""
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .card import ModelCard
+from .card import CardError, ModelCard
 
 # One stranger wrongly named in 1,000 attempts: the default target per attempt.
 DEFAULT_FPIR = 1e-3
@@ -39,7 +39,7 @@ _MIN_PAIRS_BELOW = 10
 _BLOCK_ROWS = 512
 
 
-class DistributionError(ValueError):
+class DistributionError(CardError):
     """An impostor distribution that cannot be used (malformed card entry, bad target)."""
 
 

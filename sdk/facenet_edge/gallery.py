@@ -88,6 +88,11 @@ class Gallery(GalleryStore):
         return threshold_for_fpir(*self._fpir, samples)
 
     @property
+    def stored_threshold(self) -> float:
+        """The threshold stored in the file (what matching uses without :meth:`use_fpir`)."""
+        return super().threshold
+
+    @property
     def threshold(self) -> float:
         """The open-set threshold (squared L2) matching uses now: derived for the FPIR
         target and the samples enrolled (after :meth:`use_fpir`), else the stored one."""
