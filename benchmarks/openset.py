@@ -48,7 +48,7 @@ from common import (
 )
 
 from facenet_edge import Gallery
-from facenet_edge.bench import int_list, positive_int
+from facenet_edge.arguments import int_list, positive_int
 from facenet_edge.detect import DEFAULT_DETECTOR
 from facenet_edge.embed import Embedder
 from facenet_edge.errors import FacenetEdgeError

@@ -49,7 +49,7 @@ from common import (
 from openset import design
 
 from facenet_edge import FacePipeline, Gallery, Vote
-from facenet_edge.bench import positive_int
+from facenet_edge.arguments import positive_int
 from facenet_edge.detect import main_face
 from facenet_edge.errors import FacenetEdgeError
 from facenet_edge.fpir import DEFAULT_FPIR, card_distribution, threshold_for_fpir
