@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from . import card_summary
 from .arguments import positive_int
-from .card import CardError, ModelCard
+from .card import CardError, ModelCard, card_path_for
 from .detect import DEFAULT_DETECTOR, DETECTORS, main_face
 from .embed import Embedder, default_model_path
 from .errors import (
@@ -39,12 +39,16 @@ from .errors import (
     ModelError,
     MultipleFacesError,
     NoFaceError,
+    PoorPhotoError,
 )
+from .enrolment import QualityOptions, check_face, consistency
 from .files import private_file
+from .fpir import DEFAULT_FPIR, card_distribution, check_fpir
 from .gallery import Gallery, Match, validate_name
 from .interpreter import NATIVE_LOG_ENV
 from .io import read_image
 from .pipeline import Face, FacePipeline, Vote
+from .tracker import Tracker
 
 
 class ExitCode(IntEnum):
@@ -158,6 +162,33 @@ def _threshold(args: argparse.Namespace, card: ModelCard, model: Path) -> float:
     return threshold
 
 
+def _use_fpir(gallery: Gallery, args: argparse.Namespace, card: ModelCard) -> None:
+    """Unless --threshold is given, the gallery derives its threshold for --fpir (default
+    DEFAULT_FPIR) strangers named per attempt from the card's impostor distribution, for
+    the samples it holds. A card without one keeps the gallery's stored threshold."""
+    if args.threshold is not None:
+        if args.fpir is not None:
+            raise GalleryError("--threshold and --fpir both set the threshold: give one")
+        return
+    distribution = card_distribution(card)
+    if distribution is None:
+        if args.fpir is not None:
+            raise ModelError(
+                f"the model card of {card.name} {card.version} has no impostor distribution, so --fpir cannot be "
+                "met (facenet-train calibrate-openset writes one); use --threshold"
+            )
+        return
+    gallery.use_fpir(distribution, DEFAULT_FPIR if args.fpir is None else args.fpir)
+
+
+def _operating_json(gallery: Gallery) -> dict[str, Any]:
+    """Which threshold the gallery holds: derived for an FPIR target, or fixed (target None)."""
+    point = gallery.operating_point()
+    if point is None:
+        return {"threshold": round(gallery.threshold, 4), "fpir_target": None}
+    return {"threshold": round(point.threshold, 4), "fpir_target": point.fpir, "samples": point.samples}
+
+
 def _box(face: Face) -> list[float]:
     return [round(float(v), 2) for v in face.box]
 
@@ -182,21 +213,28 @@ def _print_json(data: dict[str, Any]) -> None:
     print(json.dumps(data, ensure_ascii=False), flush=True)
 
 
-def _enrolment_face(pipeline: FacePipeline, path: str, subject: bool) -> Face:
+def _enrolment_face(pipeline: FacePipeline, path: str, subject: bool, quality: QualityOptions | None) -> Face:
     """The face to enrol from one photo: the only one, or with ``subject`` the photo's
-    subject (``main_face``); NoFaceError / MultipleFacesError otherwise."""
+    subject (``main_face``); NoFaceError / MultipleFacesError otherwise, PoorPhotoError
+    when it fails ``quality`` (None: not checked)."""
     image = read_image(path)
     faces = pipeline.process(image)
     if not faces:
         raise NoFaceError(f"no face found in {path}")
     if len(faces) == 1:
-        return faces[0]
-    if not subject:
+        face = faces[0]
+    elif not subject:
         raise MultipleFacesError(
             f"{len(faces)} faces found in {path}; enrolment needs exactly one (crop it, or pass --subject)"
         )
-    _say(f"{len(faces)} faces in {path}; enrolling the one covering the centre (else the largest)")
-    return main_face(faces, image.shape)
+    else:
+        _say(f"{len(faces)} faces in {path}; enrolling the one covering the centre (else the largest)")
+        face = main_face(faces, image.shape)
+    if quality is not None:
+        verdict = check_face(image, face, [f for f in faces if f is not face], quality)
+        if not verdict.ok:
+            raise PoorPhotoError(f"{path}: {verdict.reason} (--any-photo enrols it anyway)")
+    return face
 
 
 def _largest_face(faces: Sequence[Face]) -> Face | None:
@@ -259,9 +297,10 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         if gallery is not None:
             gallery.check_identity(identity)
         embeddings = []
+        quality = None if args.any_photo else QualityOptions()
         for path in _progress(args.images, args, "embedding"):
             try:
-                embeddings.append(_enrolment_face(pipeline, path, args.subject).embedding)
+                embeddings.append(_enrolment_face(pipeline, path, args.subject, quality).embedding)
             except (ImageError, NoFaceError, MultipleFacesError) as exc:
                 _say(f"skipped: {_one_line(exc)}")
                 skipped.append((path, exc))
@@ -282,6 +321,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             )
         added = gallery.add(name, np.stack(embeddings), identity)
         people = gallery.list()
+        _use_fpir(gallery, args, pipeline.embedder.card)
+        samples = consistency(name, gallery.samples_of(name).astype(np.float32), gallery.threshold)
     result = Enrolment(
         gallery=str(gallery_path),
         name=name,
@@ -292,13 +333,15 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         gallery_samples=sum(p.samples for p in people),
     )
     if args.json:
-        _print_json({**asdict(result), "skipped": [{"path": path, "reason": why} for path, why in result.skipped]})
+        skipped_json = [{"path": path, "reason": why} for path, why in result.skipped]
+        _print_json({**asdict(result), "skipped": skipped_json, "consistency": asdict(samples)})
     else:
         print(
             f"enrolled {name!r}: {added} sample(s) added, {len(skipped)} image(s) skipped; "
             f"{name!r} now has {result.person_samples} sample(s); {gallery_path} holds "
             f"{result.gallery_samples} sample(s) of {result.gallery_people} people"
         )
+        _say(samples.line())
     return int(exit_code_for(skipped[0][1])) if skipped else ExitCode.OK
 
 
@@ -310,10 +353,12 @@ def cmd_identify(args: argparse.Namespace) -> int:
         pipeline = stack.enter_context(_pipeline(args))
         identity = pipeline.embedder.identity
         gallery.check_identity(identity)
+        _use_fpir(gallery, args, pipeline.embedder.card)
         for path, faces in _faces_per_image(pipeline, args, failures, "identifying"):
             results = gallery.match_top_k(np.stack([f.embedding for f in faces]), identity, args.top_k) if faces else []
             if args.json:
-                _print_json({"path": path, "faces": [_identified_json(f, r) for f, r in zip(faces, results)]})
+                faces_json = [_identified_json(f, r) for f, r in zip(faces, results)]
+                _print_json({"path": path, "faces": faces_json, **_operating_json(gallery)})
             else:
                 for number, (face, found) in enumerate(zip(faces, results), 1):
                     _print_identified(path, number, face, found)
@@ -419,6 +464,8 @@ def cmd_gallery(args: argparse.Namespace) -> int:
     with Gallery.open(path) as gallery:
         if args.action == "list":
             _gallery_list(gallery, args)
+        elif args.action == "info":
+            _gallery_info(gallery, args)
         elif args.action == "remove":
             deleted = gallery.remove(args.name)
             print(f"removed {args.name!r} ({deleted} sample(s)) from {path}")
@@ -432,6 +479,28 @@ def cmd_gallery(args: argparse.Namespace) -> int:
             added = gallery.import_from(args.file)
             print(f"imported {added} new sample(s) from {args.file} into {path}")
     return ExitCode.OK
+
+
+def _gallery_info(gallery: Gallery, args: argparse.Namespace) -> None:
+    """People, samples, model, and the threshold the gallery holds for --fpir (or fixed)."""
+    model = Path(args.model) if args.model else default_model_path()
+    _use_fpir(gallery, args, ModelCard.load(card_path_for(model)))
+    people = gallery.list()
+    info = {
+        "gallery": str(gallery.path),
+        "people": len(people),
+        "samples": sum(p.samples for p in people),
+        "model_sha256": gallery.identity.sha256,
+        "stored_threshold": gallery.stored_threshold,
+        **_operating_json(gallery),
+    }
+    if args.json:
+        _print_json(info)
+        return
+    target = info["fpir_target"]
+    held = f"for FPIR {target:g} per attempt" if target is not None else "fixed"
+    print(f"{info['gallery']}: {info['people']} people, {info['samples']} samples; "
+          f"threshold {info['threshold']:.4f} ({held}; stored {info['stored_threshold']:.4f})")  # fmt: skip
 
 
 def _gallery_list(gallery: Gallery, args: argparse.Namespace) -> None:
@@ -481,6 +550,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
         gallery = stack.enter_context(Gallery.open(args.gallery, threshold=args.threshold))
         pipeline = stack.enter_context(_pipeline(args))
         gallery.check_identity(pipeline.embedder.identity)
+        _use_fpir(gallery, args, pipeline.embedder.card)
+        tracker = Tracker() if args.track else None
         options = {"params": _STREAM_TIMEOUTS_MS} if "://" in args.source else {}
         # latest_only: a recogniser slower than the camera works on the newest frame.
         source = open_source(args.source, latest_only=True, **options)
@@ -505,19 +576,35 @@ def cmd_stream(args: argparse.Namespace) -> int:
             # monotonic time (since boot), meaningless to a reader.
             start = frame.timestamp if start is None else start
             index = frame.index
-            if frame.lores is not None:  # picamera2: detect on the small stream, crop from main
-                faces = pipeline.process_lores(frame.lores, frame.image, gallery=gallery)
+            if tracker is not None:
+                voted = _tracked_decision(tracker, pipeline, frame, gallery)
             else:
-                faces = pipeline.process(frame.image, gallery=gallery)
-            face = _largest_face(faces)
-            seen = face.match.name if face is not None and face.match is not None and face.match.accepted else None
-            voted = vote.update(seen, frame.timestamp)
+                if frame.lores is not None:  # picamera2: detect on the small stream, crop from main
+                    faces = pipeline.process_lores(frame.lores, frame.image, gallery=gallery)
+                else:
+                    faces = pipeline.process(frame.image, gallery=gallery)
+                face = _largest_face(faces)
+                seen = face.match.name if face is not None and face.match is not None and face.match.accepted else None
+                voted = vote.update(seen, frame.timestamp)
             if voted != decision:
                 decision = voted
                 report(frame.index, frame.timestamp - start)
             if count == args.max_frames:
                 break
     return ExitCode.OK
+
+
+def _tracked_decision(tracker: Tracker, pipeline: FacePipeline, frame: Any, gallery: Gallery) -> str | None:
+    """--track: the name the largest face's track decided from its fused embeddings (None
+    while undecided, unknown or absent)."""
+    detections = pipeline.detect(frame.image)
+    tracked = tracker.step_detections(pipeline, frame.image, detections, gallery)
+    if not tracked:
+        return None
+    nearest = max(tracked, key=lambda t: float(min(t.detection.box[2] - t.detection.box[0],
+                                                  t.detection.box[3] - t.detection.box[1])))  # fmt: skip
+    match = nearest.track.match
+    return match.name if match is not None and match.accepted else None
 
 
 def _frames(source: Any, stall_s: float) -> Iterator[Any]:
@@ -573,6 +660,13 @@ def _distance(text: str) -> float:
     return value
 
 
+def _rate(text: str) -> float:
+    try:
+        return check_fpir(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a rate strictly between 0 and 1, such as 1e-3, got {text!r}") from None
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -622,13 +716,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="D",
         help="squared-L2 decision threshold (default: the model card's / the gallery's)",
     )
+    fpir = argparse.ArgumentParser(add_help=False)
+    fpir.add_argument(
+        "--fpir",
+        type=_rate,
+        metavar="RATE",
+        help=f"target share of strangers given a name per attempt; the gallery's threshold is derived for it and "
+        f"the samples it holds, from the model card's impostor distribution (default: {DEFAULT_FPIR:g} when the "
+        "card has one; else the gallery's threshold)",
+    )
     faces = [model, running]
     batch = [model, running, quiet, as_json]
 
     parser = argparse.ArgumentParser(prog="facenet-edge", description="Face recognition on small devices.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser("enroll", parents=[*batch, threshold], help="add a person to a gallery")
+    p = commands.add_parser("enroll", parents=[*batch, threshold, fpir], help="add a person to a gallery")
+    p.add_argument(
+        "--any-photo",
+        action="store_true",
+        help="enrol photos that fail the quality checks (small, blurred, turned away, another face beside)",
+    )
     p.add_argument("--gallery", required=True, metavar="G", help="gallery file (created if missing)")
     p.add_argument("--name", required=True, help="the person's name")
     p.add_argument(
@@ -640,7 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="photos of the person, one face each")
     p.set_defaults(handler=cmd_enroll)
 
-    p = commands.add_parser("identify", parents=[*batch, threshold], help="who is in these images")
+    p = commands.add_parser("identify", parents=[*batch, threshold, fpir], help="who is in these images")
     p.add_argument("--gallery", required=True, metavar="G", help="gallery file to match against")
     p.add_argument("--top-k", type=positive_int, default=1, metavar="K", help="candidates per face (default: 1)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="photos; every face in each is identified")
@@ -661,6 +769,10 @@ def build_parser() -> argparse.ArgumentParser:
     gallery_opts = argparse.ArgumentParser(add_help=False)
     gallery_opts.add_argument("--gallery", required=True, metavar="G", help="gallery file")
     actions.add_parser("list", parents=[gallery_opts, as_json], help="enrolled people")
+    a = actions.add_parser(
+        "info", parents=[gallery_opts, as_json, threshold, fpir], help="size, model and the threshold it holds"
+    )
+    a.add_argument("--model", metavar="PATH", help="the model whose card gives the FPIR threshold (default: shipped)")
     a = actions.add_parser("remove", parents=[gallery_opts], help="delete a person and their samples")
     a.add_argument("name", metavar="NAME", help="the person to delete")
     a = actions.add_parser("rename", parents=[gallery_opts], help="rename a person")
@@ -672,7 +784,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("file", metavar="FILE", help="an .npz written by gallery export")
     p.set_defaults(handler=cmd_gallery)
 
-    p = commands.add_parser("stream", parents=[*faces, as_json, threshold], help="identify faces in a camera or video")
+    p = commands.add_parser(
+        "stream", parents=[*faces, as_json, threshold, fpir], help="identify faces in a camera or video"
+    )
+    p.add_argument(
+        "--track",
+        action="store_true",
+        help="follow each face over frames and decide from its fused embeddings (facenet_edge.Tracker) "
+        "instead of a vote of single frames",
+    )
     p.add_argument(
         "--source", required=True, metavar="SRC", help="camera index, video file, RTSP URL, picamera2 or image folder"
     )
