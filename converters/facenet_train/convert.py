@@ -43,6 +43,7 @@ from .faces import FaceSet, load_faces
 from .openset_lfw import impostor_distribution
 from .flops import count_flops
 from .preprocess import CropOptions, build_lfw_cache
+from .teacher import TEACHERS
 
 DEFAULT_CALIBRATION_FACES = 300
 DEFAULT_VERIFY_FACES = 200
@@ -55,18 +56,14 @@ DATASET_NAMES = {
     "utkface": "UTKFace",
     "extyaleb": "Extended Yale B",
 }
-# Every dataset the project trains on, and every teacher it distils from, is licensed for
-# non-commercial research only, so every model trained on them inherits that restriction.
-TEACHER_NAMES = {
-    "edgeface": "EdgeFace-XS (Idiap; code BSD-3, weights published for non-commercial research)",
-    "dlib": "dlib's ResNet face descriptor",
-}
 
 
 def terms(datasets: list[str], teacher: str | None) -> str:
-    """The card's terms line: what the model was made from, and what that allows."""
+    """The card's terms line: what the model was made from, and what that allows. Every
+    dataset the project trains on, and every teacher it distils from, is licensed for
+    non-commercial research only, so every model trained on them inherits that restriction."""
     names = ", ".join(d.split(" [")[0] for d in datasets) or "unrecorded datasets"
-    made_from = f"trained on {names}" + (f", distilled from {TEACHER_NAMES[teacher]}" if teacher else "")
+    made_from = f"trained on {names}" + (f", distilled from {TEACHERS[teacher].terms}" if teacher else "")
     return f"non-commercial research only: {made_from}; these are licensed for non-commercial research"
 
 
@@ -142,7 +139,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="card: embed each crop and its mirror and average them (doubles the embed time)")
     parser.add_argument("--fill", choices=list(FILLS), default=ModelCard.fill,
                         help="card: how the aligner fills a crop past the photo's edge (as the model was trained)")
-    parser.add_argument("--teacher", choices=list(TEACHER_NAMES),
+    parser.add_argument("--teacher", choices=list(TEACHERS),
                         help="the teacher the model was distilled from (named in the card's terms)")
     parser.add_argument("--mean", type=float, default=ModelCard.mean, help="input normalisation: (pixel - mean) / std")
     parser.add_argument("--std", type=float, default=ModelCard.std)

@@ -116,9 +116,20 @@ def _edgeface_labeller(options: TeacherOptions, manifest: data.CacheManifest) ->
     yield lambda arrays: iter(teacher.describe(centre_crop(arrays["crops"], manifest.crop_size)))
 
 
-TEACHERS: dict[str, Callable[[TeacherOptions, data.CacheManifest], AbstractContextManager[ShardLabeller]]] = {
-    "edgeface": _edgeface_labeller,
-    "dlib": _dlib_labeller,
+@dataclass(frozen=True)
+class Teacher:
+    """A teacher: ``labeller`` opens it for a cache; ``terms`` names it (and the terms of
+    its weights) in the card of a model distilled from it."""
+
+    labeller: Callable[[TeacherOptions, data.CacheManifest], AbstractContextManager[ShardLabeller]]
+    terms: str
+
+
+# The one list of teachers: `facenet-train teacher --teacher` and `convert --teacher` offer these.
+TEACHERS: dict[str, Teacher] = {
+    "edgeface": Teacher(_edgeface_labeller,
+                        "EdgeFace-XS (Idiap; code BSD-3, weights published for non-commercial research)"),
+    "dlib": Teacher(_dlib_labeller, "dlib's ResNet face descriptor"),
 }
 TEACHER_JSON = "teacher.json"
 
@@ -149,7 +160,7 @@ def compute_teacher(cache_dir: str | Path, options: TeacherOptions = TeacherOpti
     left = sum(len(data.read_shard(cache_dir / s, ("labels",))["labels"]) for s in todo)
     start = time.perf_counter()
     with tqdm(total=total, initial=total - left, unit="face", desc="teacher", dynamic_ncols=True,
-              mininterval=1.0) as bar, TEACHERS[options.name](options, manifest) as label:
+              mininterval=1.0) as bar, TEACHERS[options.name].labeller(options, manifest) as label:
         # Stamped once the teacher has loaded: a teacher that cannot start claims nothing.
         (cache_dir / TEACHER_JSON).write_text(json.dumps({"teacher": options.name}) + "\n")
         for shard in todo:
