@@ -132,6 +132,19 @@ def test_door_cooldown(door, model, enrolled, video, tmp_path, cooldown, grants)
     assert all(thumbnail is None for *_, thumbnail in rows)  # only with --save-thumbnails
 
 
+def test_door_tracking_decides_once_per_person(door, model, enrolled, video, tmp_path):
+    access_log = tmp_path / "access.db"
+    argv = ["--model", model, "--gallery", str(enrolled), "--source", str(video), "--access-log", str(access_log)]
+    assert door.main([*argv, "--track", "--cooldown", "0"]) == 0
+    # One person standing still is one track: decided once (after min_frames embeddings),
+    # then re-embedded only every reembed_every frames; the cooldown of 0 logs each frame's
+    # decision, all for Ada.
+    rows = access_rows(access_log)
+    assert rows and {(name, granted) for name, granted, _, _ in rows} == {("Ada", 1)}
+    with pytest.raises(SystemExit):
+        door.main([*argv, "--track", "--fpir", "2"])
+
+
 def test_door_refuses_and_logs_unknown(door, model, enrolled, video, tmp_path):
     access_log = tmp_path / "access.db"
     argv = ["--model", model, "--gallery", str(enrolled), "--source", str(video), "--access-log", str(access_log)]

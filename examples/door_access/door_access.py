@@ -37,8 +37,20 @@ from typing import Protocol
 import cv2
 import numpy as np
 
-from facenet_edge import Face, FacePipeline, FacenetEdgeError, Frame, FrameSource, Gallery, Vote, open_source
+from facenet_edge import (
+    Face,
+    FacePipeline,
+    FacenetEdgeError,
+    Frame,
+    FrameSource,
+    Gallery,
+    Tracker,
+    Vote,
+    card_distribution,
+    open_source,
+)
 from facenet_edge.camera import redact
+from facenet_edge.detect import DEFAULT_DETECTOR, DETECTORS
 from facenet_edge.gallery import validate_name
 
 log = logging.getLogger("door_access")
@@ -295,6 +307,8 @@ class DoorSettings:
     cooldown_s: float = 10.0
     save_thumbnails: bool = False
     max_frames: int | None = None
+    # Decide per tracked person from fused frames (facenet_edge.Tracker) instead of the vote.
+    track: bool = False
 
 
 @dataclass
@@ -325,6 +339,7 @@ def run_door(
     """Watch ``frames`` until they end, ``max_frames`` or Ctrl-C; returns what happened."""
     stats = DoorStats()
     vote = Vote(window=settings.window, min_agree=settings.min_agree, max_age_s=settings.max_age_s)
+    tracker = Tracker() if settings.track else None
     # The latest frame and face behind each vote: what gets logged when that vote wins.
     evidence: dict[str, tuple[np.ndarray, Face]] = {}
     cooldown_until: dict[str, float] = {}
@@ -332,7 +347,10 @@ def run_door(
         for frame in frames:
             stats.frames += 1
             try:
-                face = largest_face(detect_faces(pipeline, frame, gallery))
+                if tracker is not None:
+                    face = tracked_face(tracker, pipeline, frame, gallery)
+                else:
+                    face = largest_face(detect_faces(pipeline, frame, gallery))
             except (ValueError, cv2.error) as exc:  # a corrupt frame must not stop the door
                 stats.bad_frames += 1
                 log.warning("frame %d skipped: %s", frame.index, exc)
@@ -342,7 +360,10 @@ def run_door(
             else:
                 seen = face.match.name if face.match is not None and face.match.accepted else UNKNOWN_VOTE
                 evidence[seen] = (frame.image, face)
-            decided = vote.update(seen, frame.timestamp)
+            if tracker is not None:  # a track decides once, from its fused frames; the cooldown stops repeats
+                decided = seen if face is not None and face.match is not None else None
+            else:
+                decided = vote.update(seen, frame.timestamp)
             if decided is not None:
                 vote.reset()  # the next decision needs fresh agreeing frames
                 image, decided_face = evidence[decided]
@@ -355,6 +376,17 @@ def run_door(
     except KeyboardInterrupt:
         stats.interrupted = True
     return stats
+
+
+def tracked_face(tracker: Tracker, pipeline: FacePipeline, frame: Frame, gallery: Gallery) -> Face | None:
+    """The nearest person's face with its track's decision as ``match`` (None while the
+    track is undecided), or None when nobody is in view."""
+    tracked = tracker.step(pipeline, frame.image, gallery)
+    if not tracked:
+        return None
+    nearest = max(tracked, key=lambda t: box_side(t.detection))
+    d = nearest.detection
+    return Face(box=d.box, score=d.score, landmarks=d.landmarks, embedding=None, match=nearest.track.match)
 
 
 def decide(
@@ -419,7 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model", metavar="PATH", help="embedding model .tflite, its card beside it (default: the packaged model)"
     )
-    parser.add_argument("--detector", default="blazeface", choices=["blazeface", "haar"], help="(default: blazeface)")
+    parser.add_argument(
+        "--detector", default=DEFAULT_DETECTOR, choices=sorted(DETECTORS), help="(default: %(default)s)"
+    )
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for the models")
     parser.add_argument(
         "--gallery",
@@ -444,8 +478,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold",
         type=float,
         metavar="D",
-        help="accept squared-L2 distances up to D (default: the gallery's, which is the model card's "
-        "thresholds.far_1e3 when the gallery was created)",
+        help="accept squared-L2 distances up to D (default: derived for --fpir when the model card has an "
+        "impostor distribution, else the gallery's)",
+    )
+    parser.add_argument(
+        "--fpir",
+        type=float,
+        default=1e-3,
+        metavar="RATE",
+        help="strangers let in per attempt the threshold is set for, given the people enrolled (default: 1e-3)",
     )
 
     enrol = parser.add_argument_group("enrolment (enrol, then exit)")
@@ -495,6 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="ignore further decisions about the same person for S seconds (default: 10)",
     )
+    door.add_argument(
+        "--track",
+        action="store_true",
+        help="decide per tracked person from the fused embeddings of several frames instead of the vote",
+    )
     door.add_argument("--relay-pin", type=int, metavar="PIN", help="GPIO (BCM) pin of the lock relay (needs gpiozero)")
     door.add_argument("--relay-active-low", action="store_true", help="the relay board switches on a low pin")
     door.add_argument(
@@ -533,6 +579,10 @@ def enroll(args: argparse.Namespace, pipeline: FacePipeline, stack: ExitStack) -
 def run(args: argparse.Namespace, pipeline: FacePipeline, stack: ExitStack) -> DoorStats:
     gallery = stack.enter_context(Gallery.open(args.gallery, threshold=args.threshold))
     gallery.check_identity(pipeline.identity)
+    distribution = card_distribution(pipeline.card)
+    if args.threshold is None and distribution is not None:
+        # The threshold for --fpir strangers let in per attempt, for the people enrolled.
+        gallery.use_fpir(distribution, args.fpir)
     if len(gallery) == 0:
         log.warning("gallery %s is empty: everyone will be refused", args.gallery)
     unlocker = make_unlocker(args.relay_pin, args.unlock_seconds, active_high=not args.relay_active_low)
@@ -547,8 +597,11 @@ def run(args: argparse.Namespace, pipeline: FacePipeline, stack: ExitStack) -> D
         cooldown_s=args.cooldown,
         save_thumbnails=args.save_thumbnails,
         max_frames=args.max_frames,
+        track=args.track,
     )
-    log.info("door running: %d enrolled, threshold %.4g (squared L2)", len(gallery), gallery.threshold)
+    point = gallery.operating_point()
+    held = f"for {point.fpir:g} strangers let in per attempt" if point is not None else "fixed"
+    log.info("door running: %d enrolled, threshold %.4g (squared L2, %s)", len(gallery), gallery.threshold, held)
     return run_door(pipeline, gallery, source, unlocker, access_log, settings)
 
 
@@ -560,6 +613,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--enroll-folder needs --name NAME")
     if args.samples < 1:
         parser.error("--samples must be at least 1")
+    if not 0 < args.fpir < 1:
+        parser.error("--fpir must be a rate strictly between 0 and 1, such as 1e-3")
     if not 1 <= args.vote[1] <= args.vote[0]:
         parser.error("--vote WINDOW MIN_AGREE needs 1 <= MIN_AGREE <= WINDOW")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

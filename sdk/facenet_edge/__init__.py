@@ -26,6 +26,7 @@ from .errors import (
     ModelError,
     MultipleFacesError,
     NoFaceError,
+    PoorPhotoError,
 )
 
 # OpenCV reads its decoder size limit once, when cv2 is first imported: set it before any
@@ -38,6 +39,13 @@ _LAZY = {
     "PipelineOptions": "pipeline",
     "Face": "pipeline",
     "Vote": "pipeline",
+    "Tracker": "tracker",
+    "TrackerOptions": "tracker",
+    "QualityOptions": "enrolment",
+    "check_face": "enrolment",
+    "consistency": "enrolment",
+    "card_distribution": "fpir",
+    "threshold_for_fpir": "fpir",
     "Embedder": "embed",
     "default_model_path": "embed",
     "Detection": "detect",
@@ -58,9 +66,12 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from .card import ModelCard
     from .detect import Detection, create_detector
     from .embed import Embedder, default_model_path
+    from .enrolment import QualityOptions, check_face, consistency
+    from .fpir import card_distribution, threshold_for_fpir
     from .gallery import Gallery, Match, Person
     from .io import read_image
     from .pipeline import Face, FacePipeline, PipelineOptions, Vote
+    from .tracker import Tracker, TrackerOptions
 
 __all__ = [
     *_LAZY,
@@ -72,6 +83,7 @@ __all__ = [
     "ModelError",
     "MultipleFacesError",
     "NoFaceError",
+    "PoorPhotoError",
 ]
 
 
