@@ -27,6 +27,7 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
+from facenet_edge.files import private_file
 
 # Importing models also registers its custom layers, which loading a .keras file needs.
 from .models import build_model
@@ -97,10 +98,8 @@ def save_compact(model: keras.Model, path: str | Path, teacher_mean: np.ndarray 
     if teacher_mean is not None:
         meta["teacher_mean"] = np.asarray(teacher_mean, np.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with private_file(path, OSError) as f:
         np.savez_compressed(f, **{f"meta/{k}": np.array(v) for k, v in meta.items()}, **arrays)
-    tmp.replace(path)
     return path
 
 

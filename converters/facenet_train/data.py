@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from facenet_edge import align
+from facenet_edge.files import private_file
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp"})
 
@@ -186,9 +187,8 @@ class CacheManifest:
 
     def save(self, cache_dir: str | Path) -> None:
         path = Path(cache_dir) / MANIFEST_NAME
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.__dict__, indent=1) + "\n")
-        os.replace(tmp, path)
+        with private_file(path, OSError) as f:
+            f.write((json.dumps(self.__dict__, indent=1) + "\n").encode())
 
     @classmethod
     def load(cls, cache_dir: str | Path) -> CacheManifest:
@@ -277,10 +277,8 @@ def teacher_name(shard: str) -> str:
 
 def write_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
     """Write then rename, so a stopped run never leaves a half shard that looks complete."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with private_file(path, OSError) as f:
         np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 def read_shard(path: str | Path, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:

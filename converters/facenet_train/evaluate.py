@@ -12,6 +12,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from facenet_edge.detect import DEFAULT_DETECTOR, DETECTORS
+
 from . import data
 from .checkpoint import load_keras_model
 from .evaluation import LfwCropPairs, evaluate_runtime_path, keras_embedder, tflite_embedder
@@ -28,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runtime-path", action="store_true",
                         help="with --tflite: the full LFW images through the runtime (detector, aligner, "
                              "interpreter), as the model card's `lfw.runtime_path` numbers are measured")
-    parser.add_argument("--detector", default="blazeface", choices=["blazeface", "haar"],
+    parser.add_argument("--detector", default=DEFAULT_DETECTOR, choices=sorted(DETECTORS),
                         help="detector for crops made now (without --aligned-cache) or for --runtime-path")
     parser.add_argument("--workers", type=int, default=2, help="processes for crops made now")
     parser.add_argument("--out", type=Path, help="write the scores as JSON")

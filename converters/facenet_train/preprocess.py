@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from facenet_edge.align import align
-from facenet_edge.detect import Detection, create_detector, main_face
+from facenet_edge.detect import DEFAULT_DETECTOR, DETECTORS, Detection, create_detector, main_face
 from facenet_edge.errors import ImageError
 from facenet_edge.io import read_image
 
@@ -276,7 +276,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_crop_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--detector", default="blazeface", choices=["blazeface", "haar"])
+    parser.add_argument("--detector", default=DEFAULT_DETECTOR, choices=sorted(DETECTORS))
     parser.add_argument("--workers", type=int, default=2, help="processes (default 2)")
     parser.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
     parser.add_argument("--crop-size", type=int, default=96, help="model input size in pixels (default 96)")

@@ -38,6 +38,7 @@ import cv2
 import numpy as np
 
 from facenet_edge import FacePipeline, FacenetEdgeError, ImageError, read_image
+from facenet_edge.detect import DEFAULT_DETECTOR, DETECTORS
 from facenet_edge.files import private_file
 
 log = logging.getLogger("cluster_photos")
@@ -393,7 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model", metavar="PATH", help="embedding model .tflite, its card beside it (default: the packaged model)"
     )
-    parser.add_argument("--detector", default="blazeface", choices=["blazeface", "haar"], help="(default: blazeface)")
+    parser.add_argument(
+        "--detector", default=DEFAULT_DETECTOR, choices=sorted(DETECTORS), help="(default: %(default)s)"
+    )
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for the models")
     parser.add_argument(
         "--method",

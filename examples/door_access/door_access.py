@@ -169,13 +169,6 @@ class AccessLog:
 # ------------------------------------------------------------------ frames and faces
 
 
-def detect_faces(pipeline: FacePipeline, frame: Frame, gallery: Gallery | None = None) -> list[Face]:
-    """Faces in a frame; detection runs on picamera2's small ``lores`` image when there is one."""
-    if frame.lores is not None:
-        return pipeline.process_lores(frame.lores, frame.image, gallery=gallery)
-    return pipeline.process(frame.image, gallery=gallery)
-
-
 def box_side(face: Face) -> float:
     x1, y1, x2, y2 = face.box
     return float(min(x2 - x1, y2 - y1))
@@ -257,7 +250,7 @@ def enroll_from_frames(
     for frame in frames:
         what = frame.path.name if frame.path is not None else f"frame {frame.index}"
         try:
-            faces = detect_faces(pipeline, frame)
+            faces = pipeline.process_frame(frame)
         except (ValueError, cv2.error) as exc:  # a corrupt frame is skipped, not fatal
             log.warning("%s skipped: %s", what, exc)
             continue
@@ -350,7 +343,7 @@ def run_door(
                 if tracker is not None:
                     face = tracked_face(tracker, pipeline, frame, gallery)
                 else:
-                    face = largest_face(detect_faces(pipeline, frame, gallery))
+                    face = largest_face(pipeline.process_frame(frame, gallery=gallery))
             except (ValueError, cv2.error) as exc:  # a corrupt frame must not stop the door
                 stats.bad_frames += 1
                 log.warning("frame %d skipped: %s", frame.index, exc)

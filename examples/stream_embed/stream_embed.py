@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 
 from facenet_edge import FacePipeline, FacenetEdgeError, Frame, open_source
+from facenet_edge.detect import DEFAULT_DETECTOR, DETECTORS
 from facenet_edge.files import private_file
 
 log = logging.getLogger("stream_embed")
@@ -251,10 +252,7 @@ def embed_stream(
                 stats.skipped += 1
                 continue
             try:
-                if frame.lores is not None:  # picamera2: detect on the small stream, crop from main
-                    faces = pipeline.process_lores(frame.lores, frame.image)
-                else:
-                    faces = pipeline.process(frame.image)
+                faces = pipeline.process_frame(frame)
             except (ValueError, cv2.error) as exc:  # a corrupt frame is skipped, not fatal
                 stats.bad += 1
                 log.warning("frame %d skipped: %s", frame.index, exc)
@@ -291,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model", metavar="PATH", help="embedding model .tflite, its card beside it (default: the packaged model)"
     )
-    parser.add_argument("--detector", default="blazeface", choices=["blazeface", "haar"], help="(default: blazeface)")
+    parser.add_argument(
+        "--detector", default=DEFAULT_DETECTOR, choices=sorted(DETECTORS), help="(default: %(default)s)"
+    )
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for the models")
     parser.add_argument(
         "--source",

@@ -19,6 +19,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
+    CardError,
     FacenetEdgeError,
     GalleryError,
     ImageError,
@@ -76,6 +77,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
 __all__ = [
     *_LAZY,
     "__version__",
+    "CardError",
     "FacenetEdgeError",
     "GalleryError",
     "ImageError",

@@ -49,6 +49,7 @@ from .card import ModelIdentity
 from .detect import DEFAULT_DETECTOR, DETECTORS, Detection, Detector, create_detector
 from .embed import Embedder, default_model_path
 from .errors import FacenetEdgeError, ModelError
+from .files import private_file
 from .gallery import Gallery
 from .interpreter import EDGETPU_SUFFIX, uses_edgetpu
 from .io import read_image
@@ -235,12 +236,11 @@ def _jsonable(value: Any) -> Any:
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:
     """Write ``data`` (dataclasses, numpy values and paths allowed) as indented JSON,
-    all or nothing (a temporary file renamed into place)."""
+    all or nothing (``files.private_file``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(data, indent=2, default=_jsonable, allow_nan=False) + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with private_file(path, FacenetEdgeError) as file:
+        file.write(text.encode())
     return path
 
 

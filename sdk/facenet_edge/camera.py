@@ -16,7 +16,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -492,26 +492,64 @@ class LatestFrameSource(_Source):
             )
 
 
-# Options open_source understands. A source ignores those it cannot apply (a file has the
-# size it has; reconnecting means nothing to a folder), so one set of options works for
-# every spec; a name not listed here is a TypeError.
-_OPENCV_OPTIONS = {"width", "height", "api_preference", "params", "properties", "live"}
-_LIVE_OPTIONS = {"reconnect", "max_retries", "backoff_s", "max_backoff_s"}
-_PICAMERA2_OPTIONS = {"main_size", "lores_size", "camera_num", "capture_timeout_s"}
-SOURCE_OPTIONS = frozenset(_OPENCV_OPTIONS | _LIVE_OPTIONS | _PICAMERA2_OPTIONS)
+# Options the sources take. A source ignores those it cannot apply (a file has the size it
+# has; reconnecting means nothing to a folder), so one set of options works for every
+# spec; a name no source takes is a TypeError.
+_OPENCV_OPTIONS = frozenset({"width", "height", "api_preference", "params", "properties", "live"})
+_LIVE_OPTIONS = frozenset({"reconnect", "max_retries", "backoff_s", "max_backoff_s"})
+_PICAMERA2_OPTIONS = frozenset({"main_size", "lores_size", "camera_num", "capture_timeout_s", "width", "height"})
 
 
-def _take(spec: object, kind: str, options: dict[str, Any], accepted: set[str]) -> dict[str, Any]:
-    ignored = sorted(set(options) - accepted)
-    if ignored:
-        log.debug("open_source(%r): %s ignored by %s", redact(spec), ", ".join(ignored), kind)
-    return {k: v for k, v in options.items() if k in accepted}
+@dataclass(frozen=True)
+class SourceKind:
+    """One kind of source ``open_source`` opens: which specs are its (``matches``, given a
+    camera index as an int, anything else as a string), the options it takes, and how to
+    open one (``open(spec, options)``, with only those options)."""
+
+    name: str  # as a log line names it: "a camera"
+    matches: Callable[[int | str], bool]
+    options: frozenset[str]
+    open: Callable[[int | str, dict[str, Any]], FrameSource]
+
+
+def _picamera2(spec: int | str, options: dict[str, Any]) -> FrameSource:
+    """picamera2, with ``width`` and ``height`` (both or neither) as ``main_size``."""
+    width, height = options.pop("width", None), options.pop("height", None)
+    if width is not None or height is not None:
+        if width is None or height is None or "main_size" in options:
+            raise TypeError("open_source('picamera2'): give width and height together, or main_size, not both")
+        options["main_size"] = (int(width), int(height))
+    return Picamera2Source(**options)
+
+
+# The kinds of source, tried in order: the first whose ``matches`` accepts a spec opens
+# it. A new kind of source is one entry here.
+SOURCES: tuple[SourceKind, ...] = (
+    SourceKind(
+        "a camera",
+        lambda spec: isinstance(spec, int),
+        _OPENCV_OPTIONS | _LIVE_OPTIONS,
+        lambda spec, o: OpenCVSource(spec, **o),
+    ),
+    SourceKind("picamera2", lambda spec: spec == "picamera2", _PICAMERA2_OPTIONS | _LIVE_OPTIONS, _picamera2),
+    SourceKind(
+        "a folder",
+        lambda spec: "://" not in str(spec) and Path(spec).is_dir(),
+        frozenset(),
+        lambda spec, o: FolderSource(spec),
+    ),
+    SourceKind(
+        "a video source", lambda spec: True, _OPENCV_OPTIONS | _LIVE_OPTIONS, lambda spec, o: OpenCVSource(spec, **o)
+    ),
+)
+# Every option some source takes.
+SOURCE_OPTIONS = frozenset().union(*(kind.options for kind in SOURCES))
 
 
 def open_source(spec: str | int | os.PathLike, latest_only: bool = False, **options: Any) -> FrameSource:
     """A source from a command-line style spec: a camera index (``0`` or ``"0"``),
     ``"picamera2"``, a folder of images, else a video file, device node or stream URL
-    (a file or folder named with digits: write ``./2024``).
+    (a file or folder named with digits: write ``./2024``). ``SOURCES`` says which.
 
     ``options`` (any of ``SOURCE_OPTIONS``) work with every spec; each source uses those
     it can apply and ignores the rest: OpenCV sources take ``width``, ``height``,
@@ -529,34 +567,24 @@ def open_source(spec: str | int | os.PathLike, latest_only: bool = False, **opti
         raise TypeError(
             f"open_source() got unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(SOURCE_OPTIONS))}"
         )
-    source: FrameSource
-    if isinstance(spec, int) and not isinstance(spec, bool):
-        source = OpenCVSource(spec, **_take(spec, "a camera", options, _OPENCV_OPTIONS | _LIVE_OPTIONS))
-    else:
-        text = os.fspath(spec) if not isinstance(spec, str) else spec
-        if not isinstance(text, str) or not text:
-            raise ValueError(f"open_source() needs a camera index, 'picamera2', a path or a URL, got {redact(spec)!r}")
-        if text.isdigit():
-            source = OpenCVSource(int(text), **_take(spec, "a camera", options, _OPENCV_OPTIONS | _LIVE_OPTIONS))
-        elif text == "picamera2":
-            source = Picamera2Source(**_picamera2_options(options))
-        elif "://" not in text and Path(text).is_dir():
-            _take(spec, "a folder", options, set())
-            source = FolderSource(text)
-        else:
-            source = OpenCVSource(text, **_take(spec, "a video source", options, _OPENCV_OPTIONS | _LIVE_OPTIONS))
+    kind, key = _kind_of(spec)
+    ignored = sorted(set(options) - kind.options)
+    if ignored:
+        log.debug("open_source(%r): %s ignored by %s", redact(spec), ", ".join(ignored), kind.name)
+    source = kind.open(key, {k: v for k, v in options.items() if k in kind.options})
     if latest_only and source.live:
         return LatestFrameSource(source)
     return source
 
 
-def _picamera2_options(options: dict[str, Any]) -> dict[str, Any]:
-    """picamera2's options; ``width`` and ``height`` (None: not given) set ``main_size``."""
-    options = dict(options)
-    width, height = options.pop("width", None), options.pop("height", None)
-    taken = _take("picamera2", "picamera2", options, _PICAMERA2_OPTIONS | _LIVE_OPTIONS)
-    if width is not None or height is not None:
-        if width is None or height is None or "main_size" in taken:
-            raise TypeError("open_source('picamera2'): give width and height together, or main_size, not both")
-        taken["main_size"] = (int(width), int(height))
-    return taken
+def _kind_of(spec: object) -> tuple[SourceKind, int | str]:
+    """The kind of source for ``spec`` and the spec as it matched: a camera index as an
+    int (``"0"`` too), anything else as a string."""
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        key: int | str = spec
+    else:
+        text = os.fspath(spec) if not isinstance(spec, str) else spec
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"open_source() needs a camera index, 'picamera2', a path or a URL, got {redact(spec)!r}")
+        key = int(text) if text.isdigit() else text
+    return next(kind for kind in SOURCES if kind.matches(key)), key

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelError
+from .errors import CardError, ModelError
 from .files import open_regular, read_regular
 from .interpreter import MAX_MODEL_BYTES
 
@@ -24,10 +24,6 @@ CARD_SCHEMA_VERSION = 1
 # A card is a few kB of JSON; anything much larger is not a card.
 MAX_CARD_BYTES = 1024 * 1024
 _HASH_CHUNK = 1024 * 1024
-
-
-class CardError(ValueError):
-    """A model card is missing, unreadable or inconsistent."""
 
 
 def _is_number(value: object) -> bool:

@@ -579,11 +579,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
             if tracker is not None:
                 voted = _tracked_decision(tracker, pipeline, frame, gallery)
             else:
-                if frame.lores is not None:  # picamera2: detect on the small stream, crop from main
-                    faces = pipeline.process_lores(frame.lores, frame.image, gallery=gallery)
-                else:
-                    faces = pipeline.process(frame.image, gallery=gallery)
-                face = _largest_face(faces)
+                face = _largest_face(pipeline.process_frame(frame, gallery=gallery))
                 seen = face.match.name if face is not None and face.match is not None and face.match.accepted else None
                 voted = vote.update(seen, frame.timestamp)
             if voted != decision:
@@ -842,7 +838,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # from complaining again when it flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return int(ExitCode.ERROR)
-    except (FacenetEdgeError, CardError, OSError) as exc:
+    except (FacenetEdgeError, OSError) as exc:
         _say(f"error: {_one_line(exc)}")
         return int(exit_code_for(exc))
     except KeyboardInterrupt:

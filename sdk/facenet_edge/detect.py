@@ -12,7 +12,7 @@ import importlib.util
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import cv2
@@ -310,7 +310,9 @@ HAAR_CASCADE = "haarcascade_frontalface_default.xml"
 class HaarDetector(_ContextManager):
     """OpenCV's Viola-Jones frontal face cascade: box only (the aligner estimates
     landmarks from the box). Score: the last stage's sum (``levelWeights``) through a
-    logistic, so higher is more face-like; only comparable between Haar detections."""
+    logistic, so higher is more face-like; only comparable between Haar detections.
+    ``num_threads`` is accepted like every detector's and unused: the cascade runs no
+    TFLite network (OpenCV's own threads are ``cv2.setNumThreads``)."""
 
     input_size = None
 
@@ -320,6 +322,7 @@ class HaarDetector(_ContextManager):
         scale_factor: float = 1.1,
         min_neighbors: int = 5,
         cascade_path: str | Path | None = None,
+        num_threads: int | None = None,
     ) -> None:
         if scale_factor <= 1.0:
             raise ValueError(f"scale_factor must be > 1, got {scale_factor}")
@@ -355,14 +358,13 @@ class HaarDetector(_ContextManager):
 # --------------------------------------------------------------------------- factory
 
 DEFAULT_DETECTOR = "blazeface"
-DETECTORS: dict[str, type] = {"blazeface": BlazeFaceDetector, "haar": HaarDetector}
+# Every detector by name: the one place a new backend is added, and the choices of every
+# command's --detector. Each takes ``num_threads`` (its TFLite threads; None: the runtime's).
+DETECTORS: dict[str, Callable[..., Detector]] = {"blazeface": BlazeFaceDetector, "haar": HaarDetector}
 
 
 def create_detector(name: str = DEFAULT_DETECTOR, num_threads: int | None = None, **options: Any) -> Detector:
-    """A detector by name (``"blazeface"`` or ``"haar"``) with backend ``options``.
-    ``num_threads`` goes to detectors that run a TFLite network; the cascade has none."""
+    """A detector by name (a key of ``DETECTORS``) with backend ``options``."""
     if name not in DETECTORS:
         raise ValueError(f"unknown detector {name!r}; choose from {', '.join(DETECTORS)}")
-    if name == "blazeface":
-        options["num_threads"] = num_threads
-    return DETECTORS[name](**options)
+    return DETECTORS[name](num_threads=num_threads, **options)

@@ -25,6 +25,11 @@ class PoorPhotoError(ImageError):
     """A face too poor to enrol (small, blurred, turned away, another face beside it)."""
 
 
+class CardError(FacenetEdgeError, ValueError):
+    """A model card is missing, unreadable or inconsistent. Also a ValueError (what it was
+    before it joined this hierarchy), so code catching that still does."""
+
+
 class GalleryError(FacenetEdgeError):
     """A gallery file is missing, unreadable, or an operation on it is invalid."""
 

@@ -20,7 +20,8 @@ from .detect import DEFAULT_DETECTOR, Detection, check_image, create_detector
 from .embed import Embedder, default_model_path
 from .io import read_image
 
-if TYPE_CHECKING:  # gallery imports sqlite3; the pipeline only needs its Match type for hints
+if TYPE_CHECKING:  # gallery imports sqlite3, camera capture code; the pipeline only needs their types for hints
+    from .camera import Frame
     from .gallery import Match
 
 
@@ -140,6 +141,13 @@ class FacePipeline:
     def process(self, image_rgb: np.ndarray, gallery: Any = None, top_k: int = 1) -> list[Face]:
         """Faces in an RGB uint8 frame, embedded, and matched against ``gallery`` if given."""
         return self._faces(image_rgb, self.detect(image_rgb), gallery, top_k)
+
+    def process_frame(self, frame: Frame, gallery: Any = None, top_k: int = 1) -> list[Face]:
+        """Faces in a frame from a source: detected on its ``lores`` image when it has one
+        (picamera2's small stream) and cropped from its full ``image``, else all from ``image``."""
+        if frame.lores is not None:
+            return self.process_lores(frame.lores, frame.image, gallery, top_k)
+        return self.process(frame.image, gallery, top_k)
 
     def process_lores(
         self, lores_rgb: np.ndarray, main_rgb: np.ndarray, gallery: Any = None, top_k: int = 1
