@@ -18,12 +18,14 @@ No model is needed (``--model`` only names the model the galleries are recorded 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from unittest import mock
 
@@ -51,6 +53,7 @@ from facenet_edge.arguments import int_list
 from facenet_edge.card import ModelIdentity
 from facenet_edge.embed import Embedder
 from facenet_edge.gallery import Gallery
+from facenet_edge.search import Index
 
 SIZES = (1_000, 10_000, 100_000, 1_000_000)
 QUICK_SIZES = (1_000, 10_000)
@@ -61,6 +64,7 @@ SYNTHETIC_IDENTITY = ModelIdentity(sha256="0" * 64, compatibility_group="synthet
 MEMORY_TARGET_MB = 150
 SEARCH_TARGET_RATIO = 1.2
 TARGET_SIZE = 1_000_000
+QUICK_KERNEL_ROWS = 10_000
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,136 @@ def measure_scale(people: int, directory: Path, runs: int, identity: ModelIdenti
     return scale
 
 
+@dataclass(frozen=True)
+class Kernel:
+    """One library's top-1 search over the int8 matrix, on one core: its timing, and
+    whether it found the row the exact search finds."""
+
+    name: str
+    timing: Percentiles
+    agrees: bool
+
+
+def kernel_searches(matrix: np.ndarray, query: np.ndarray) -> dict[str, Callable[[], int]]:
+    """name -> a top-1 search of the unit ``query`` over ``matrix`` (N x D int8, cosine)
+    returning the row found: ours, and each installed candidate for the ``search`` extra.
+    Each does the same work: every row scored against the query, then the best taken."""
+    ids = np.arange(len(matrix))
+    index = Index.build(len(matrix), matrix.shape[1], (0, len(matrix) - 1), [(ids, matrix)])
+    scale = 127.0 / float(np.abs(query).max())
+    query8 = np.round(query * scale).astype(np.int8)[None]
+    searches = {f"ours ({search.first_pass()})": lambda: search.nearest(index, query[None], 1)[0][0][0]}
+    try:  # optional: SimSIMD's successor
+        import numkong
+    except ImportError:
+        numkong = None
+    if numkong is not None:
+
+        def numkong_cdist() -> int:
+            scores = np.asarray(numkong.cdist(query8, matrix, metric="dot", out_dtype="float32"))[0]
+            scores *= index.inv_norm
+            return int(scores.argmax())
+
+        packed = numkong.dots_pack(matrix)  # int8, inferred
+
+        def numkong_packed() -> int:
+            scores = np.asarray(numkong.dots_packed(query8, packed))[0].astype(np.float32)
+            scores *= index.inv_norm
+            return int(scores.argmax())
+
+        searches["numkong cdist int8"] = numkong_cdist
+        searches["numkong dots_packed int8"] = numkong_packed
+    try:  # optional: faiss's 8-bit scalar quantizer (it stores its own codes)
+        import faiss
+    except ImportError:
+        faiss = None
+    if faiss is not None:
+        faiss.omp_set_num_threads(1)
+        sq = faiss.IndexScalarQuantizer(matrix.shape[1], faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+        step = 100_000  # float32 unit rows a step: the whole matrix as float32 would be 512 MB
+
+        def unit(start: int) -> np.ndarray:
+            rows = matrix[start : start + step]
+            return rows.astype(np.float32) * index.inv_norm[start : start + len(rows), None]
+
+        sq.train(unit(0))
+        for start in range(0, len(matrix), step):
+            sq.add(unit(start))
+        searches["faiss SQ8 (QT_8bit)"] = lambda: int(sq.search(query[None], 1)[1][0, 0])
+    return searches
+
+
+def measure_kernels(rows: int, runs: int) -> tuple[Percentiles, list[Kernel], int]:
+    """A plain read of a rows x 128 int8 matrix and each top-1 search over it, pinned to one
+    core. Returns (read, kernels, the core)."""
+    core = max(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {core})
+    rng = np.random.default_rng(5)
+    matrix = synthetic_embeddings(rows, rng)
+    # A query near a stored face (as when a known person walks by): every kernel must find it.
+    target = rows // 3
+    query = matrix[target].astype(np.float32) / 127 + 0.02 * rng.standard_normal(ROW_BYTES).astype(np.float32)
+    query /= np.linalg.norm(query)
+    words = matrix.view(np.uint64)
+    read = Percentiles.of(time_calls(words.sum, runs, warmup=2))
+    kernels = []
+    for name, run in kernel_searches(matrix, query).items():
+        print(f"  {name} ...", file=sys.stderr, flush=True)
+        found = run()
+        kernels.append(Kernel(name, Percentiles.of(time_calls(run, runs, warmup=2)), found == target))
+    return read, kernels, core
+
+
+def kernel_libraries() -> dict[str, str]:
+    """Installed versions of the kernels' libraries (metadata only)."""
+    found = {}
+    for name in ("simsimd", "numkong", "faiss-cpu"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def run_kernels(args: argparse.Namespace) -> int:
+    """``--kernels``: ours against the candidates for the ``search`` extra, one run."""
+    rows = QUICK_KERNEL_ROWS if args.quick else TARGET_SIZE
+    runs = args.runs or (5 if args.quick else 30)
+    machine = machine_info([1])
+    print("# facenet-edge search kernels: top-1 over an int8 matrix, one core\n")
+    print(machine_line(machine))
+    read, kernels, core = measure_kernels(rows, runs)
+    print(f"\n{rows:,} x {ROW_BYTES} int8 ({rows * ROW_BYTES / MB:.0f} MB), pinned to CPU {core}; ratios to a")
+    print("numpy read of the same bytes (min: the run least disturbed by other work on the machine)\n")
+    headers = ["search", "p50 ms", "min ms", "p50 / read p50", "min / read min", "found the face"]
+    table = [["numpy read (sum as uint64)", fmt(read.p50_ms, 2), fmt(read.min_ms, 2), "1.00", "1.00", "-"]]
+    for k in kernels:
+        table.append(
+            [k.name, fmt(k.timing.p50_ms, 2), fmt(k.timing.min_ms, 2), fmt(k.timing.p50_ms / read.p50_ms)]
+            + [fmt(k.timing.min_ms / read.min_ms), "yes" if k.agrees else "NO"]
+        )
+    print(markdown_table(headers, table))
+    print("\n" + ", ".join(f"{name} {v}" for name, v in kernel_libraries().items()))
+    results = {
+        "rows": rows,
+        "core": core,
+        "libraries": kernel_libraries(),
+        "read": read,
+        "kernels": [
+            {
+                **asdict(k),
+                "p50_over_read": k.timing.p50_ms / read.p50_ms,
+                "min_over_read": k.timing.min_ms / read.min_ms,
+            }
+            for k in kernels
+        ],
+    }
+    config = {"rows": rows, "runs": runs}
+    path = write_json(args.out / "gallery_kernels.json", report("gallery_kernels", machine, config, results, []))
+    print(f"\nwrote {path}")
+    return 0
+
+
 def measure_add(people: int, directory: Path, identity: ModelIdentity) -> float:
     """Seconds per person enrolled through ``Gallery.add`` (one fsynced transaction each)."""
     rows = synthetic_embeddings(people, np.random.default_rng(3)).astype(np.float32)
@@ -247,6 +381,8 @@ def print_tables(scales: Sequence[Scale], add_s: float, add_people: int) -> None
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.kernels:
+        return run_kernels(args)
     sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)
     runs = args.runs or (5 if args.quick else 50)
     add_people = args.add_people or (10 if args.quick else 200)
@@ -305,6 +441,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--tmp", type=Path, metavar="DIR", help="where the gallery files go (default: the system's temp dir)"
+    )
+    parser.add_argument(
+        "--kernels",
+        action="store_true",
+        help="instead: top-1 over 1M x 128 int8 on one core, ours against numkong and faiss SQ8 (those "
+        "installed), each as a ratio to a read of the bytes; writes gallery_kernels.json",
     )
     return run_script(parser, run, argv)
 

@@ -234,6 +234,19 @@ def test_gallery_scaling(tmp_path):
         assert (tmp_path / "out" / "gallery_scaling.png").stat().st_size > 0
 
 
+def test_gallery_kernels(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "gallery_scaling.py"), "--kernels", "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "gallery_kernels.json").read_text())["results"]
+    assert results["kernels"][0]["name"].startswith("ours")  # then whichever candidates are installed
+    assert all(k["agrees"] and k["p50_over_read"] > 0 for k in results["kernels"])
+
+
 def test_models(tiny_model, tmp_path):
     pytest.importorskip("tensorflow", reason="the model family is built with TensorFlow (the train extra)")
     report = run_benchmark("models", tmp_path, "--model", str(tiny_model.int8))
