@@ -73,7 +73,7 @@ def test_consistency():
     assert report.samples == 3 and report.consistent and report.mean < report.largest < 0.9
     mixed = np.concatenate([close, rng.normal(size=(1, 128))])  # someone else's photo among them
     report = consistency("ada", mixed, threshold=0.9)
-    assert not report.consistent and "INCONSISTENT" in report.line()
+    assert not report.consistent and "SPREAD OUT" in report.line()
     assert consistency("bo", close[:1], 0.9).mean is None
 
 

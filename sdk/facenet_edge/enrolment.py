@@ -14,8 +14,9 @@ reason, when its face is
   ``neighbour_distance`` face widths of it (the wrong person could be the one enrolled).
 
 Consistency: the mean and largest squared-L2 distance between a person's samples,
-against the threshold a query must meet. Samples farther apart than the threshold are
-mostly the same person photographed very differently, or two people under one name.
+against the threshold a query must meet. Samples farther apart than the threshold are the
+same person photographed very differently (a query like one of them may be refused), or
+two people under one name.
 """
 
 from __future__ import annotations
@@ -143,7 +144,10 @@ class Consistency:
     def line(self) -> str:
         if self.mean is None:
             return f"{self.name}: 1 sample (enrol a few photos: one sample is fragile)"
-        verdict = "consistent" if self.consistent else "INCONSISTENT: check the photos are all of this person"
+        verdict = "consistent" if self.consistent else (
+            "SPREAD OUT: some of these samples would not match each other; check they all show this person, "
+            "and in the light and pose the camera sees"
+        )
         return (
             f"{self.name}: {self.samples} samples, mean distance {self.mean:.3f}, largest {self.largest:.3f} "
             f"(threshold {self.threshold:.3f}): {verdict}"
