@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from .align import align
 from .card import ModelCard, ModelIdentity
 from .detect import DEFAULT_DETECTOR, Detection, check_image, create_detector
 from .embed import Embedder, default_model_path
@@ -169,8 +168,7 @@ class FacePipeline:
     def _faces(self, image: np.ndarray, detections: list[Detection], gallery: Any, top_k: int) -> list[Face]:
         if not detections:
             return []
-        size, template = self.embedder.input_size, self.embedder.card.alignment
-        crops = np.stack([align(image, d, size, template=template) for d in detections])
+        crops = np.stack([self.embedder.crop(image, d) for d in detections])
         embeddings = self.embedder.embed(crops)
         if gallery is None:
             matches = [None] * len(detections)
