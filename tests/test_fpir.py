@@ -8,6 +8,9 @@ import math
 import numpy as np
 import pytest
 
+from facenet_edge.card import ModelCard, card_path_for
+from facenet_edge.card_summary import summary
+from facenet_edge.embed import default_model_path
 from facenet_edge.fpir import (
     DistributionError,
     ImpostorDistribution,
@@ -101,10 +104,14 @@ def test_round_trip_and_bad_entries():
 
 
 def test_the_shipped_card_carries_a_distribution():
-    from facenet_edge.card import ModelCard, card_path_for
-    from facenet_edge.embed import default_model_path
-
     distribution = card_distribution(ModelCard.load(card_path_for(default_model_path())))
     assert distribution is not None and distribution.pairs > 1_000_000
     # The default target with a small gallery lands inside what the card measured.
     assert not threshold_for_fpir(distribution, 1e-3, 30).extrapolated
+
+
+def test_info_shows_the_open_set_thresholds_and_headline():
+    model = default_model_path()
+    rows = {row.key: row.value for row in summary(ModelCard.load(card_path_for(model)), model, "0" * 64)}
+    assert rows["open-set thresholds"].startswith("for FPIR 0.001 per attempt: ")
+    assert "N=10: FNIR" in rows["open set"]  # benchmarks/openset.py --write-card

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .card import ModelCard
+from .fpir import DEFAULT_FPIR, ImpostorDistribution, card_distribution, threshold_for_fpir
 
 MB = 1_000_000  # decimal, as the README's model table
 
@@ -69,6 +70,28 @@ def quantization_line(quantization: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def fpir_line(distribution: ImpostorDistribution) -> str:
+    """The thresholds a gallery derives for the default target at a few sizes."""
+    points = [threshold_for_fpir(distribution, DEFAULT_FPIR, n) for n in (10, 100, 1000)]
+    at = ", ".join(f"{p.threshold:.3f} at {p.samples} samples" for p in points)
+    return f"for FPIR {DEFAULT_FPIR:g} per attempt: {at} ({distribution.pairs} impostor pairs)"
+
+
+def openset_line(openset: dict[str, Any]) -> str:
+    """The card's open-set headline (benchmarks/openset.py --write-card): per gallery
+    size, with the most enrolment photos measured, FNIR at the default target's threshold."""
+    rows = openset.get("results") or []
+    most = max((r.get("enrol", 0) for r in rows), default=0)
+    key = f"target_{DEFAULT_FPIR:g}"
+    parts = [
+        f"N={r['size']}: FNIR {100 * r[key]['fnir']:.1f} % at FPIR {r[key]['fpir']:.1e}, "
+        f"rank-1 {100 * r['rank1']:.1f} %"
+        for r in rows
+        if r.get("enrol") == most and isinstance(r.get(key), dict)
+    ]
+    return f"LFW, {most} photos enrolled: " + "; ".join(parts) if parts else ""
+
+
 def summary(card: ModelCard, model: Path, sha256: str) -> list[Row]:
     """The rows ``facenet-edge info`` prints, in order; absent card fields give no row."""
     rows = [
@@ -94,6 +117,12 @@ def summary(card: ModelCard, model: Path, sha256: str) -> list[Row]:
         Row("threshold, FAR 1e-3", _threshold(card.thresholds.far_1e3)),
         Row("threshold, best accuracy", _threshold(card.thresholds.best_accuracy)),
     ]
+    distribution = card_distribution(card)
+    if distribution is not None:
+        rows.append(Row("open-set thresholds", fpir_line(distribution)))
+    openset = card.extra.get("openset")
+    if isinstance(openset, dict) and openset_line(openset):
+        rows.append(Row("open set", openset_line(openset)))
     runtime_path = card.lfw.get("runtime_path")
     if isinstance(runtime_path, dict) and runtime_path:
         rows.append(Row("LFW, runtime path", lfw_line(runtime_path)))
