@@ -258,6 +258,14 @@ def test_models(tiny_model, tmp_path):
     assert file["size_bytes"] == tiny_model.int8.stat().st_size and file["target"] == "int8"
 
 
+def test_embed_time_gives_ratios_to_the_first_model(tiny_model, tmp_path):
+    report = run_benchmark("embed_time", tmp_path, "--model", str(tiny_model.int8), "--model", str(tiny_model.float32))
+    first, second = (report["results"][path.stem] for path in (tiny_model.int8, tiny_model.float32))
+    assert (first["target"], second["target"]) == ("int8", "float32")
+    assert first["ratio"] == 1.0 and first["median_ms"] > 0
+    assert second["ratio"] == pytest.approx(second["median_ms"] / first["median_ms"])
+
+
 @pytest.mark.skipif(LFW is None, reason=NO_LFW)
 def test_accuracy(tiny_model, tmp_path):
     models = ["--model", str(tiny_model.int8), "--model", str(tiny_model.float32)]
