@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 from facenet_edge.align import align
+from facenet_edge.camera import Frame
 from facenet_edge.detect import Detection
 from facenet_edge.errors import ModelError
 from facenet_edge.pipeline import Face, FacePipeline, PipelineOptions, Vote
+from facenet_edge.tracker import Tracker
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +126,22 @@ def test_process_lores(pipeline, astronaut):
     assert float(face.embedding @ direct.embedding) > 0.99
     with pytest.raises(ValueError, match="aspect ratio"):
         pipeline.process_lores(cv2.resize(astronaut, (320, 240)), astronaut)
+
+
+def test_frames_with_lores_are_detected_on_lores_by_the_tracker_too(pipeline, astronaut, monkeypatch):
+    """picamera2's ``lores`` stream: process_frame and Tracker.step_frame both detect on it
+    and crop from the full image, so --track gets the same faces as the vote."""
+    lores = cv2.resize(astronaut, (256, 256), interpolation=cv2.INTER_AREA)
+    frame = Frame(image=astronaut, timestamp=0.0, index=0, lores=lores)
+    detected, cropped = [], []
+    detect, crop = pipeline.detector.detect, pipeline.embedder.crop
+    monkeypatch.setattr(pipeline.detector, "detect", lambda image: detected.append(image.shape) or detect(image))
+    monkeypatch.setattr(pipeline.embedder, "crop", lambda image, d: cropped.append(image.shape) or crop(image, d))
+    (face,) = pipeline.process_frame(frame)
+    (tracked,) = Tracker().step_frame(pipeline, frame)
+    assert detected == [lores.shape, lores.shape] and cropped == [astronaut.shape, astronaut.shape]
+    np.testing.assert_allclose(tracked.detection.box, face.box)
+    assert tracked.embedded and tracked.track.match is None  # no gallery: tracked, not decided
 
 
 def test_gallery_is_called_once_per_frame(pipeline, astronaut):

@@ -374,7 +374,7 @@ def run_door(
 def tracked_face(tracker: Tracker, pipeline: FacePipeline, frame: Frame, gallery: Gallery) -> Face | None:
     """The nearest person's face with its track's decision as ``match`` (None while the
     track is undecided), or None when nobody is in view."""
-    tracked = tracker.step(pipeline, frame.image, gallery)
+    tracked = tracker.step_frame(pipeline, frame, gallery)
     if not tracked:
         return None
     nearest = max(tracked, key=lambda t: box_side(t.detection))

@@ -593,8 +593,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
 def _tracked_decision(tracker: Tracker, pipeline: FacePipeline, frame: Any, gallery: Gallery) -> str | None:
     """--track: the name the largest face's track decided from its fused embeddings (None
     while undecided, unknown or absent)."""
-    detections = pipeline.detect(frame.image)
-    tracked = tracker.step_detections(pipeline, frame.image, detections, gallery)
+    tracked = tracker.step_frame(pipeline, frame, gallery)
     if not tracked:
         return None
     nearest = max(tracked, key=lambda t: float(min(t.detection.box[2] - t.detection.box[0],

@@ -144,15 +144,25 @@ class FacePipeline:
     def process_frame(self, frame: Frame, gallery: Any = None, top_k: int = 1) -> list[Face]:
         """Faces in a frame from a source: detected on its ``lores`` image when it has one
         (picamera2's small stream) and cropped from its full ``image``, else all from ``image``."""
+        return self._faces(frame.image, self.detect_frame(frame), gallery, top_k)
+
+    def detect_frame(self, frame: Frame) -> list[Detection]:
+        """Detections in a frame from a source, in its ``image``'s pixels: found on its
+        ``lores`` image when it has one, else on ``image`` (what ``process_frame`` and
+        ``Tracker.step_frame`` crop from)."""
         if frame.lores is not None:
-            return self.process_lores(frame.lores, frame.image, gallery, top_k)
-        return self.process(frame.image, gallery, top_k)
+            return self.detect_lores(frame.lores, frame.image)
+        return self.detect(frame.image)
 
     def process_lores(
         self, lores_rgb: np.ndarray, main_rgb: np.ndarray, gallery: Any = None, top_k: int = 1
     ) -> list[Face]:
         """Detect on the small ``lores`` frame, crop from ``main`` (same field of view, as
         picamera2 gives them). Boxes are returned in ``main``'s pixels."""
+        return self._faces(main_rgb, self.detect_lores(lores_rgb, main_rgb), gallery, top_k)
+
+    def detect_lores(self, lores_rgb: np.ndarray, main_rgb: np.ndarray) -> list[Detection]:
+        """Detections on the small ``lores`` frame, in ``main``'s pixels."""
         check_image(lores_rgb)
         check_image(main_rgb)
         fx = main_rgb.shape[1] / lores_rgb.shape[1]
@@ -162,8 +172,7 @@ class FacePipeline:
                 f"lores {lores_rgb.shape[1]}x{lores_rgb.shape[0]} and main {main_rgb.shape[1]}x{main_rgb.shape[0]} "
                 "must have the same aspect ratio"
             )
-        detections = self._filter([d.scaled(fx) for d in self.detector.detect(lores_rgb)])
-        return self._faces(main_rgb, detections, gallery, top_k)
+        return self._filter([d.scaled(fx) for d in self.detector.detect(lores_rgb)])
 
     def _faces(self, image: np.ndarray, detections: list[Detection], gallery: Any, top_k: int) -> list[Face]:
         if not detections:

@@ -24,7 +24,8 @@ import numpy as np
 
 from .detect import Detection
 
-if TYPE_CHECKING:  # gallery imports sqlite3; the tracker only needs its Match type for hints
+if TYPE_CHECKING:  # gallery imports sqlite3, camera capture code; the tracker only needs their types for hints
+    from .camera import Frame
     from .gallery import Match
 
 
@@ -177,10 +178,16 @@ class Tracker:
         ready to decide against ``gallery``."""
         return self.step_detections(pipeline, image, pipeline.detect(image), gallery)
 
+    def step_frame(self, pipeline: Any, frame: Frame, gallery: Any = None) -> list[TrackedFace]:
+        """As :meth:`step`, for a ``Frame`` from a source: detected on its ``lores`` image
+        when it has one (``FacePipeline.detect_frame``, as ``process_frame`` does), embedded
+        from its full ``image``."""
+        return self.step_detections(pipeline, frame.image, pipeline.detect_frame(frame), gallery)
+
     def step_detections(
         self, pipeline: Any, image: np.ndarray, detections: Sequence[Detection], gallery: Any = None
     ) -> list[TrackedFace]:
-        """As :meth:`step`, with this frame's detections given (``process_lores`` users)."""
+        """As :meth:`step`, with this frame's detections given, in ``image``'s pixels."""
         assigned = self.update(detections)
         self.faces_seen += len(assigned)
         wanted = [(t, d) for t, d in assigned if self.wants_embedding(t)]
