@@ -1,15 +1,23 @@
-"""Triplet, distillation and harmonic losses against brute-force numpy references."""
+"""Triplet, distillation and harmonic losses against brute-force numpy references; the
+registry of loss terms against the training step's sum as it was written before it."""
+
+from typing import get_type_hints
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from facenet_train.config import ConfigError, LossConfig, config_from_dict
 from facenet_train.losses import (
+    LOSS_TERMS,
+    LossInputs,
+    LossTerm,
     distillation_loss,
     harmonic_triplet_loss,
     pairwise_squared_distances,
     semihard_triplets,
     triplet_batch_hard_loss,
+    total_loss,
     triplet_semihard_loss,
 )
 
@@ -251,3 +259,94 @@ def test_distillation_matches_reference():
     rotation = np.linalg.qr(np.random.default_rng(9).normal(size=(8, 8)))[0].astype(np.float32)
     rotated = s @ rotation
     assert float(distillation_loss(rotated, s, 1.0) - distillation_loss(rotated, s, 0.0)) == pytest.approx(0, abs=1e-5)
+
+
+# ---------------------------------------------------------------- the registry
+
+
+def step_before_the_registry(cfg, labels, embeddings, teacher, has_teacher, old):
+    """``train.Trainer._losses``'s sum as written before ``LOSS_TERMS``, from the loss functions:
+    ``labels`` of every row (-1: unlabeled, after the labelled rows)."""
+    n = int(np.sum(labels >= 0))
+    mining = triplet_semihard_loss if cfg.mining == "semihard" else triplet_batch_hard_loss
+    triplet = mining(labels[:n], embeddings[:n], cfg.margin)
+    total = cfg.triplet * triplet.loss
+    metrics = {"triplet": triplet.loss, "active_fraction": triplet.fraction_active}
+    if cfg.distillation:
+        target = tf.where(has_teacher[:, None], teacher, tf.stop_gradient(embeddings))
+        rows = tf.cast(tf.shape(embeddings)[0], tf.float32)
+        with_target = tf.maximum(tf.reduce_sum(tf.cast(has_teacher, tf.float32)), 1.0)
+        distill = distillation_loss(embeddings, target) * rows / with_target
+        total += cfg.distillation * distill
+        metrics["distillation"] = distill
+    if cfg.harmonic:
+        harmonic = harmonic_triplet_loss(labels[:n], embeddings[:n], old[:n], cfg.margin)
+        total += cfg.harmonic * harmonic.loss
+        metrics["harmonic"] = harmonic.loss
+        metrics["harmonic_active_fraction"] = harmonic.fraction_active
+    metrics["loss"] = total
+    return metrics
+
+
+def replica_batch(seed, identities=4, k=3, unlabeled=4, dim=8):
+    """P x K labelled rows then unlabeled ones; teacher targets missing (zeros, as fed) for some
+    rows of both kinds; an old model's embeddings near the new ones."""
+    rng = np.random.default_rng(seed)
+    labels = np.concatenate([np.repeat(np.arange(identities), k), np.full(unlabeled, -1)]).astype(np.int32)
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    centres = rng.normal(size=(identities + 1, dim))
+    embeddings = unit(0.6 * centres[labels] + rng.normal(size=(len(labels), dim)))
+    has_teacher = rng.random(len(labels)) > 0.3
+    has_teacher[[1, -1]] = False
+    teacher = np.where(has_teacher[:, None], rng.normal(size=embeddings.shape), 0.0).astype(np.float32)
+    old = unit(embeddings + 0.3 * rng.normal(size=embeddings.shape))
+    return labels, embeddings, teacher, has_teacher, old
+
+
+@pytest.mark.parametrize("cfg", [
+    LossConfig(),
+    LossConfig(mining="batch_hard", margin=0.3),
+    LossConfig(distillation=0.5),
+    LossConfig(harmonic=1.0),
+    LossConfig(triplet=0.5, mining="batch_hard", distillation=2.0, harmonic=0.7),
+], ids=["triplet", "batch_hard", "triplet+distillation", "triplet+harmonic", "all"])
+@pytest.mark.parametrize("seed", range(3))
+def test_the_registry_sums_what_the_step_summed(cfg, seed):
+    labels, embeddings, teacher, has_teacher, old = replica_batch(seed)
+    n = int(np.sum(labels >= 0))
+    e = tf.constant(embeddings)
+    # The trainer feeds teacher targets and the old model only to runs whose terms need them.
+    inputs = LossInputs(e, tf.constant(labels[:n]), cfg.margin, cfg.mining,
+                        tf.constant(teacher) if cfg.needs_teacher else None,
+                        tf.constant(has_teacher) if cfg.needs_teacher else None,
+                        tf.constant(old) if cfg.needs_old_model else None)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(e)
+        expected = step_before_the_registry(cfg, labels, e, teacher, has_teacher, old)
+        total, metrics = total_loss(cfg.weights(), inputs)
+    assert list(metrics) == list(expected)  # the same names, logged in the same order
+    assert {k: float(v) for k, v in metrics.items()} == {k: float(v) for k, v in expected.items()}
+    assert float(total) == float(expected["loss"])
+    np.testing.assert_array_equal(tape.gradient(total, e), tape.gradient(expected["loss"], e))
+
+
+def test_every_loss_term_has_a_weight_in_the_config():
+    hints = get_type_hints(LossConfig)
+    assert all(hints.get(name) is float for name in LOSS_TERMS)
+    assert LossConfig().weights() == {"triplet": 1.0}
+    assert list(LossConfig(harmonic=1.0, distillation=0.5).weights()) == ["triplet", "distillation", "harmonic"]
+
+
+def test_what_a_config_needs_follows_the_loss_terms(monkeypatch):
+    def error(values):
+        with pytest.raises(ConfigError) as info:
+            config_from_dict(values)
+        return str(info.value)
+
+    assert "every loss weight is 0" in error({"loss": {"triplet": 0.0}})
+    # A term that declares it needs teacher targets makes the config name them.
+    monkeypatch.setitem(LOSS_TERMS, "harmonic", LossTerm(LOSS_TERMS["harmonic"].compute, teacher=True))
+    assert "loss.harmonic > 0 needs data.teacher = true" in error({"loss": {"harmonic": 1.0}})
+    assert "only the distillation or harmonic loss uses: set loss.distillation or loss.harmonic" in error(
+        {"data": {"teacher": True}})
+

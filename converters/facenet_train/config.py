@@ -20,6 +20,7 @@ else:  # the `train` extra installs tomli on 3.10
     import tomli as tomllib
 
 from .augment import AugmentConfig
+from .losses import LOSS_TERMS, MINING
 
 
 class ConfigError(ValueError):
@@ -90,7 +91,8 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Weights of the loss terms. ``mining``: semihard (FaceNet) or batch_hard.
+    """Weights of the loss terms: a field named as each ``losses.LOSS_TERMS`` entry (0: the
+    term is left out). ``mining``: semihard (FaceNet) or batch_hard (``losses.MINING``).
     ``distillation``: towards the cached dlib descriptors. ``center_teacher``: distil
     towards the descriptors minus their mean over the training faces (saved as
     ``teacher_mean.npy`` in the run): dlib's descriptors all lie in a narrow cone (scaled
@@ -105,6 +107,20 @@ class LossConfig:
     distillation: float = 0.0
     center_teacher: bool = True
     harmonic: float = 0.0
+
+    def weights(self) -> dict[str, float]:
+        """The terms a run trains with: ``LOSS_TERMS`` name -> weight, for the weights not 0."""
+        return {name: getattr(self, name) for name in LOSS_TERMS if getattr(self, name)}
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether a term trained with needs the teacher's targets."""
+        return any(LOSS_TERMS[name].teacher for name in self.weights())
+
+    @property
+    def needs_old_model(self) -> bool:
+        """Whether a term trained with needs the frozen old model's embeddings."""
+        return any(LOSS_TERMS[name].old_model for name in self.weights())
 
 
 @dataclass(frozen=True)
@@ -156,17 +172,24 @@ class Config:
     def validate(self) -> Config:
         """Check values that would otherwise fail late (after the cache has loaded)."""
         o, s, loss, d, t = self.optimizer, self.schedule, self.loss, self.data, self.train
+        weights = loss.weights()
+        # What a term needs is declared by its LOSS_TERMS entry; these checks follow from it.
+        with_teacher = [name for name, term in LOSS_TERMS.items() if term.teacher]
+        teacher_losses, teacher_weights = " or ".join(with_teacher), " or ".join(f"loss.{n}" for n in with_teacher)
         checks = [
             (o.name in ("adam", "adagrad", "sgd"), f"optimizer.name {o.name!r}: adam, adagrad or sgd"),
             (s.kind in ("constant", "cosine", "step"), f"schedule.kind {s.kind!r}: constant, cosine or step"),
-            (loss.mining in ("semihard", "batch_hard"), f"loss.mining {loss.mining!r}: semihard or batch_hard"),
-            (loss.distillation == 0 or d.teacher, "loss.distillation > 0 needs data.teacher = true"),
+            (loss.mining in MINING, f"loss.mining {loss.mining!r}: {' or '.join(MINING)}"),
+            (bool(weights), f"every loss weight is 0: set one of {', '.join(f'loss.{n}' for n in LOSS_TERMS)}"),
+            *((d.teacher or not LOSS_TERMS[name].teacher, f"loss.{name} > 0 needs data.teacher = true")
+              for name in weights),
             (d.teacher or not d.partial_teacher, "data.partial_teacher needs data.teacher = true"),
-            (not d.teacher or loss.distillation > 0,
-             "data.teacher = true loads targets only the distillation loss uses: set loss.distillation"),
-            (self.batch.unlabeled == 0 or loss.distillation > 0,
-             "batch.unlabeled > 0 only feeds the distillation loss: set loss.distillation"),
-            (loss.harmonic == 0 or bool(self.harmonic.old_model), "loss.harmonic > 0 needs harmonic.old_model"),
+            (not d.teacher or loss.needs_teacher,
+             f"data.teacher = true loads targets only the {teacher_losses} loss uses: set {teacher_weights}"),
+            (self.batch.unlabeled == 0 or loss.needs_teacher,
+             f"batch.unlabeled > 0 only feeds the {teacher_losses} loss: set {teacher_weights}"),
+            *((bool(self.harmonic.old_model) or not LOSS_TERMS[name].old_model,
+               f"loss.{name} > 0 needs harmonic.old_model") for name in weights),
             (t.eval_every == 0 or bool(t.lfw and t.lfw_cache),
              "train.eval_every > 0 needs train.lfw and train.lfw_cache"),
             (t.precision in ("float32", "mixed_bfloat16"),

@@ -15,10 +15,15 @@ Semi-hard mining (:func:`semihard_triplets`), following the paper and TF-Addons'
 - when no negative is farther than the positive, the farthest negative is taken (the easiest of
   the hard ones), as TF-Addons does, so the pair still pulls the positive in;
 - anchors without any negative in the batch (a single identity) form no triplet.
+
+The training step's loss is a weighted sum of the terms in :data:`LOSS_TERMS`, the registry:
+a term's name there is its weight's key in a config's ``[loss]`` and its logged metric.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import tensorflow as tf
@@ -168,3 +173,92 @@ def _mean_and_active(losses: tf.Tensor) -> TripletLoss:
     count = tf.cast(tf.size(losses), tf.float32)
     active = tf.cast(tf.math.count_nonzero(losses > 0.0), tf.float32)
     return TripletLoss(tf.math.divide_no_nan(tf.reduce_sum(losses), count), tf.math.divide_no_nan(active, count))
+
+
+# ---------------------------------------------------------------- the terms of a training step
+
+MINING: dict[str, Callable[[tf.Tensor, tf.Tensor, float], TripletLoss]] = {
+    "semihard": triplet_semihard_loss,
+    "batch_hard": triplet_batch_hard_loss,
+}
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """What the loss terms see of one replica's batch. ``embeddings`` holds every row, the
+    labelled P x K faces first (``labels``: their identities), then the unlabeled faces."""
+
+    embeddings: tf.Tensor
+    labels: tf.Tensor
+    margin: float
+    mining: str  # a key of MINING
+    # The teacher's target of every row; has_teacher is False where a face has none (its target is then 0).
+    teacher: tf.Tensor | None = None
+    has_teacher: tf.Tensor | None = None
+    old_embeddings: tf.Tensor | None = None  # the frozen old model's, of every row
+
+    def labeled(self, rows: tf.Tensor) -> tf.Tensor:
+        """The labelled rows of ``rows`` (a static slice when the batch shape is static, as under XLA)."""
+        return rows[: tf.shape(self.labels)[0]]
+
+
+class TermValue(NamedTuple):
+    """A term's loss (logged under the term's name) and the other metrics it logs."""
+
+    loss: tf.Tensor
+    metrics: dict[str, tf.Tensor]
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One term of the training loss. What it needs decides what the trainer feeds and loads,
+    and what a config must name (``config.Config.validate``)."""
+
+    compute: Callable[[LossInputs], TermValue]
+    # Needs LossInputs.teacher (data.teacher); such terms are the only ones unlabeled faces feed.
+    teacher: bool = False
+    old_model: bool = False  # needs LossInputs.old_embeddings (harmonic.old_model)
+
+
+def _triplet(inputs: LossInputs) -> TermValue:
+    triplet = MINING[inputs.mining](inputs.labels, inputs.labeled(inputs.embeddings), inputs.margin)
+    return TermValue(triplet.loss, {"active_fraction": triplet.fraction_active})
+
+
+def _distillation(inputs: LossInputs) -> TermValue:
+    embeddings, has_teacher = inputs.embeddings, inputs.has_teacher
+    # Rows without a target are given the student's own vector (zero loss), then the mean is
+    # rescaled to the rows with one: static shapes, unlike boolean_mask.
+    target = tf.where(has_teacher[:, None], inputs.teacher, tf.stop_gradient(embeddings))
+    rows = tf.cast(tf.shape(embeddings)[0], tf.float32)
+    with_target = tf.maximum(tf.reduce_sum(tf.cast(has_teacher, tf.float32)), 1.0)
+    return TermValue(distillation_loss(embeddings, target) * rows / with_target, {})
+
+
+def _harmonic(inputs: LossInputs) -> TermValue:
+    harmonic = harmonic_triplet_loss(inputs.labels, inputs.labeled(inputs.embeddings),
+                                     inputs.labeled(inputs.old_embeddings), inputs.margin)
+    return TermValue(harmonic.loss, {"harmonic_active_fraction": harmonic.fraction_active})
+
+
+# Each name is also a weight in config.LossConfig (default 0 for a new term: existing configs keep their meaning).
+LOSS_TERMS: dict[str, LossTerm] = {
+    "triplet": LossTerm(_triplet),
+    "distillation": LossTerm(_distillation, teacher=True),
+    "harmonic": LossTerm(_harmonic, old_model=True),
+}
+
+
+def total_loss(weights: Mapping[str, float], inputs: LossInputs) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+    """``sum(weight * term)`` over ``weights`` (``LOSS_TERMS`` name -> weight; summed and logged
+    in this order), and the metrics of a step: each term's value under its name, its other
+    metrics, the sum as ``loss``."""
+    metrics: dict[str, tf.Tensor] = {}
+    weighted = []
+    for name, weight in weights.items():
+        value = LOSS_TERMS[name].compute(inputs)
+        metrics[name] = value.loss
+        metrics.update(value.metrics)
+        weighted.append(weight * value.loss)
+    metrics["loss"] = sum(weighted)
+    return metrics["loss"], metrics

@@ -229,10 +229,10 @@ class Trainer:
         b = config.batch
         sampling = data.SamplerConfig(b.p, b.k, b.unlabeled, b.identity_power, config.train.seed)
         sampler = data.PKSampler(cache.labels, sampling, replicas=replicas)
-        teacher_dim = cache.teacher.shape[1] if config.loss.distillation else 0
+        teacher_dim = cache.teacher.shape[1] if config.loss.needs_teacher else 0
         if teacher_dim and teacher_dim != config.model.embedding_size:
             raise ConfigError(f"the teacher's descriptors are {teacher_dim}-d; "
-                              f"distillation needs model.embedding_size = {teacher_dim}")
+                              f"its targets need model.embedding_size = {teacher_dim}")
         self.spec = FeedSpec(replicas, sampler.batch_size // replicas, b.p * b.k // replicas, size, teacher_dim)
         self.batches = Batches(cache, sampler, config, self.spec)
         self.identities = sampler.identities
@@ -243,7 +243,7 @@ class Trainer:
             self.model = build_model(config.model.name, embedding_size=config.model.embedding_size)
             keras.mixed_precision.set_global_policy("float32")
             self.card = default_card(self.model)  # its preprocessing is the model's input, as on the device
-            self.old_model = load_old_model(config) if config.loss.harmonic else None
+            self.old_model = load_old_model(config) if config.loss.needs_old_model else None
             self.optimizer = make_optimizer(config)
             self.optimizer.build(self.model.trainable_variables)  # slots exist before a restore
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
@@ -256,32 +256,16 @@ class Trainer:
     def _losses(self, images: tf.Tensor, labels: tf.Tensor, teacher: tf.Tensor | None,
                 has_teacher: tf.Tensor | None) -> tuple[list[tf.Tensor], dict[str, tf.Tensor]]:
         """(gradients, metrics) of one replica's batch; XLA-compiled when configured."""
-        cfg, n = self.config.loss, self.spec.labeled
+        cfg = self.config.loss
         x = normalise(tf.cast(images, tf.float32), self.card)
-        mining = losses.triplet_semihard_loss if cfg.mining == "semihard" else losses.triplet_batch_hard_loss
         with tf.GradientTape() as tape:
             embeddings = self.model(x, training=True)
-            triplet = mining(labels[:n], embeddings[:n], cfg.margin)
-            total = cfg.triplet * triplet.loss
-            metrics = {"triplet": triplet.loss, "active_fraction": triplet.fraction_active}
-            if cfg.distillation:
-                # Rows without a target are given the student's own vector (zero loss), then
-                # the mean is rescaled to the rows with one: static shapes, unlike boolean_mask.
-                target = tf.where(has_teacher[:, None], teacher, tf.stop_gradient(embeddings))
-                rows = tf.cast(tf.shape(embeddings)[0], tf.float32)
-                with_target = tf.maximum(tf.reduce_sum(tf.cast(has_teacher, tf.float32)), 1.0)
-                distill = losses.distillation_loss(embeddings, target) * rows / with_target
-                total += cfg.distillation * distill
-                metrics["distillation"] = distill
-            if cfg.harmonic:
-                old = self.old_model(x, training=False)
-                harmonic = losses.harmonic_triplet_loss(labels[:n], embeddings[:n], old[:n], cfg.margin)
-                total += cfg.harmonic * harmonic.loss
-                metrics["harmonic"] = harmonic.loss
-                metrics["harmonic_active_fraction"] = harmonic.fraction_active
+            old = None if self.old_model is None else self.old_model(x, training=False)
+            inputs = losses.LossInputs(embeddings, labels[: self.spec.labeled], cfg.margin, cfg.mining,
+                                       teacher, has_teacher, old)
+            total, metrics = losses.total_loss(cfg.weights(), inputs)
             # Gradients are summed over replicas: scale so the update is the mean.
             scaled = total / self.strategy.num_replicas_in_sync
-        metrics["loss"] = total
         return tape.gradient(scaled, self.model.trainable_variables), metrics
 
     def _replica_step(self, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -327,7 +311,9 @@ class Trainer:
                     last["learning_rate"] = float(self.optimizer.learning_rate)
                     window_start, window_steps = time.perf_counter(), 0
                     write_scalars(writer, step, last)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", active=f"{last['active_fraction']:.2f}",
+                    # A run without the triplet term has no active fraction to show.
+                    active = f"{last['active_fraction']:.2f}" if "active_fraction" in last else "-"
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", active=active,
                                     img_s=f"{last['images_per_second']:.0f}", refresh=False)
                 if step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
@@ -398,7 +384,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, config_file
     run_dir = Path(run_dir)
     prepare_run_dir(config, Path(config_file) if config_file else None, run_dir, resume)
     cache = load_training_cache(config)
-    if config.loss.distillation:
+    if config.loss.needs_teacher:
         cache.teacher = student_targets(cache.teacher, config, run_dir, resume)
     trainer = Trainer(config, run_dir, cache, strategy)
     if config.model.init_weights and not trainer.manager.latest_checkpoint:
