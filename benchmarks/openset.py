@@ -162,15 +162,20 @@ def score_gallery(
             scores.at_target.setdefault(target, []).append(entry)
 
 
+def threshold_at_fpir(nonmated: np.ndarray, fpir: float) -> float | None:
+    """The largest threshold (accepting d < threshold) that names at most ``fpir`` of the
+    non-mated scores: the next one's score. None when too few to resolve ``fpir``."""
+    allowed = int(np.floor(fpir * len(nonmated)))
+    return float(np.sort(nonmated)[allowed]) if allowed >= 1 else None
+
+
 def fnir_at_fpir(scores: Scores, fpir: float) -> dict[str, float | None]:
     """FNIR at the largest threshold whose FPIR is at most ``fpir`` (None when too few
     non-mated probes to resolve it)."""
     mated, correct, nonmated = scores.arrays()
-    allowed = int(np.floor(fpir * len(nonmated)))
-    if allowed < 1:
+    threshold = threshold_at_fpir(nonmated, fpir)
+    if threshold is None:
         return {"fpir": fpir, "threshold": None, "fnir": None, "measured_fpir": None}
-    ordered = np.sort(nonmated)
-    threshold = float(ordered[allowed])  # accept d < threshold: at most ``allowed`` strangers
     return {
         "fpir": fpir,
         "threshold": threshold,

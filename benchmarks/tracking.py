@@ -56,7 +56,7 @@ from common import (
     run_script,
     write_json,
 )
-from openset import FPIR_POINTS, design
+from openset import FPIR_POINTS, design, pct, threshold_at_fpir
 
 from facenet_edge import FacePipeline, Gallery
 from facenet_edge.arguments import positive_int
@@ -341,10 +341,8 @@ class PolicyScores:
     def at_fpir(self, fpir: float) -> dict[str, Any] | None:
         """At the largest threshold that names at most ``fpir`` of the strangers' attempts
         (None when there are too few to resolve it)."""
-        allowed = math.floor(fpir * len(self.nonmated))
-        if allowed < 1:
-            return None
-        return {"target_fpir": fpir, **self.at(float(np.sort(self.nonmated)[allowed]))}
+        threshold = threshold_at_fpir(self.nonmated, fpir)
+        return None if threshold is None else {"target_fpir": fpir, **self.at(threshold)}
 
     def det(self, points: int = 200) -> dict[str, list[float]]:
         """(FPIR, FNIR) at up to ``points`` thresholds, each the largest naming k strangers'
@@ -356,10 +354,6 @@ class PolicyScores:
         fpir = np.searchsorted(ordered, thresholds) / len(self.nonmated)
         fnir = 1.0 - np.searchsorted(np.sort(self.mated), thresholds) / max(1, len(self.mated))
         return {"fpir": fpir.tolist(), "fnir": fnir.tolist()}
-
-
-def pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}"
 
 
 def print_tables(scores: Sequence[PolicyScores], threshold: float) -> dict[str, Any]:
