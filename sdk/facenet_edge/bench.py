@@ -43,7 +43,6 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .align import align
 from .arguments import int_list, name_list, positive_int
 from .card import ModelIdentity
 from .detect import DEFAULT_DETECTOR, DETECTORS, Detection, Detector, create_detector
@@ -615,14 +614,14 @@ def measure_stages(
     if detection is None:
         raise FacenetEdgeError("no detector found the face in the test frame; pass --image with a clearer face photo")
     with Embedder.from_path(model, delegate=delegate) as embedder:
-        card, gallery_identity = embedder.card, embedder.identity
-    size, template = card.input_size, card.alignment
-    crop = align(frame, detection, size, template=template)
-    for batch in config.batches:
-        seconds = time_calls(
-            lambda batch=batch: [align(frame, detection, size, template=template) for _ in range(batch)], runs, warmup
-        )
-        rows.append(StageTiming("align", f"{size[1]}x{size[0]}", None, batch, Percentiles.of(seconds)))
+        gallery_identity, (height, width) = embedder.identity, embedder.input_size
+        # The crop the device makes: the card's size, template and fill.
+        crop = embedder.crop(frame, detection)
+        for batch in config.batches:
+            seconds = time_calls(
+                lambda batch=batch: [embedder.crop(frame, detection) for _ in range(batch)], runs, warmup
+            )
+            rows.append(StageTiming("align", f"{width}x{height}", None, batch, Percentiles.of(seconds)))
     embedding = None
     for threads in config.threads:
         with Embedder.from_path(model, num_threads=threads, delegate=delegate) as embedder:
