@@ -4,7 +4,7 @@ Issue 13 caps a new default model at 1.5x the embed time of the one it replaces,
 in the same run: timings drift with the CPU's clock and load, so each round times every
 model back to back (``--runs`` single-face embeds each, after a warm-up) and the ratio
 is taken of the medians over all rounds. One face: the astronaut photo shipped with
-the package, detected and cropped as each model's card says.
+the package, found by the default detector and cropped as each model's card says.
 
     python benchmarks/embed_time.py --model NEW.tflite --model OLD.tflite [--rounds 20] [--runs 50]
 """
@@ -30,7 +30,7 @@ from common import (
 
 from facenet_edge.arguments import positive_int
 from facenet_edge.bench import BENCH_PHOTO, time_calls
-from facenet_edge.detect import create_detector, main_face
+from facenet_edge.detect import DEFAULT_DETECTOR, create_detector, main_face
 from facenet_edge.embed import Embedder
 from facenet_edge.io import read_image
 
@@ -39,7 +39,7 @@ def measure(args: argparse.Namespace) -> int:
     models = models_under_test(args.model)
     rounds, runs = (2, 5) if args.quick else (args.rounds, args.runs)
     image = read_image(BENCH_PHOTO)
-    with create_detector("blazeface") as detector:
+    with create_detector(DEFAULT_DETECTOR) as detector:
         face = main_face(detector.detect(image), image.shape)
     with ExitStack() as stack:
         embedders = [stack.enter_context(Embedder.from_path(m.path, num_threads=args.threads)) for m in models]
