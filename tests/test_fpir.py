@@ -15,7 +15,7 @@ from facenet_edge.fpir import (
     DistributionError,
     ImpostorDistribution,
     card_distribution,
-    impostor_distances,
+    impostor_pairs,
     pair_rate,
     threshold_for_fpir,
 )
@@ -80,12 +80,37 @@ def test_measured_fpir_matches_the_target_on_independent_impostors():
     assert measured == pytest.approx(target, rel=0.1)
 
 
-def test_impostor_distances_skip_same_label_pairs():
+def test_impostor_pairs_skip_same_label_pairs_and_weigh_each_person_once():
     vectors = np.eye(4, 128, dtype=np.float32)
-    distances = impostor_distances(vectors, ["a", "a", "b", "c"])
+    pairs = impostor_pairs(vectors, ["a", "a", "b", "c"])
     # 6 pairs, minus the one a-a pair; orthogonal unit vectors are 2 apart.
-    assert len(distances) == 5
-    assert np.allclose(distances, 2.0)
+    assert len(pairs.distances) == 5
+    assert np.allclose(pairs.distances, 2.0)
+    # a-b and a-c are two pairs of 1/2 each, b-c one pair of 1: each pair of people weighs 1.
+    assert sorted(pairs.weights.tolist()) == [0.5, 0.5, 0.5, 0.5, 1.0]
+
+
+def test_equal_weights_give_the_unweighted_quantiles_and_heavy_pairs_resolve_less():
+    rng = np.random.default_rng(2)
+    distances = rng.uniform(0.0, 4.0, 20_000)
+    unweighted = ImpostorDistribution.of(distances, "pairs")
+    assert ImpostorDistribution.of(distances, "pairs", np.full(len(distances), 3.0)) == unweighted
+    # A tenth of the pairs carrying most of the weight: fewer effective pairs below each
+    # rate, so the lowest rate it resolves is higher.
+    weights = np.where(np.arange(len(distances)) % 10 == 0, 50.0, 1.0)
+    assert ImpostorDistribution.of(distances, "pairs", weights).rates[0] > unweighted.rates[0]
+
+
+def test_a_person_with_many_photos_does_not_set_the_tail():
+    # 1,000 people with one photo each, all impostor pairs 2 apart, plus one person with
+    # 1,000 photos who lies 1 from everyone: counting image pairs, half of all impostor
+    # pairs are that one person's and the 1 % quantile is 1; counting people, that
+    # person is one in 1,001 and the 1 % quantile is 2.
+    singles = 1000
+    distances = np.concatenate([np.full(singles * (singles - 1) // 2, 2.0), np.full(singles * singles, 1.0)])
+    weights = np.concatenate([np.ones(singles * (singles - 1) // 2), np.full(singles * singles, 1.0 / singles)])
+    assert ImpostorDistribution.of(distances, "pairs").distance_at(0.01)[0] == 1.0
+    assert ImpostorDistribution.of(distances, "people", weights).distance_at(0.01)[0] == 2.0
 
 
 def test_round_trip_and_bad_entries():
@@ -98,6 +123,8 @@ def test_round_trip_and_bad_entries():
         ImpostorDistribution.from_dict({"rates": [0.1]})
     with pytest.raises(DistributionError, match="too few"):
         ImpostorDistribution.of(np.ones(5), "five")
+    with pytest.raises(DistributionError, match="weights"):
+        ImpostorDistribution.of(np.ones(50), "fifty", np.zeros(50))
     for bad in (0, 1, -0.1, math.nan, True, "1e-3"):
         with pytest.raises(DistributionError, match="target FPIR"):
             threshold_for_fpir(distribution, bad, 10)

@@ -29,7 +29,7 @@ import numpy as np
 from facenet_edge.card import ModelCard, card_path_for
 from facenet_edge.detect import DEFAULT_DETECTOR
 from facenet_edge.embed import Embedder
-from facenet_edge.fpir import DistributionError, ImpostorDistribution, impostor_distances
+from facenet_edge.fpir import DistributionError, ImpostorDistribution, impostor_pairs
 
 from .evaluation import LfwFaces, describe_with, lfw_embeddings
 
@@ -92,7 +92,8 @@ def impostor_distribution(
     model: Path, lfw_dir: Path, cache_dir: Path | None = None, detector: str = DEFAULT_DETECTOR
 ) -> ImpostorDistribution:
     """The impostor distance distribution of ``model`` on the calibration half: every pair
-    of its images of two different people, through the runtime path. ``cache_dir`` keeps
+    of its images of two different people, through the runtime path, each person counting
+    once. ``cache_dir`` keeps
     the embeddings for a later run (default: none kept)."""
     lfw = lfw_images(lfw_dir)
     half = LfwImages(lfw.root, [path for path, keep in zip(lfw.images, lfw.half(CALIBRATION)) if keep])
@@ -105,9 +106,10 @@ def impostor_distribution(
     names = half.names
     source = (
         f"LFW calibration half ({SPLIT_RULE}): {len(half.images)} images of {len(set(names))} people "
-        f"through the runtime path ({detector}); never probed by benchmarks/openset.py"
+        f"through the runtime path ({detector}), each person weighing the same; never probed by benchmarks/openset.py"
     )
-    return ImpostorDistribution.of(impostor_distances(embedded.embeddings, names), source)
+    pairs = impostor_pairs(embedded.embeddings, names)
+    return ImpostorDistribution.of(pairs.distances, source, pairs.weights)
 
 
 def write_card_entry(model: Path, key: str, entry: dict) -> Path:
