@@ -43,6 +43,7 @@ from common import (
     run_script,
     write_json,
 )
+from openset import split_people
 
 from facenet_edge.arguments import positive_int
 from facenet_edge.detect import DEFAULT_DETECTOR
@@ -84,14 +85,10 @@ class Row:
 
 
 def measured_half(names: np.ndarray, rows: np.ndarray, min_images: int) -> MeasuredHalf:
-    """Split ``rows`` (one half's images, ``names[rows]`` their people) into gallery people
-    (at least ``min_images`` photos) and strangers (every photo of the others)."""
-    by_name: dict[str, list[int]] = {}
-    for row in rows:
-        by_name.setdefault(str(names[row]), []).append(int(row))
-    people = [np.array(r) for _, r in sorted(by_name.items()) if len(r) >= min_images]
-    strangers = np.array(sorted(r for rs in by_name.values() if len(rs) < min_images for r in rs), dtype=int)
-    return MeasuredHalf(people, strangers)
+    """Split ``rows`` (one half's images, ``names[rows]`` their people) as the open-set
+    benchmark does (``openset.split_people``), gallery people as a list to draw from."""
+    split = split_people(names, rows, min_images)
+    return MeasuredHalf(list(split.people.values()), split.nonmated)
 
 
 def distributions(embeddings: np.ndarray, names: np.ndarray, source: str) -> dict[str, ImpostorDistribution]:

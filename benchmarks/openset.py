@@ -76,21 +76,28 @@ QUICK = {"people": 20, "nonmated": 200, "sizes": (5, 0), "rounds": 1}
 
 @dataclass(frozen=True)
 class Design:
-    """Who can be enrolled (``people``: name -> rows of their images) and who probes as a
-    stranger (``nonmated``: rows), from the evaluation half."""
+    """Who can be enrolled (``people``: name -> rows of their images, in name order) and who
+    probes as a stranger (``nonmated``: rows)."""
 
     people: dict[str, np.ndarray]
     nonmated: np.ndarray
 
 
+def split_people(names: np.ndarray, rows: np.ndarray, min_images: int) -> Design:
+    """``rows`` (``names[rows]`` their people) split into people with at least
+    ``min_images`` photos, who can be enrolled, and every photo of the others, strangers."""
+    by_name: dict[str, list[int]] = {}
+    for row in rows:
+        by_name.setdefault(str(names[row]), []).append(int(row))
+    people = {n: np.array(r) for n, r in sorted(by_name.items()) if len(r) >= min_images}
+    nonmated = np.array(sorted(r for rs in by_name.values() if len(rs) < min_images for r in rs), dtype=int)
+    return Design(people, nonmated)
+
+
 def design(lfw: LfwImages, min_images: int, max_people: int | None, max_nonmated: int | None) -> Design:
-    names = lfw.names
-    evaluation = np.flatnonzero(lfw.half(EVALUATION))
-    rows: dict[str, list[int]] = {}
-    for row in evaluation:
-        rows.setdefault(str(names[row]), []).append(int(row))
-    people = {n: np.array(r) for n, r in sorted(rows.items()) if len(r) >= min_images}
-    nonmated = np.array(sorted(r for n, rs in rows.items() if len(rs) < min_images for r in rs))
+    """The benchmark's people and strangers, from the evaluation half."""
+    split = split_people(lfw.names, np.flatnonzero(lfw.half(EVALUATION)), min_images)
+    people, nonmated = split.people, split.nonmated
     if max_people is not None:  # --quick: spread over the alphabet, deterministic
         keep = sorted(people)[:: max(1, len(people) // max_people)][:max_people]
         people = {n: people[n] for n in keep}

@@ -93,8 +93,7 @@ def impostor_distribution(
 ) -> ImpostorDistribution:
     """The impostor distance distribution of ``model`` on the calibration half: every pair
     of its images of two different people, through the runtime path, each person counting
-    once. ``cache_dir`` keeps
-    the embeddings for a later run (default: none kept)."""
+    once. ``cache_dir`` keeps the embeddings for a later run (default: none kept)."""
     lfw = lfw_images(lfw_dir)
     half = LfwImages(lfw.root, [path for path, keep in zip(lfw.images, lfw.half(CALIBRATION)) if keep])
     if len(set(half.names)) < 2:

@@ -14,8 +14,8 @@ faces none of the open-set benchmark's probes come from (docs/benchmarks.md).
 ``F`` is measured with every *person* counting once (a pair of images of people ``a`` and
 ``b`` weighs ``1 / (n_a * n_b)``), as a gallery enrols each person with a few photos and
 each stranger is one attempt. Counting every image pair instead lets the few people with
-hundreds of photos set the tail, and on LFW that made thresholds measure 0.4 to 0.7 times
-their target (docs/benchmarks.md).
+hundreds of photos set the tail, and on LFW that made thresholds measure 0.3 to 0.8 times
+their target (``benchmarks/fpir_calibration.py``, docs/benchmarks.md).
 
 Below the smallest rate the card resolves (about ten impostor pairs), the quantile is
 extrapolated linearly in log rate from the lowest decade, and the result says so.
