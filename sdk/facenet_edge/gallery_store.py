@@ -332,6 +332,10 @@ class GalleryStore:
                 conn.execute("COMMIT")
                 if export is not None:
                     staging._import(export)
+                # Published in WAL mode (kept in the file's header), so openers racing on a new
+                # gallery never switch it: SQLite fails that switch at once ("database is
+                # locked") instead of waiting out the busy timeout.
+                conn.execute("PRAGMA journal_mode=WAL")
             finally:
                 conn.close()
             _fsync(tmp)
