@@ -22,7 +22,7 @@ tf = pytest.importorskip("tensorflow", reason="the training stack needs TensorFl
 
 from facenet_edge.embed import normalise  # noqa: E402
 from facenet_train import checkpoint, cli, data, evaluation, models, preprocess, teacher_head, train  # noqa: E402
-from facenet_train.augment import centre_crop  # noqa: E402
+from facenet_train.augment import augment_views, centre_crop, cut_tight  # noqa: E402
 from facenet_train.config import ConfigError, config_from_dict, load_config  # noqa: E402
 
 REAL_LFW = Path(__file__).parents[2] / "shared/data/lfw"
@@ -357,9 +357,61 @@ def test_a_wider_teacher_is_projected_on_its_principal_axes(synthetic_cache, tmp
     assert checkpoint.teacher_mean_of(tmp_path / "run") is None
     np.save(tmp_path / "run" / checkpoint.TEACHER_BASIS, basis[:, ::-1])  # resume reads the run's own basis back
     cache = train.load_training_cache(config)
-    targets = train.student_targets(cache.teacher, config, tmp_path / "run", resume=True)
+    targets = train.student_space(cache.teacher, config, tmp_path / "run", resume=True).targets(cache.teacher)
     centre = np.load(tmp_path / "run" / checkpoint.TEACHER_MEAN)
     assert np.allclose(targets, (cache.teacher - centre) @ basis[:, ::-1], equal_nan=True)
+
+
+class ViewColours:
+    """Stands in for the EdgeFace export: a view's mean colour per row, spread over DIM values."""
+
+    def __init__(self, onnx_path, flip=True):
+        assert not flip, "training views are flipped at random already"
+
+    def describe(self, views: np.ndarray) -> np.ndarray:
+        colours = views.reshape(len(views), -1, 3).mean(axis=1)
+        return np.hstack([colours * (i + 1) for i in range(DIM // 3 + 1)])[:, :DIM].astype(np.float32)
+
+
+def edgeface_cache(synthetic_cache: Path, root: Path) -> Path:
+    cache = root / "edgeface"
+    shutil.copytree(synthetic_cache, cache)
+    (cache / "teacher.json").write_text('{"teacher": "edgeface"}\n')
+    return cache
+
+
+def test_a_view_teacher_describes_each_view_before_its_tight_cut(synthetic_cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "EdgeFaceTeacher", ViewColours)
+    config = make_config(edgeface_cache(synthetic_cache, tmp_path), data={"teacher": True, "teacher_onnx": "t.onnx"},
+                         batch={"unlabeled": 4}, loss={"distillation": 1.0}, augment={"tight": 1.0},
+                         train={"steps": 2, "log_every": 1, "checkpoint_every": 1})
+    cache = train.load_training_cache(config)
+    (tmp_path / "run").mkdir()
+    space = train.student_space(cache.teacher, config, tmp_path / "run", resume=False)
+    trainer = train.Trainer(config, tmp_path / "run", cache, view_teacher=train.view_teacher(config, space))
+    batch = trainer.batches(1)
+    index = trainer.batches.sampler.batch(1)
+    rng = np.random.default_rng([config.train.seed, 1, 1])
+    views = augment_views(cache.crops[index.ravel()], 96, config.augment, rng)
+    images = cut_tight(views, config.augment, rng)
+    np.testing.assert_array_equal(batch["images"].reshape(images.shape), images)
+    assert not np.array_equal(images, views)  # every view was cut
+    expected = space.targets(ViewColours(None, flip=False).describe(views))
+    np.testing.assert_allclose(batch["teacher"].reshape(expected.shape), expected, rtol=1e-6)
+    assert batch["has_teacher"].all()  # the face without a cached descriptor gets one from its view
+    # The cached descriptors still fix the space, and a run trains on the views' targets.
+    assert space.centre is not None and np.allclose(space.centre, data.teacher_centre(cache.teacher))
+    result = train.train(config, tmp_path / "trained")
+    assert np.isfinite(result.metrics["distillation"])
+
+
+def test_a_view_teacher_needs_its_own_descriptors_in_the_cache(synthetic_cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "EdgeFaceTeacher", ViewColours)
+    config = make_config(synthetic_cache, data={"teacher": True, "teacher_onnx": "t.onnx"}, loss={"distillation": 1.0})
+    with pytest.raises(ConfigError, match="holds dlib's descriptors"):
+        train.train(config, tmp_path / "run")
+    with pytest.raises(ConfigError, match="data.teacher_onnx needs data.teacher = true"):
+        make_config(synthetic_cache, data={"teacher_onnx": "t.onnx"})
 
 
 def test_mixed_bfloat16_keeps_the_embedding_float32(synthetic_cache, tmp_path):

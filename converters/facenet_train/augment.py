@@ -102,6 +102,11 @@ def tight_cut(crop: np.ndarray, side: int, offset: np.ndarray, fill: str) -> np.
 
 def augment_batch(crops: np.ndarray, size: int, config: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
     """Random ``size`` px views of (N, S, S, 3) uint8 bordered crops -> (N, size, size, 3) uint8."""
+    return cut_tight(augment_views(crops, size, config, rng), config, rng)
+
+
+def augment_views(crops: np.ndarray, size: int, config: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """:func:`augment_batch` before its tight cuts: the views as from the whole photo."""
     if not config.enabled:
         return np.ascontiguousarray(centre_crop(crops, size))
     n, full = crops.shape[0], crops.shape[1]
@@ -131,6 +136,15 @@ def augment_batch(crops: np.ndarray, size: int, config: AugmentConfig, rng: np.r
         # OpenCV's codec expects BGR: converting keeps its chroma subsampling on the right channels.
         ok, buf = cv2.imencode(".jpg", cv2.cvtColor(out[i], cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
         out[i] = cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    return out
+
+
+def cut_tight(views: np.ndarray, config: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """A copy of :func:`augment_views`' output with ``config.tight`` of the views tightly cut."""
+    out = views.copy()
+    if not config.enabled:
+        return out
+    n, size = views.shape[0], views.shape[1]
     # Last, as the aligner fills after the photo was taken and compressed; drawn last so
     # configs without tight crops keep their random stream.
     tight = np.flatnonzero(rng.random(n) < config.tight)

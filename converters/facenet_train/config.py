@@ -44,13 +44,17 @@ class DataConfig:
     so a model scored on LFW never saw an LFW person. ``teacher``: load the cached dlib
     descriptors (needed when the distillation weight is not 0). ``partial_teacher``: train
     while ``facenet-train teacher`` has not finished: faces of shards without descriptors
-    get no distillation target (labeled ones still see the triplet loss)."""
+    get no distillation target (labeled ones still see the triplet loss). ``teacher_onnx``:
+    the cache's teacher exported (``facenet-train teacher-export``): it then describes each
+    training view as augmented, before any tight cut, and that is the view's target instead
+    of the cached descriptor of the clean crop (which still fixes the centre and axes)."""
 
     cache: str = "cache/aligned"
     sources: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     teacher: bool = False
     partial_teacher: bool = False
+    teacher_onnx: str = ""
 
 
 @dataclass(frozen=True)
@@ -184,6 +188,7 @@ class Config:
             *((d.teacher or not LOSS_TERMS[name].teacher, f"loss.{name} > 0 needs data.teacher = true")
               for name in weights),
             (d.teacher or not d.partial_teacher, "data.partial_teacher needs data.teacher = true"),
+            (d.teacher or not d.teacher_onnx, "data.teacher_onnx needs data.teacher = true"),
             (not d.teacher or loss.needs_teacher,
              f"data.teacher = true loads targets only the {teacher_losses} loss uses: set {teacher_weights}"),
             (self.batch.unlabeled == 0 or loss.needs_teacher,

@@ -29,7 +29,7 @@ from facenet_edge.embed import normalise
 from tensorflow.core.framework import summary_pb2
 
 from . import data, losses
-from .augment import augment_batch
+from .augment import augment_views, cut_tight
 from .checkpoint import (
     CHECKPOINTS,
     CONFIG_JSON,
@@ -42,8 +42,13 @@ from .checkpoint import (
     load_into,
 )
 from .config import Config, ConfigError, load_config
+from .edgeface import EdgeFaceTeacher
 from .evaluation import LfwCropPairs, default_card, keras_embedder
 from .models import MODELS, build_model
+from .teacher import cached_teacher
+
+# (N, S, S, 3) uint8 training views -> (N, D) distillation targets in the student's space.
+ViewTeacher = Callable[[np.ndarray], np.ndarray]
 
 
 # ---------------------------------------------------------------- data feeding
@@ -62,22 +67,30 @@ class FeedSpec:
 
 
 class Batches:
-    """The batch of any step, as numpy arrays shaped (replicas, per_replica, ...)."""
+    """The batch of any step, as numpy arrays shaped (replicas, per_replica, ...). With a
+    ``view_teacher`` the distillation targets are its description of each view before the
+    tight cut, rather than the cached ones of the clean crops."""
 
-    def __init__(self, cache: data.FaceCache, sampler: data.PKSampler, config: Config, spec: FeedSpec):
+    def __init__(self, cache: data.FaceCache, sampler: data.PKSampler, config: Config, spec: FeedSpec,
+                 view_teacher: ViewTeacher | None = None):
         self.cache, self.sampler, self.config, self.spec = cache, sampler, config, spec
+        self.view_teacher = view_teacher
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         spec = self.spec
         index = self.sampler.batch(step)
         rng = np.random.default_rng([self.config.train.seed, step, 1])
-        images = augment_batch(self.cache.crops[index.ravel()], spec.size, self.config.augment, rng)
+        views = augment_views(self.cache.crops[index.ravel()], spec.size, self.config.augment, rng)
+        images = cut_tight(views, self.config.augment, rng)
         batch = {
             "images": images.reshape(spec.replicas, spec.per_replica, spec.size, spec.size, 3),
             "labels": self.cache.labels[index].astype(np.int32),
         }
         if spec.teacher_dim:
-            teacher = self.cache.teacher[index]
+            if self.view_teacher is None:
+                teacher = self.cache.teacher[index]
+            else:
+                teacher = self.view_teacher(views).reshape(*index.shape, spec.teacher_dim)
             batch["has_teacher"] = ~np.isnan(teacher).any(axis=-1)
             batch["teacher"] = np.nan_to_num(teacher).astype(np.float32)
         return batch
@@ -111,7 +124,8 @@ def load_training_cache(config: Config) -> data.FaceCache:
         filters.append(lambda shard: shard["labels"] >= 0)
     cache = data.load_cache(config.data.cache, with_teacher=config.data.teacher, filters=filters,
                             partial_teacher=config.data.partial_teacher)
-    if cache.teacher is not None and np.isnan(cache.teacher).any():
+    # A view teacher describes every face's views; only the cached descriptors can be missing.
+    if cache.teacher is not None and np.isnan(cache.teacher).any() and not config.data.teacher_onnx:
         without = int(np.isnan(cache.teacher).any(axis=1).sum())
         print(f"{without} of {len(cache.teacher)} faces have no teacher descriptor: triplet loss only for them")
     data.check_aligner(cache.manifest, config.data.cache)
@@ -216,7 +230,7 @@ class Trainer:
     """One run: model, optimizer, checkpoint and the distributed train step."""
 
     def __init__(self, config: Config, run_dir: Path, cache: data.FaceCache,
-                 strategy: tf.distribute.Strategy | None = None):
+                 strategy: tf.distribute.Strategy | None = None, view_teacher: ViewTeacher | None = None):
         self.config, self.run_dir = config, run_dir
         self.strategy = strategy or make_strategy()
         replicas = self.strategy.num_replicas_in_sync
@@ -234,7 +248,7 @@ class Trainer:
             raise ConfigError(f"the teacher's descriptors are {teacher_dim}-d; "
                               f"its targets need model.embedding_size = {teacher_dim}")
         self.spec = FeedSpec(replicas, sampler.batch_size // replicas, b.p * b.k // replicas, size, teacher_dim)
-        self.batches = Batches(cache, sampler, config, self.spec)
+        self.batches = Batches(cache, sampler, config, self.spec, view_teacher)
         self.identities = sampler.identities
         with self.strategy.scope():
             keras.utils.set_random_seed(config.train.seed)
@@ -366,16 +380,38 @@ def _fixed_for_run(path: Path, resume: bool, compute: Callable[[], np.ndarray]) 
     return value
 
 
-def student_targets(teacher: np.ndarray, config: Config, run_dir: Path, resume: bool) -> np.ndarray:
-    """The teacher's descriptors in the student's space: centred (``loss.center_teacher``)
-    and, when the teacher is wider than the student, projected on their principal axes."""
+@dataclass(frozen=True)
+class StudentSpace:
+    """Where the teacher's descriptors go for the student: minus ``centre``, on ``basis`` (each optional)."""
+
+    centre: np.ndarray | None
+    basis: np.ndarray | None
+
+    def targets(self, descriptors: np.ndarray) -> np.ndarray:
+        return data.teacher_targets(descriptors, self.centre, self.basis)
+
+
+def student_space(teacher: np.ndarray, config: Config, run_dir: Path, resume: bool) -> StudentSpace:
+    """Centred on the cached descriptors' mean (``loss.center_teacher``) and, when the teacher
+    is wider than the student, projected on their principal axes; fixed at the run's start."""
     centre = basis = None
     if config.loss.center_teacher:
         centre = _fixed_for_run(run_dir / TEACHER_MEAN, resume, lambda: data.teacher_centre(teacher))
     if teacher.shape[1] > config.model.embedding_size:
         basis = _fixed_for_run(run_dir / TEACHER_BASIS, resume,
                                lambda: data.teacher_basis(teacher, config.model.embedding_size))
-    return data.teacher_targets(teacher, centre, basis)
+    return StudentSpace(centre, basis)
+
+
+def view_teacher(config: Config, space: StudentSpace) -> ViewTeacher:
+    """``data.teacher_onnx`` describing training views, without its mirror (the views are
+    flipped at random already), in the student's space."""
+    held = cached_teacher(Path(config.data.cache))
+    if held != "edgeface":
+        raise ConfigError(f"data.teacher_onnx is an EdgeFace export, but {config.data.cache} holds "
+                          f"{held}'s descriptors, which fix the student's space")
+    teacher = EdgeFaceTeacher(config.data.teacher_onnx, flip=False)
+    return lambda views: space.targets(teacher.describe(views))
 
 
 def train(config: Config, run_dir: str | Path, resume: bool = False, config_file: str | Path | None = None,
@@ -384,9 +420,12 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, config_file
     run_dir = Path(run_dir)
     prepare_run_dir(config, Path(config_file) if config_file else None, run_dir, resume)
     cache = load_training_cache(config)
+    online = None
     if config.loss.needs_teacher:
-        cache.teacher = student_targets(cache.teacher, config, run_dir, resume)
-    trainer = Trainer(config, run_dir, cache, strategy)
+        space = student_space(cache.teacher, config, run_dir, resume)
+        cache.teacher = space.targets(cache.teacher)
+        online = view_teacher(config, space) if config.data.teacher_onnx else None
+    trainer = Trainer(config, run_dir, cache, strategy, online)
     if config.model.init_weights and not trainer.manager.latest_checkpoint:
         if config.model.init_weights.endswith(".npz"):
             load_into(trainer.model, config.model.init_weights)
