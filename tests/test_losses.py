@@ -13,6 +13,7 @@ from facenet_train.losses import (
     LossInputs,
     LossTerm,
     distillation_loss,
+    relational_distillation_loss,
     harmonic_triplet_loss,
     pairwise_squared_distances,
     semihard_triplets,
@@ -201,9 +202,10 @@ def test_harmonic_trains_only_the_new_embeddings():
         triplet_semihard_loss,
         triplet_batch_hard_loss,
         lambda labels, e: harmonic_triplet_loss(labels, e, e[::-1]),
-        lambda labels, e: distillation_loss(e, e[::-1], relational_weight=1.0),
+        lambda labels, e: distillation_loss(e, e[::-1]),
+        lambda labels, e: relational_distillation_loss(e, e[::-1]),
     ],
-    ids=["semihard", "batch_hard", "harmonic", "distillation"],
+    ids=["semihard", "batch_hard", "harmonic", "distillation", "relational"],
 )
 def test_gradients_are_finite_when_embeddings_coincide(loss_fn):
     labels = np.array([0, 0, 1, 1, 2])
@@ -222,7 +224,8 @@ def test_losses_trace_in_tf_function_with_dynamic_batch():
             triplet_semihard_loss(labels, embeddings),
             triplet_batch_hard_loss(labels, embeddings),
             harmonic_triplet_loss(labels, embeddings, tf.reverse(embeddings, [0])),
-            distillation_loss(embeddings, tf.reverse(embeddings, [0]), 0.5),
+            distillation_loss(embeddings, tf.reverse(embeddings, [0])),
+            relational_distillation_loss(embeddings, tf.reverse(embeddings, [0]), embeddings[:, 0] > 0),
         )
 
     for seed, n in [(0, 18), (1, 7)]:
@@ -252,13 +255,16 @@ def test_distillation_matches_reference():
     n = len(s)
     relational = np.sum((squared_distances(s) - squared_distances(t)) ** 2) / (n * (n - 1))
     assert float(distillation_loss(student, teacher)) == pytest.approx(point, rel=1e-5)
-    assert float(distillation_loss(student, teacher, relational_weight=0.5)) == pytest.approx(
-        point + 0.5 * relational, rel=1e-5
-    )
-    # The relational term alone ignores a rotation of the whole embedding space.
+    assert float(relational_distillation_loss(student, teacher)) == pytest.approx(relational, rel=1e-5)
+    # It ignores a rotation of the whole embedding space, which the point term does not.
     rotation = np.linalg.qr(np.random.default_rng(9).normal(size=(8, 8)))[0].astype(np.float32)
     rotated = s @ rotation
-    assert float(distillation_loss(rotated, s, 1.0) - distillation_loss(rotated, s, 0.0)) == pytest.approx(0, abs=1e-5)
+    assert float(relational_distillation_loss(rotated, s)) == pytest.approx(0, abs=1e-5)
+    assert float(distillation_loss(rotated, s)) > 0.1
+    # Rows without a teacher vector drop out with their pairs: the same as leaving them out.
+    valid = np.arange(n) % 3 != 0
+    masked = relational_distillation_loss(student, np.where(valid[:, None], teacher, 9.0), tf.constant(valid))
+    assert float(masked) == pytest.approx(float(relational_distillation_loss(student[valid], teacher[valid])), rel=1e-5)
 
 
 # ---------------------------------------------------------------- the registry
@@ -330,6 +336,18 @@ def test_the_registry_sums_what_the_step_summed(cfg, seed):
     np.testing.assert_array_equal(tape.gradient(total, e), tape.gradient(expected["loss"], e))
 
 
+def test_the_relational_term_skips_rows_without_a_teacher():
+    labels, embeddings, teacher, has_teacher, _ = replica_batch(4)
+    n = int(np.sum(labels >= 0))
+    cfg = LossConfig(distillation=1.0, relational=2.0)
+    inputs = LossInputs(tf.constant(embeddings), tf.constant(labels[:n]), cfg.margin, cfg.mining,
+                        tf.constant(teacher), tf.constant(has_teacher))
+    total, metrics = total_loss(cfg.weights(), inputs)
+    kept = relational_distillation_loss(embeddings[has_teacher], teacher[has_teacher])
+    assert float(metrics["relational"]) == pytest.approx(float(kept), rel=1e-5)
+    assert float(total) == pytest.approx(float(metrics["triplet"] + metrics["distillation"] + 2 * kept), rel=1e-5)
+
+
 def test_every_loss_term_has_a_weight_in_the_config():
     hints = get_type_hints(LossConfig)
     assert all(hints.get(name) is float for name in LOSS_TERMS)
@@ -347,6 +365,7 @@ def test_what_a_config_needs_follows_the_loss_terms(monkeypatch):
     # A term that declares it needs teacher targets makes the config name them.
     monkeypatch.setitem(LOSS_TERMS, "harmonic", LossTerm(LOSS_TERMS["harmonic"].compute, teacher=True))
     assert "loss.harmonic > 0 needs data.teacher = true" in error({"loss": {"harmonic": 1.0}})
-    assert "only the distillation or harmonic loss uses: set loss.distillation or loss.harmonic" in error(
+    assert ("only the distillation, relational or harmonic loss uses: "
+            "set loss.distillation, loss.relational or loss.harmonic") in error(
         {"data": {"teacher": True}})
 

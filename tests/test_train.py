@@ -492,7 +492,7 @@ def test_xla_compiles_every_loss_term(synthetic_cache, trained_run, tmp_path):
         synthetic_cache,
         data={"teacher": True},
         batch={"unlabeled": 2},
-        loss={"distillation": 0.5, "harmonic": 1.0},
+        loss={"distillation": 0.5, "relational": 1.0, "harmonic": 1.0},
         harmonic={"old_model": str(trained_run / checkpoint.KERAS_MODEL)},
         train={"steps": 2, "log_every": 1, "jit_compile": True},
     )

@@ -110,29 +110,35 @@ def harmonic_triplet_loss(
     return _triplet_loss(d, _mine_semihard(d, pairs, negatives), margin)
 
 
-def distillation_loss(
-    student_embeddings: tf.Tensor, teacher_embeddings: tf.Tensor, relational_weight: float = 0.0
-) -> tf.Tensor:
-    """Pulls student embeddings onto a teacher's, both scaled to unit length first.
-
-    Point term: mean squared L2 distance between each student vector and its teacher vector,
-    ``2 - 2 cos`` for unit vectors. It needs both to have the same dimension.
-    Relational term (weighted by ``relational_weight``): mean over pairs ``i != j`` of
-    ``(d_s(i,j) - d_t(i,j))**2``, the squared difference of the two models' squared L2 distance
-    matrices, so the student copies the teacher's geometry even where the vectors differ by a
-    rotation. Normalising the teacher makes a teacher that is not unit-norm usable
-    (e.g. dlib's descriptors).
-    """
+def _unit_pair(student_embeddings: tf.Tensor, teacher_embeddings: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Both scaled to unit length (a teacher that is not unit-norm, e.g. dlib's, is usable);
+    no gradient flows into the teacher."""
     student = tf.math.l2_normalize(tf.cast(student_embeddings, tf.float32), axis=1)
     teacher = tf.math.l2_normalize(tf.stop_gradient(tf.cast(teacher_embeddings, tf.float32)), axis=1)
-    point = tf.reduce_mean(tf.reduce_sum(tf.square(student - teacher), axis=1))
-    if not relational_weight:
-        return point
-    n = tf.cast(tf.shape(student)[0], tf.float32)
+    return student, teacher
+
+
+def distillation_loss(student_embeddings: tf.Tensor, teacher_embeddings: tf.Tensor) -> tf.Tensor:
+    """Pulls student embeddings onto a teacher's: the mean squared L2 distance between each
+    unit student vector and its unit teacher vector, ``2 - 2 cos``. Both need one dimension."""
+    student, teacher = _unit_pair(student_embeddings, teacher_embeddings)
+    return tf.reduce_mean(tf.reduce_sum(tf.square(student - teacher), axis=1))
+
+
+def relational_distillation_loss(student_embeddings: tf.Tensor, teacher_embeddings: tf.Tensor,
+                                 valid: tf.Tensor | None = None) -> tf.Tensor:
+    """Copies the teacher's geometry, not its vectors: the mean over pairs ``i != j`` of
+    ``(d_s(i,j) - d_t(i,j))**2``, the two models' squared L2 distances between unit vectors.
+    A rotation of the whole student space leaves it unchanged, and the dimensions may differ.
+    ``valid``: rows that have a teacher vector (pairs with another row are left out)."""
+    student, teacher = _unit_pair(student_embeddings, teacher_embeddings)
+    n = tf.shape(student)[0]
+    pairs = tf.logical_not(tf.eye(n, dtype=tf.bool))
+    if valid is not None:
+        pairs &= valid[:, None] & valid[None, :]
     diff = pairwise_squared_distances(student) - pairwise_squared_distances(teacher)
-    # The diagonal is zero in both matrices; average over the n*(n-1) off-diagonal pairs.
-    relational = tf.math.divide_no_nan(tf.reduce_sum(tf.square(diff)), n * (n - 1.0))
-    return point + relational_weight * relational
+    weight = tf.cast(pairs, tf.float32)
+    return tf.math.divide_no_nan(tf.reduce_sum(weight * tf.square(diff)), tf.reduce_sum(weight))
 
 
 def _label_masks(labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -235,6 +241,10 @@ def _distillation(inputs: LossInputs) -> TermValue:
     return TermValue(distillation_loss(embeddings, target) * rows / with_target, {})
 
 
+def _relational(inputs: LossInputs) -> TermValue:
+    return TermValue(relational_distillation_loss(inputs.embeddings, inputs.teacher, inputs.has_teacher), {})
+
+
 def _harmonic(inputs: LossInputs) -> TermValue:
     harmonic = harmonic_triplet_loss(inputs.labels, inputs.labeled(inputs.embeddings),
                                      inputs.labeled(inputs.old_embeddings), inputs.margin)
@@ -245,6 +255,7 @@ def _harmonic(inputs: LossInputs) -> TermValue:
 LOSS_TERMS: dict[str, LossTerm] = {
     "triplet": LossTerm(_triplet),
     "distillation": LossTerm(_distillation, teacher=True),
+    "relational": LossTerm(_relational, teacher=True),
     "harmonic": LossTerm(_harmonic, old_model=True),
 }
 
