@@ -2,7 +2,8 @@
 model): each runs, prints Markdown tables and writes well-formed JSON with the expected
 keys. No timing is asserted: numbers from a test run on a shared machine mean nothing.
 harmonic_cross.py runs on random-weight Keras models and a fake LFW of astronaut variants,
-tight_crops.py on the same fake LFW.
+tight_crops.py on the same fake LFW, teacher_agreement.py on its crop cache with a fake
+ONNX teacher or a teacher cache built from the tiny model's own embeddings.
 
 LFW parts skip when ../shared/data/lfw is absent, dlib parts when dlib is not installed.
 """
@@ -405,3 +406,157 @@ def test_tight_crops_refuses_a_folder_made_otherwise_or_inside_the_repo(tiny_mod
         )
         assert done.returncode == 1 and error in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not (BENCHMARKS / "tight").exists()
+
+
+def orthonormal_basis(rows: int, columns: int, seed: int) -> np.ndarray:
+    """(rows, columns) float32 with orthonormal columns: a teacher_basis.npy."""
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((rows, columns)))
+    return q.astype(np.float32)
+
+
+def fake_space(folder: Path, width: int = 512, size: int = 128, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A training run folder holding a teacher mean and basis; returns them."""
+    from facenet_train.checkpoint import TEACHER_BASIS, TEACHER_MEAN
+
+    folder.mkdir(parents=True)
+    mean = np.random.default_rng(seed).standard_normal(width).astype(np.float32)
+    basis = orthonormal_basis(width, size, seed)
+    np.save(folder / TEACHER_MEAN, mean)
+    np.save(folder / TEACHER_BASIS, basis)
+    return mean, basis
+
+
+def template_crops_of(cache: Path) -> np.ndarray:
+    """Every face of a preprocess-lfw cache as the 96 px template crop, in cache order."""
+    from facenet_train import augment, data
+
+    faces = data.load_cache(cache)
+    return augment.centre_crop(faces.crops, faces.manifest.crop_size)
+
+
+@pytest.fixture
+def teacher_agreement(common, monkeypatch) -> types.ModuleType:
+    """benchmarks/teacher_agreement.py as a module, run in this process (its ``from common
+    import`` gets the ``common`` fixture)."""
+    monkeypatch.setitem(sys.modules, "common", common)
+    spec = importlib.util.spec_from_file_location("benchmarks_teacher_agreement", BENCHMARKS / "teacher_agreement.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def fake_teacher(tmp_path) -> Path:
+    """An ONNX stand-in for the EdgeFace export: (n, 3, 112, 112) -> (n, 512), 14 px average
+    pooling then a fixed random linear map."""
+    onnx = pytest.importorskip("onnx", reason="the fake teacher is written with onnx")
+    pytest.importorskip("onnxruntime", reason="the teacher runs in onnxruntime (the teacher extra)")
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = np.random.default_rng(1).standard_normal((3 * 8 * 8, 512)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("AveragePool", ["input"], ["pooled"], kernel_shape=[14, 14], strides=[14, 14]),
+         helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+         helper.make_node("MatMul", ["flat", "weights"], ["embedding"])],
+        "fake_edgeface",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, 112, 112])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["n", 512])],
+        [numpy_helper.from_array(weights, "weights")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "fake_edgeface.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_teacher_agreement_is_one_for_a_student_inside_the_teachers_space(tiny_model, tiny_lfw_crops, tmp_path):
+    # A teacher whose descriptor is the int8 model's embedding rotated into 512-d and
+    # shifted by the run's mean: centred and projected, it is that embedding again.
+    _, cache = tiny_lfw_crops
+    crops = template_crops_of(cache)
+    with embed_module.Embedder.from_path(tiny_model.int8) as embedder:
+        int8 = embedder.embed(crops)
+    with embed_module.Embedder.from_path(tiny_model.float32) as embedder:
+        float32 = embedder.embed(crops)
+    mean, basis = fake_space(tmp_path / "run")
+    np.save(tmp_path / "teacher.npy", int8 @ basis.T + mean)
+    unused = tmp_path / "never_run.onnx"
+    unused.write_bytes(b"")  # the cache holds every face: the teacher is not loaded
+    args = ["--model", str(tiny_model.int8), "--model", str(tiny_model.float32), "--teacher-onnx", str(unused),
+            "--space", str(tmp_path / "run"), "--lfw-cache", str(cache),
+            "--teacher-cache", str(tmp_path / "teacher.npy")]
+    report = run_benchmark("teacher_agreement", tmp_path / "out", *args, quick=False)
+    rows = {r["model"]: r for r in report["results"]["models"]}
+    assert set(rows) == {"tiny_int8", "tiny_float"}
+    assert rows["tiny_int8"]["faces"] == rows["tiny_float"]["faces"] == len(crops) == 20
+    assert report["config"]["teacher_descriptors"].startswith("read from")
+    for key in ("mean", "median", "p10"):
+        assert rows["tiny_int8"][key] == pytest.approx(1.0, abs=1e-5)
+    # The float model against the int8 model's embeddings as the teacher: their own cosines.
+    agreement = np.sum(float32 * int8, axis=1)
+    assert agreement.min() < 0.9999  # int8 moved the embeddings: the row measures something
+    assert rows["tiny_float"]["mean"] == pytest.approx(agreement.mean(), abs=1e-5)
+    assert rows["tiny_float"]["median"] == pytest.approx(np.median(agreement), abs=1e-5)
+    assert rows["tiny_float"]["p10"] == pytest.approx(np.percentile(agreement, 10), abs=1e-5)
+
+
+def test_teacher_agreement_describes_every_face_once_into_its_cache(
+        teacher_agreement, fake_teacher, tiny_model, tiny_lfw_crops, tmp_path, capsys):
+    from facenet_train.edgeface import EdgeFaceTeacher
+
+    _, cache = tiny_lfw_crops
+    mean, basis = fake_space(tmp_path / "run")
+    teacher_cache, out = tmp_path / "teacher.npy", tmp_path / "out"
+    args = ["--model", str(tiny_model.int8), "--teacher-onnx", str(fake_teacher), "--space", str(tmp_path / "run"),
+            "--lfw-cache", str(cache), "--teacher-cache", str(teacher_cache), "--faces", "8", "--out", str(out)]
+    assert teacher_agreement.main(args) == 0
+    first = json.loads((out / "teacher_agreement.json").read_text())
+    assert first["config"]["teacher_descriptors"] == f"computed, written to {teacher_cache}"
+    (row,) = first["results"]["models"]
+    assert row["faces"] == 8 and -1.0 <= row["p10"] <= row["median"] <= 1.0
+    # The cache: the teacher (with flip, its default) on every face of the LFW cache, in order.
+    crops = template_crops_of(cache)
+    descriptors = EdgeFaceTeacher(fake_teacher).describe(crops)
+    assert np.allclose(np.load(teacher_cache), descriptors, atol=1e-5)
+    # The 8 faces spread over the cache, scored as the module's cosine says.
+    chosen = teacher_agreement.pick_faces(len(crops), 8)
+    assert chosen[0] == 0 and chosen[-1] == len(crops) - 1 and len(set(chosen)) == 8
+    with embed_module.Embedder.from_path(tiny_model.int8) as embedder:
+        expected = teacher_agreement.cosines(embedder.embed(crops[chosen]), descriptors[chosen], mean, basis)
+    assert row["mean"] == pytest.approx(expected.mean(), abs=1e-5)
+    # A second run reads the cache and gives the same numbers.
+    assert teacher_agreement.main(args) == 0
+    second = json.loads((out / "teacher_agreement.json").read_text())
+    assert second["config"]["teacher_descriptors"] == f"read from {teacher_cache}"
+    assert second["results"] == first["results"]
+    assert "| tiny_int8 | int8 | 8 |" in capsys.readouterr().out
+
+
+def test_teacher_agreement_names_a_missing_or_mismatched_input(teacher_agreement, tiny_model, tiny_lfw_crops,
+                                                               tmp_path, capsys):
+    from facenet_train.checkpoint import TEACHER_BASIS
+
+    _, cache = tiny_lfw_crops
+    fake_space(tmp_path / "run")
+    onnx_file = tmp_path / "teacher.onnx"
+    onnx_file.write_bytes(b"")
+    np.save(tmp_path / "short.npy", np.zeros((3, 512), np.float32))
+    no_basis = tmp_path / "no_basis"
+    fake_space(no_basis)
+    (no_basis / TEACHER_BASIS).unlink()
+    base = {"--teacher-onnx": onnx_file, "--space": tmp_path / "run", "--lfw-cache": cache}
+    for change, error in [
+        ({"--space": no_basis}, f"--space {no_basis} holds no {TEACHER_BASIS}"),
+        ({"--teacher-onnx": tmp_path / "absent.onnx"}, "--teacher-onnx"),
+        ({"--lfw-cache": tmp_path}, "no crop cache at"),
+        ({"--teacher-cache": tmp_path / "short.npy"}, "holds (3, 512) descriptors, --lfw-cache has 20 faces"),
+    ]:
+        options = {**base, **change}
+        args = ["--model", str(tiny_model.int8), "--out", str(tmp_path / "out")]
+        args += [str(item) for option, value in options.items() for item in (option, value)]
+        assert teacher_agreement.main(args) == 1
+        err = capsys.readouterr().err
+        assert error in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
