@@ -22,7 +22,6 @@ whatever ``--faces``) and reuses them.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -77,24 +76,20 @@ def pick_faces(total: int, faces: int | None) -> np.ndarray:
 
 
 def load_space(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The run's teacher centre (D,) and basis (D, K). Their file names come from
-    ``facenet_train.checkpoint``, which imports TensorFlow: imported here, not at start-up."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
-    from facenet_train.checkpoint import TEACHER_BASIS, TEACHER_MEAN
-
+    """The run's teacher centre (D,) and basis (D, K)."""
     if not run_dir.is_dir():
         raise FacenetEdgeError(f"--space {run_dir} is not a folder: pass a training run folder "
                                "(facenet-train train --out)")
     arrays = []
-    for name in (TEACHER_MEAN, TEACHER_BASIS):
+    for name in (data.TEACHER_MEAN, data.TEACHER_BASIS):
         if not (run_dir / name).is_file():
             raise FacenetEdgeError(f"--space {run_dir} holds no {name}: pass the folder of a run distilled from "
                                    "a teacher wider than the student (EdgeFace)")
         arrays.append(np.load(run_dir / name))
     mean, basis = arrays
     if mean.ndim != 1 or basis.ndim != 2 or len(mean) != len(basis):
-        raise FacenetEdgeError(f"--space {run_dir}: {TEACHER_MEAN} {mean.shape} and {TEACHER_BASIS} {basis.shape} "
-                               "do not fit together (need (D,) and (D, K))")
+        raise FacenetEdgeError(f"--space {run_dir}: {data.TEACHER_MEAN} {mean.shape} and "
+                               f"{data.TEACHER_BASIS} {basis.shape} do not fit together (need (D,) and (D, K))")
     return mean, basis
 
 

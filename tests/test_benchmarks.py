@@ -26,6 +26,8 @@ from facenet_edge.cli import ExitCode
 from facenet_edge.cli import main as cli_main
 from facenet_edge.detect import create_detector
 from facenet_edge.io import read_image
+from facenet_train import augment, data
+from facenet_train.edgeface import EdgeFaceTeacher
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SHARED_LFW = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw"  # common.SHARED_LFW
@@ -416,20 +418,16 @@ def orthonormal_basis(rows: int, columns: int, seed: int) -> np.ndarray:
 
 def fake_space(folder: Path, width: int = 512, size: int = 128, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A training run folder holding a teacher mean and basis; returns them."""
-    from facenet_train.checkpoint import TEACHER_BASIS, TEACHER_MEAN
-
     folder.mkdir(parents=True)
     mean = np.random.default_rng(seed).standard_normal(width).astype(np.float32)
     basis = orthonormal_basis(width, size, seed)
-    np.save(folder / TEACHER_MEAN, mean)
-    np.save(folder / TEACHER_BASIS, basis)
+    np.save(folder / data.TEACHER_MEAN, mean)
+    np.save(folder / data.TEACHER_BASIS, basis)
     return mean, basis
 
 
 def template_crops_of(cache: Path) -> np.ndarray:
     """Every face of a preprocess-lfw cache as the 96 px template crop, in cache order."""
-    from facenet_train import augment, data
-
     faces = data.load_cache(cache)
     return augment.centre_crop(faces.crops, faces.manifest.crop_size)
 
@@ -504,8 +502,6 @@ def test_teacher_agreement_is_one_for_a_student_inside_the_teachers_space(tiny_m
 
 def test_teacher_agreement_describes_every_face_once_into_its_cache(
         teacher_agreement, fake_teacher, tiny_model, tiny_lfw_crops, tmp_path, capsys):
-    from facenet_train.edgeface import EdgeFaceTeacher
-
     _, cache = tiny_lfw_crops
     mean, basis = fake_space(tmp_path / "run")
     teacher_cache, out = tmp_path / "teacher.npy", tmp_path / "out"
@@ -536,8 +532,6 @@ def test_teacher_agreement_describes_every_face_once_into_its_cache(
 
 def test_teacher_agreement_names_a_missing_or_mismatched_input(teacher_agreement, tiny_model, tiny_lfw_crops,
                                                                tmp_path, capsys):
-    from facenet_train.checkpoint import TEACHER_BASIS
-
     _, cache = tiny_lfw_crops
     fake_space(tmp_path / "run")
     onnx_file = tmp_path / "teacher.onnx"
@@ -545,10 +539,10 @@ def test_teacher_agreement_names_a_missing_or_mismatched_input(teacher_agreement
     np.save(tmp_path / "short.npy", np.zeros((3, 512), np.float32))
     no_basis = tmp_path / "no_basis"
     fake_space(no_basis)
-    (no_basis / TEACHER_BASIS).unlink()
+    (no_basis / data.TEACHER_BASIS).unlink()
     base = {"--teacher-onnx": onnx_file, "--space": tmp_path / "run", "--lfw-cache": cache}
     for change, error in [
-        ({"--space": no_basis}, f"--space {no_basis} holds no {TEACHER_BASIS}"),
+        ({"--space": no_basis}, f"--space {no_basis} holds no {data.TEACHER_BASIS}"),
         ({"--teacher-onnx": tmp_path / "absent.onnx"}, "--teacher-onnx"),
         ({"--lfw-cache": tmp_path}, "no crop cache at"),
         ({"--teacher-cache": tmp_path / "short.npy"}, "holds (3, 512) descriptors, --lfw-cache has 20 faces"),

@@ -30,14 +30,13 @@ import tensorflow as tf
 from facenet_edge.files import private_file
 
 # Importing models also registers its custom layers, which loading a .keras file needs.
+from .data import TEACHER_BASIS, TEACHER_MEAN
 from .models import build_model
 
 CHECKPOINTS = "checkpoints"
 LOGS = "logs"
 CONFIG_JSON = "config.json"
 WEIGHTS = "model.weights.h5"
-TEACHER_MEAN = "teacher_mean.npy"  # subtracted from the teacher's descriptors (loss.center_teacher)
-TEACHER_BASIS = "teacher_basis.npy"  # projects a teacher wider than the student (data.teacher_basis)
 KERAS_MODEL = "model.keras"
 
 FORMAT = "facenet-train compact weights v1"

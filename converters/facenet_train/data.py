@@ -246,6 +246,9 @@ def shard_name(index: int) -> str:
 
 
 TEACHER_SIZE = 128  # dlib's face descriptor
+# A run's files fixing the student's space (read without TensorFlow, e.g. by benchmarks).
+TEACHER_MEAN = "teacher_mean.npy"  # subtracted from the teacher's descriptors (loss.center_teacher)
+TEACHER_BASIS = "teacher_basis.npy"  # projects a teacher wider than the student (teacher_basis)
 
 
 def teacher_centre(teacher: np.ndarray) -> np.ndarray:
