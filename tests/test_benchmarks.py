@@ -3,7 +3,8 @@ model): each runs, prints Markdown tables and writes well-formed JSON with the e
 keys. No timing is asserted: numbers from a test run on a shared machine mean nothing.
 harmonic_cross.py runs on random-weight Keras models and a fake LFW of astronaut variants,
 tight_crops.py on the same fake LFW, teacher_agreement.py on its crop cache with a fake
-ONNX teacher or a teacher cache built from the tiny model's own embeddings.
+ONNX teacher or a teacher cache built from the tiny model's own embeddings, layer_probes.py
+on a two-convolution student, a synthetic training crop cache and the same fake LFW.
 
 LFW parts skip when ../shared/data/lfw is absent, dlib parts when dlib is not installed.
 """
@@ -554,3 +555,147 @@ def test_teacher_agreement_names_a_missing_or_mismatched_input(teacher_agreement
         err = capsys.readouterr().err
         assert error in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def layer_probes(teacher_agreement, monkeypatch) -> types.ModuleType:
+    """benchmarks/layer_probes.py as a module, run in this process (its ``from common import``
+    and ``from teacher_agreement import`` get the fixtures' modules)."""
+    monkeypatch.setitem(sys.modules, "teacher_agreement", teacher_agreement)
+    spec = importlib.util.spec_from_file_location("benchmarks_layer_probes", BENCHMARKS / "layer_probes.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+PROBE_SHARDS, PROBE_SHARD_SIZE, PROBE_EXCLUDED, PROBE_NO_TEACHER = 4, 150, 5, 3
+
+
+@pytest.fixture
+def probe_inputs(tiny_lfw_crops, monkeypatch, tmp_path) -> dict[str, Path]:
+    """What layer_probes.py reads, small: a two-convolution student's compact weights; a
+    training crop cache of 4 shards x 150 smooth random colour patterns, whose teacher descriptors are an
+    exact linear function of the student's conv2_relu features averaged over positions (the
+    first 5 faces an LFW-overlap person's, 3 faces of shard 2 without a descriptor); the
+    fake LFW with the teacher's descriptors of its crops made the same way; a run's space."""
+    tf = pytest.importorskip("tensorflow", reason="layer_probes.py probes Keras models (the train extra)")
+    cv2 = pytest.importorskip("cv2")
+    from facenet_train import checkpoint, models
+    from facenet_train.evaluation import default_card
+
+    spec = models.ModelSpec("probe_tiny", (96, 96, 3), (models.Conv("conv1", 8, 3, 2), models.MaxPool("pool1"),
+                                                         models.Conv("conv2", 8, 3, 2), models.MaxPool("pool2")),
+                            0, models.PaperReference(None, None, "tests only"), "two convolutions, for tests")
+    monkeypatch.setitem(models.MODELS, spec.name, spec)
+    tf.keras.utils.set_random_seed(0)
+    model = models.build_model(spec.name, embedding_size=16)
+    weights = checkpoint.save_compact(model, tmp_path / "probe_tiny.npz")
+    card = default_card(model)
+    conv2 = tf.keras.Model(model.input, model.get_layer("conv2_relu").output)
+
+    def pooled(template_crops: np.ndarray) -> np.ndarray:
+        return np.asarray(conv2(embed_module.normalise(template_crops.astype(np.float32), card))).mean(axis=(1, 2))
+
+    rng = np.random.default_rng(0)
+    count = PROBE_SHARDS * PROBE_SHARD_SIZE
+    crops = np.stack([cv2.resize(rng.random((4, 4, 3)).astype(np.float32), (112, 112), interpolation=cv2.INTER_CUBIC)
+                      for _ in range(count)])
+    crops = (255 * crops.clip(0, 1)).astype(np.uint8)
+    identities = np.array(["lfwish/Some_One"] * PROBE_EXCLUDED + [f"synthetic/{i // 6}"
+                                                                    for i in range(PROBE_EXCLUDED, count)])
+    (tmp_path / "overlap.txt").write_text("lfwish\tSome_One\tSome_One\n")
+    features = pooled(augment.centre_crop(crops, 96))
+    # The faces the probes train on: shards 0, 2, 3 (3 spread over 4), less the excluded and undescribed ones.
+    used = np.isin(np.arange(count) // PROBE_SHARD_SIZE, [0, 2, 3]) & (identities != "lfwish/Some_One")
+    undescribed = 2 * PROBE_SHARD_SIZE + np.arange(PROBE_NO_TEACHER)
+    used[undescribed] = False
+    centre = features[used].mean(axis=0)  # the targets are centred like the probes' standardised features
+    mean, basis = fake_space(tmp_path / "run", width=32, size=16)
+    mixing = np.random.default_rng(2).standard_normal((features.shape[1], 16)).astype(np.float32)
+
+    def teacher_of(x: np.ndarray) -> np.ndarray:
+        return ((x - centre) @ mixing @ basis.T + mean).astype(np.float32)
+
+    teacher = teacher_of(features)
+    teacher[undescribed] = np.nan
+    cache = tmp_path / "crops"
+    cache.mkdir()
+    shards = [data.shard_name(i) for i in range(PROBE_SHARDS)]
+    for i, shard in enumerate(shards):
+        part = slice(i * PROBE_SHARD_SIZE, (i + 1) * PROBE_SHARD_SIZE)
+        data.write_npz_atomic(cache / shard, crops=crops[part], labels=np.zeros(PROBE_SHARD_SIZE, np.int32),
+                              identities=identities[part], sources=np.array(["synthetic"] * PROBE_SHARD_SIZE),
+                              paths=np.array([f"/synthetic/{i}/{j}.png" for j in range(PROBE_SHARD_SIZE)]),
+                              boxes=np.zeros((PROBE_SHARD_SIZE, 4), np.float32),
+                              landmarks=np.zeros((PROBE_SHARD_SIZE, 4, 2), np.float32),
+                              scores=np.ones(PROBE_SHARD_SIZE, np.float32), pads=np.zeros(PROBE_SHARD_SIZE, np.int32))
+        np.save(cache / data.teacher_name(shard), teacher[part])
+    data.CacheManifest(crop_size=96, border=8, template="facenet96", detector="synthetic",
+                       aligner=data.aligner_version(), shard_size=PROBE_SHARD_SIZE, plan="synthetic",
+                       people=sorted(set(identities)), shards=shards, complete=True).save(cache)
+    lfw, lfw_cache = tiny_lfw_crops
+    np.save(tmp_path / "teacher_lfw.npy", teacher_of(pooled(template_crops_of(lfw_cache))))
+    unused = tmp_path / "never_run.onnx"
+    unused.write_bytes(b"")  # the teacher cache holds every LFW face: the teacher is not loaded
+    return {"--weights": weights, "--crops": cache, "--exclude": tmp_path / "overlap.txt", "--space": tmp_path / "run",
+            "--lfw": lfw, "--lfw-cache": lfw_cache, "--teacher-onnx": unused,
+            "--teacher-cache": tmp_path / "teacher_lfw.npy", "--out": tmp_path / "out"}
+
+
+def probe_args(inputs: dict[str, Path], *extra: str) -> list[str]:
+    return [str(item) for option, value in inputs.items() for item in (option, value)] + list(extra)
+
+
+def test_layer_probes_recover_a_teacher_linear_in_a_layers_pooled_features(layer_probes, probe_inputs, capsys):
+    args = probe_args(probe_inputs, "--shards", "3", "--layers", "conv2_relu", "flatten")
+    assert layer_probes.main(args) == 0
+    report = json.loads((probe_inputs["--out"] / "layer_probes.json").read_text())
+    assert report["benchmark"] == "layer_probes" and MACHINE_KEYS <= set(report["machine"])
+    config, results = report["config"], report["results"]
+    assert config["shards"] == ["shard-00000.npz", "shard-00002.npz", "shard-00003.npz"]
+    assert (config["excluded_faces"], config["faces_without_teacher"]) == (PROBE_EXCLUDED, PROBE_NO_TEACHER)
+    assert config["training_faces"] == 3 * PROBE_SHARD_SIZE - PROBE_EXCLUDED - PROBE_NO_TEACHER
+    assert config["lfw_crops"] == 20 and config["teacher_descriptors"].startswith("read from")
+    probes = {(p["layer"], p["features"]): p for p in results["probes"]}
+    # conv2_relu's 12x12x8 map is under 10,000 values: probed pooled and whole; flatten is a vector.
+    assert set(probes) == {("conv2_relu", "pooled"), ("conv2_relu", "spatial"), ("flatten", "vector")}
+    assert [probes[k]["dims"] for k in sorted(probes)] == [8, 1152, 8]
+    # The teacher is linear in conv2_relu's pooled features: that probe finds it, on faces it never saw too
+    # (cosine 1 but for the grid's smallest ridge, 10, shrinking it a little); flatten (its max-pooled map,
+    # averaged) is not linear in them and does clearly worse.
+    exact = probes[("conv2_relu", "pooled")]
+    assert exact["heldout_cosine"] > 0.98 and exact["train_cosine"] > 0.98
+    assert exact["ridge"] == 10.0 and set(exact["ridge_validation"]) == {"10", "100", "1000", "10000"}
+    assert exact["ridge_validation"]["10"] == max(exact["ridge_validation"].values())
+    assert probes[("flatten", "vector")]["heldout_cosine"] < exact["heldout_cosine"] - 0.05
+    for p in [results["model_output"], *probes.values()]:
+        assert 0.0 <= p["lfw"]["accuracy_mean"] <= 1.0 and 0.0 <= p["lfw"]["val_mean"] <= 1.0
+    # The reference row: the random-weight model's own 16-d output against the same targets.
+    assert results["model_output"]["dims"] == 16 and results["model_output"]["ridge"] is None
+    assert -1.0 <= results["model_output"]["heldout_cosine"] < 0.9
+    out = capsys.readouterr().out
+    assert "| conv2_relu pooled | 8 |" in out and "| model output embedding | 16 | — |" in out
+
+
+def test_lfw_crop_pairs_name_each_crops_row_in_the_cache(tiny_lfw_crops):
+    from facenet_train.evaluation import LfwCropPairs
+
+    lfw, cache = tiny_lfw_crops
+    pairs = LfwCropPairs.load(lfw, cache, 96)
+    assert np.array_equal(pairs.crops, template_crops_of(cache)[pairs.rows])
+
+
+def test_layer_probes_name_a_missing_or_mismatched_input(layer_probes, probe_inputs, tmp_path, capsys):
+    (probe_inputs["--crops"] / data.teacher_name(data.shard_name(3))).unlink()
+    for change, extra, error in [
+        ({"--weights": tmp_path / "absent.npz"}, [], "--weights"),
+        ({"--exclude": tmp_path / "absent.txt"}, [], "--exclude"),
+        ({"--crops": tmp_path}, [], "no crop cache at"),
+        ({}, ["--shards", "4"], "teacher descriptors missing"),
+        ({}, ["--shards", "1", "--layers", "conv2_relu", "no_such_layer"], "probe_tiny has no layer no_such_layer"),
+    ]:
+        assert layer_probes.main(probe_args({**probe_inputs, **change}, *extra)) == 1
+        err = capsys.readouterr().err
+        assert error in err and len(err.strip().splitlines()) == 1, err
+    assert not probe_inputs["--out"].exists()

@@ -91,6 +91,7 @@ class LfwCropPairs:
     first: np.ndarray
     second: np.ndarray
     issame: np.ndarray
+    rows: np.ndarray | None = None  # each crop's row in the cache (``from_cache``): scores rows of the whole cache
 
     @classmethod
     def load(cls, lfw_dir: str | Path, lfw_cache: str | Path, size: int) -> LfwCropPairs:
@@ -120,8 +121,8 @@ class LfwCropPairs:
                     raise ValueError(f"{key} is not in the LFW crop cache {lfw_cache}; "
                                      "rebuild it with `facenet-train preprocess-lfw`")
                 out.append(used.setdefault(where[key], len(used)))
-        crops = centre_crop(cache.crops[list(used)], size)
-        return cls(crops, np.array(first), np.array(second), lfw.issame)
+        rows = np.fromiter(used, dtype=np.int64, count=len(used))
+        return cls(centre_crop(cache.crops[rows], size), np.array(first), np.array(second), lfw.issame, rows)
 
     def distances(self, embed: Embed) -> np.ndarray:
         """Squared L2 distance of every pair."""
