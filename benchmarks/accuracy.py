@@ -6,6 +6,9 @@ Each LFW image goes detector -> aligner -> interpreter: our detector (``--detect
 the model's input, the model through ``facenet_edge.Embedder``. Scores come from
 ``facenet_train.metrics`` (the converter's LFW numbers use the same code). Each image is
 embedded once per (model, detector) and cached (``--cache``), so a second run only scores.
+With several models, each is also compared with the first on the same folds (paired): the
+mean per-fold accuracy difference with its standard error and the folds it wins and loses,
+which resolves a smaller difference than the two models' fold spreads do.
 
     python benchmarks/accuracy.py [--model M_float32.tflite --model M_int8.tflite] [--pairs N] [--out DIR]
 """
@@ -78,6 +81,42 @@ class Score:
         }
 
 
+@dataclass(frozen=True)
+class Paired:
+    """``model`` against ``baseline`` on the same folds and detector (accuracy points)."""
+
+    model: str
+    baseline: str
+    detector: str
+    differences: np.ndarray  # per fold, model minus baseline
+
+    @property
+    def mean(self) -> float:
+        return float(self.differences.mean())
+
+    @property
+    def standard_error(self) -> float:
+        return float(self.differences.std(ddof=1) / np.sqrt(len(self.differences)))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.differences
+        return {"model": self.model, "baseline": self.baseline, "detector": self.detector,
+                "fold_differences": d, "mean": self.mean, "standard_error": self.standard_error,
+                "folds_better": int(np.sum(d > 0)), "folds_worse": int(np.sum(d < 0))}
+
+
+def paired_with_first(scores: Sequence[Score]) -> list[Paired]:
+    """Every model after the first against the first, per detector."""
+    first: dict[str, Score] = {}
+    pairs = []
+    for s in scores:
+        base = first.setdefault(s.detector, s)
+        if base is not s:
+            differences = 100 * (s.result.fold_accuracies - base.result.fold_accuracies)
+            pairs.append(Paired(s.model, base.model, s.detector, differences))
+    return pairs
+
+
 def require_lfw(args: argparse.Namespace) -> LfwPairs:
     if args.lfw is None or not (args.lfw / "pairs.txt").is_file():
         raise FacenetEdgeError(
@@ -119,6 +158,16 @@ def print_table(scores: Sequence[Score], lfw: LfwPairs) -> None:
     print("\nDistances: squared L2 between unit embeddings; thresholds accept a pair below them.")
 
 
+def print_paired(pairs: Sequence[Paired]) -> None:
+    if not pairs:
+        return
+    print("\n## Paired with the first model, fold by fold\n")
+    headers = ["model", "against", "detector", "accuracy difference (points)", "folds better / worse"]
+    rows = [[p.model, p.baseline, p.detector, f"{p.mean:+.2f} ± {p.standard_error:.2f} (s.e.)",
+             f"{int(np.sum(p.differences > 0))} / {int(np.sum(p.differences < 0))}"] for p in pairs]
+    print(markdown_table(headers, rows))
+
+
 def run(args: argparse.Namespace) -> int:
     lfw = require_lfw(args)
     models = models_under_test(args.model)
@@ -128,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
     print(machine_line(machine))
     scores = score_all(models, detectors, lfw, args)
     print_table(scores, lfw)
+    pairs = paired_with_first(scores)
+    print_paired(pairs)
     args.out.mkdir(parents=True, exist_ok=True)
     png = plot_roc({s.name: s.result for s in scores}, args.out / "accuracy_roc.png")
     config = {
@@ -138,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         "detectors": list(detectors),
         "threads": args.threads,
     }
-    results = {"scores": [s.to_dict() for s in scores], "roc_png": png}
+    results = {"scores": [s.to_dict() for s in scores], "paired": [p.to_dict() for p in pairs], "roc_png": png}
     path = write_json(args.out / "accuracy.json", report("accuracy", machine, config, results, []))
     print(f"\nwrote {path} and {png}")
     return 0

@@ -283,6 +283,15 @@ def test_accuracy(tiny_model, tmp_path):
         assert sum(s["images"].values()) == report["config"]["images"]
     assert (tmp_path / "accuracy_roc.png").stat().st_size > 0
     assert len(list((tmp_path / "cache").glob("lfw-*.npz"))) == 4
+    # The second model against the first, fold by fold, per detector.
+    folds = {(s["model"], s["detector"]): np.array(s["fold_accuracies"]) for s in scores}
+    for p in report["results"]["paired"]:
+        assert (p["model"], p["baseline"]) == ("tiny_float", "tiny_int8")
+        expected = 100 * (folds["tiny_float", p["detector"]] - folds["tiny_int8", p["detector"]])
+        np.testing.assert_allclose(p["fold_differences"], expected)
+        assert p["mean"] == pytest.approx(expected.mean())
+        assert p["folds_better"] + p["folds_worse"] <= 10
+    assert sorted(p["detector"] for p in report["results"]["paired"]) == ["blazeface", "haar"]
 
 
 def test_peers(tiny_model, tmp_path):
