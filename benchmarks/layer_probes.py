@@ -44,7 +44,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import keras
 import numpy as np
+import tensorflow as tf
 from common import (
     DEFAULT_OUT,
     ROOT,
@@ -63,6 +65,7 @@ from facenet_edge.embed import normalise
 from facenet_edge.errors import FacenetEdgeError
 from facenet_train import data
 from facenet_train.augment import centre_crop
+from facenet_train.checkpoint import load_compact
 from facenet_train.evaluation import LfwCropPairs, default_card
 from facenet_train.metrics import LfwResult, evaluate_distances
 
@@ -148,14 +151,9 @@ def training_faces(cache_dir: Path, shards: int, excluded: set[str]) -> Training
 
 def load_student(weights: Path, layers: Sequence[str], threads: int | None):
     """The model of ``weights`` and a Keras model giving each layer's output, then the model's."""
-    import tensorflow as tf  # the train extra; imported here so --help and argument errors stay quick
-
     if threads:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
-    import keras
-    from facenet_train.checkpoint import load_compact
-
     try:
         model = load_compact(weights)
     except ValueError as exc:
@@ -184,8 +182,6 @@ def feature_views(output: np.ndarray) -> dict[str, np.ndarray]:
 
 def features(extractor, card, crops: np.ndarray) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
     """Per layer, its features of every crop (``feature_views``); the model's outputs."""
-    import tensorflow as tf
-
     parts: list[defaultdict[str, list[np.ndarray]]] = []
     outputs = []
     for start in range(0, len(crops), FEATURE_BATCH):
