@@ -108,38 +108,22 @@ def picked_shards(count: int, wanted: int) -> np.ndarray:
 
 
 def training_faces(cache_dir: Path, shards: int, excluded: set[str]) -> TrainingFaces:
-    """The faces of ``shards`` shards of the crop cache spread over it, shard by shard in the
-    manifest's order, less the ``excluded`` people and the faces without a finite teacher
-    descriptor; the crops centre-cut to the template crop."""
+    """The faces of ``shards`` shards of the crop cache spread over it, in the manifest's
+    order, less the ``excluded`` people and the faces without a finite teacher descriptor;
+    the crops centre-cut to the template crop."""
     try:
         manifest = data.CacheManifest.load(cache_dir)
+        names = [manifest.shards[i] for i in picked_shards(len(manifest.shards), shards)]
+        cache = data.load_cache(cache_dir, with_teacher=True, shards=names)
     except (FileNotFoundError, ValueError) as exc:
         raise FacenetEdgeError(f"--crops: {exc}") from None
-    if not manifest.complete:
-        raise FacenetEdgeError(f"--crops {cache_dir} is incomplete: rerun `facenet-train preprocess` "
-                               "with the same arguments to finish it")
     data.check_aligner(manifest, cache_dir)
-    keep_people = data.without_people(excluded)
-    names = [manifest.shards[i] for i in picked_shards(len(manifest.shards), shards)]
-    crops, teacher, dropped_people, dropped_teacher = [], [], 0, 0
-    for name in names:
-        arrays = data.read_shard(cache_dir / name, ("crops", "identities"))
-        teacher_path = cache_dir / data.teacher_name(name)
-        if not teacher_path.is_file():
-            raise FacenetEdgeError(f"--crops: teacher descriptors missing: {teacher_path}; "
-                                   f"run `facenet-train teacher --cache {cache_dir}`")
-        descriptors = np.load(teacher_path).astype(np.float32)
-        if len(descriptors) != len(arrays["identities"]):
-            raise FacenetEdgeError(f"--crops: {teacher_path} holds {len(descriptors)} descriptors for "
-                                   f"{len(arrays['identities'])} faces")
-        person = keep_people(arrays)
-        described = np.isfinite(descriptors).all(axis=1)
-        dropped_people += int(np.count_nonzero(~person))
-        dropped_teacher += int(np.count_nonzero(person & ~described))
-        crops.append(arrays["crops"][person & described])
-        teacher.append(descriptors[person & described])
-    faces = TrainingFaces(centre_crop(np.concatenate(crops), manifest.crop_size), np.concatenate(teacher), names,
-                          len(manifest.shards), dropped_people, dropped_teacher)
+    person = data.without_people(excluded)({"identities": cache.identities})
+    described = np.isfinite(cache.teacher).all(axis=1)
+    keep = person & described
+    faces = TrainingFaces(centre_crop(cache.crops[keep], manifest.crop_size), cache.teacher[keep].astype(np.float32),
+                          names, len(manifest.shards), int(np.count_nonzero(~person)),
+                          int(np.count_nonzero(person & ~described)))
     if len(faces.crops) < 2:
         raise FacenetEdgeError(f"--crops {cache_dir}: {len(faces.crops)} training faces left in {len(names)} "
                                "shard(s): pass more --shards")

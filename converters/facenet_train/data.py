@@ -291,12 +291,13 @@ def read_shard(path: str | Path, names: Sequence[str] | None = None) -> dict[str
 
 
 def load_cache(cache_dir: str | Path, with_teacher: bool = False, filters: Sequence[ShardFilter] = (),
-               partial_teacher: bool = False, max_shards: int | None = None) -> FaceCache:
+               partial_teacher: bool = False, shards: Sequence[str] | None = None) -> FaceCache:
     """Load a complete cache into memory (optionally with the teacher descriptors),
     keeping the faces every filter keeps; filtering shard by shard keeps the peak memory
     at the size of what is kept. ``partial_teacher``: a shard whose teacher file is not
     written yet gets NaN descriptors (no distillation target) and loses its unlabeled
-    faces, which nothing but the distillation loss uses. ``max_shards``: only the first ones."""
+    faces, which nothing but the distillation loss uses. ``shards``: only these of the
+    manifest's shards, by name, in this order (None: all)."""
     cache_dir = Path(cache_dir)
     manifest = CacheManifest.load(cache_dir)
     if not manifest.complete:
@@ -304,7 +305,7 @@ def load_cache(cache_dir: str | Path, with_teacher: bool = False, filters: Seque
                          "with the same arguments to finish it")
     parts: dict[str, list[np.ndarray]] = defaultdict(list)
     teacher_parts = []
-    for shard in manifest.shards[:max_shards]:
+    for shard in manifest.shards if shards is None else shards:
         arrays = read_shard(cache_dir / shard)
         keep = np.ones(len(arrays["labels"]), dtype=bool)
         for f in filters:
@@ -318,8 +319,13 @@ def load_cache(cache_dir: str | Path, with_teacher: bool = False, filters: Seque
             keep &= arrays["labels"] >= 0
         for name in SHARD_ARRAYS:
             parts[name].append(arrays[name][keep])
-        if with_teacher:  # a missing shard's rows: a count, filled once the width is known
-            teacher_parts.append(int(np.count_nonzero(keep)) if missing else np.load(teacher_path)[keep])
+        if with_teacher and not missing:
+            descriptors = np.load(teacher_path)
+            if len(descriptors) != len(keep):
+                raise ValueError(f"{teacher_path} holds {len(descriptors)} descriptors for {len(keep)} faces")
+            teacher_parts.append(descriptors[keep])
+        elif with_teacher:  # a missing shard's rows: a count, filled once the width is known
+            teacher_parts.append(int(np.count_nonzero(keep)))
     size = manifest.full_size
     empty = {
         "crops": np.zeros((0, size, size, 3), np.uint8),

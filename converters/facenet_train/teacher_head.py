@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.out.name.endswith(".weights.h5"):
         raise ValueError(f"--out {args.out}: Keras writes weights to a file named *.weights.h5")
-    cache = data.load_cache(args.cache, with_teacher=True, max_shards=args.shards)
+    first = None if args.shards is None else data.CacheManifest.load(args.cache).shards[:args.shards]
+    cache = data.load_cache(args.cache, with_teacher=True, shards=first)
     described = np.flatnonzero(np.isfinite(cache.teacher).all(axis=1))
     if len(described) < args.faces:
         raise ValueError(
