@@ -29,6 +29,7 @@ from facenet_edge.detect import create_detector
 from facenet_edge.io import read_image
 from facenet_train import augment, data
 from facenet_train.edgeface import EdgeFaceTeacher
+from facenet_train.evaluation import LfwCropPairs
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SHARED_LFW = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw"  # common.SHARED_LFW
@@ -442,16 +443,21 @@ def template_crops_of(cache: Path) -> np.ndarray:
     return augment.centre_crop(faces.crops, faces.manifest.crop_size)
 
 
-@pytest.fixture
-def teacher_agreement(common, monkeypatch) -> types.ModuleType:
-    """benchmarks/teacher_agreement.py as a module, run in this process (its ``from common
-    import`` gets the ``common`` fixture)."""
-    monkeypatch.setitem(sys.modules, "common", common)
-    spec = importlib.util.spec_from_file_location("benchmarks_teacher_agreement", BENCHMARKS / "teacher_agreement.py")
+def load_benchmark(name: str, monkeypatch, **siblings: types.ModuleType) -> types.ModuleType:
+    """benchmarks/NAME.py as a module, run in this process; each of its ``from SIBLING
+    import`` gets the module given for it."""
+    for sibling, module in siblings.items():
+        monkeypatch.setitem(sys.modules, sibling, module)
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look up their module while being defined
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def teacher_agreement(common, monkeypatch) -> types.ModuleType:
+    return load_benchmark("teacher_agreement", monkeypatch, common=common)
 
 
 @pytest.fixture
@@ -567,15 +573,8 @@ def test_teacher_agreement_names_a_missing_or_mismatched_input(teacher_agreement
 
 
 @pytest.fixture
-def layer_probes(teacher_agreement, monkeypatch) -> types.ModuleType:
-    """benchmarks/layer_probes.py as a module, run in this process (its ``from common import``
-    and ``from teacher_agreement import`` get the fixtures' modules)."""
-    monkeypatch.setitem(sys.modules, "teacher_agreement", teacher_agreement)
-    spec = importlib.util.spec_from_file_location("benchmarks_layer_probes", BENCHMARKS / "layer_probes.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
-    return module
+def layer_probes(common, teacher_agreement, monkeypatch) -> types.ModuleType:
+    return load_benchmark("layer_probes", monkeypatch, common=common, teacher_agreement=teacher_agreement)
 
 
 PROBE_SHARDS, PROBE_SHARD_SIZE, PROBE_EXCLUDED, PROBE_NO_TEACHER = 4, 150, 5, 3
@@ -688,8 +687,6 @@ def test_layer_probes_recover_a_teacher_linear_in_a_layers_pooled_features(layer
 
 
 def test_lfw_crop_pairs_name_each_crops_row_in_the_cache(tiny_lfw_crops):
-    from facenet_train.evaluation import LfwCropPairs
-
     lfw, cache = tiny_lfw_crops
     pairs = LfwCropPairs.load(lfw, cache, 96)
     assert np.array_equal(pairs.crops, template_crops_of(cache)[pairs.rows])
