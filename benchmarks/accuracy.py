@@ -98,11 +98,18 @@ class Paired:
     def standard_error(self) -> float:
         return float(self.differences.std(ddof=1) / np.sqrt(len(self.differences)))
 
+    @property
+    def folds_better(self) -> int:
+        return int(np.sum(self.differences > 0))
+
+    @property
+    def folds_worse(self) -> int:
+        return int(np.sum(self.differences < 0))
+
     def to_dict(self) -> dict[str, Any]:
-        d = self.differences
         return {"model": self.model, "baseline": self.baseline, "detector": self.detector,
-                "fold_differences": d, "mean": self.mean, "standard_error": self.standard_error,
-                "folds_better": int(np.sum(d > 0)), "folds_worse": int(np.sum(d < 0))}
+                "fold_differences": self.differences, "mean": self.mean, "standard_error": self.standard_error,
+                "folds_better": self.folds_better, "folds_worse": self.folds_worse}
 
 
 def paired_with_first(scores: Sequence[Score]) -> list[Paired]:
@@ -164,7 +171,7 @@ def print_paired(pairs: Sequence[Paired]) -> None:
     print("\n## Paired with the first model, fold by fold\n")
     headers = ["model", "against", "detector", "accuracy difference (points)", "folds better / worse"]
     rows = [[p.model, p.baseline, p.detector, f"{p.mean:+.2f} ± {p.standard_error:.2f} (s.e.)",
-             f"{int(np.sum(p.differences > 0))} / {int(np.sum(p.differences < 0))}"] for p in pairs]
+             f"{p.folds_better} / {p.folds_worse}"] for p in pairs]
     print(markdown_table(headers, rows))
 
 
