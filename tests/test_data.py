@@ -11,7 +11,7 @@ import pytest
 from facenet_edge.align import align
 from facenet_edge.detect import Detection
 from facenet_train import data
-from facenet_train.augment import AugmentConfig, augment_batch, centre_crop
+from facenet_train.augment import AugmentConfig, augment_batch, centre_crop, mix_faces
 
 
 def _touch_images(folder: Path, names: list[str]) -> None:
@@ -223,3 +223,25 @@ def test_tight_probability_zero_keeps_the_random_stream(bordered):
     batch = np.repeat(crop[None], 8, axis=0)
     plain = augment_batch(batch, 96, AugmentConfig(), np.random.default_rng(5))
     np.testing.assert_array_equal(plain, augment_batch(batch, 96, AugmentConfig(tight=0.0), np.random.default_rng(5)))
+
+
+def test_mix_faces_blends_only_the_rows_named_each_with_another_face():
+    # Constant views, one grey level each: a blend is a level between its own and its partner's.
+    levels = np.array([0, 60, 120, 180, 240], dtype=np.uint8)
+    views = np.broadcast_to(levels[:, None, None, None], (5, 8, 8, 3)).copy()
+    rows = np.array([1, 3])
+    weights = []
+    for seed in range(200):
+        mixed = mix_faces(views, rows, np.random.default_rng(seed))
+        np.testing.assert_array_equal(np.delete(mixed, rows, axis=0), np.delete(views, rows, axis=0))
+        assert (mixed == mixed[:, :1, :1]).all()  # the weight is one per view, not per pixel
+        for row in rows:
+            value = int(mixed[row, 0, 0, 0])
+            partners = [p for p in range(5) if p != row and min(levels[p], levels[row]) <= value <= max(
+                levels[p], levels[row])]
+            assert partners, f"row {row}: {value} lies between its level and no other view's"
+        weights.append((int(mixed[1, 0, 0, 0]), int(mixed[3, 0, 0, 0])))
+    assert len(set(weights)) > 100  # weights drawn, not fixed
+    np.testing.assert_array_equal(mix_faces(views, rows, np.random.default_rng(7)),
+                                  mix_faces(views, rows, np.random.default_rng(7)))
+    assert views[1, 0, 0, 0] == 60  # the input is left as it was

@@ -22,7 +22,7 @@ tf = pytest.importorskip("tensorflow", reason="the training stack needs TensorFl
 
 from facenet_edge.embed import normalise  # noqa: E402
 from facenet_train import checkpoint, cli, data, evaluation, models, preprocess, teacher_head, train  # noqa: E402
-from facenet_train.augment import augment_views, centre_crop, cut_tight  # noqa: E402
+from facenet_train.augment import augment_views, centre_crop, cut_tight, mix_faces  # noqa: E402
 from facenet_train.config import ConfigError, config_from_dict, load_config  # noqa: E402
 
 REAL_LFW = Path(__file__).parents[2] / "shared/data/lfw"
@@ -403,6 +403,49 @@ def test_a_view_teacher_describes_each_view_before_its_tight_cut(synthetic_cache
     assert space.centre is not None and np.allclose(space.centre, data.teacher_centre(cache.teacher))
     result = train.train(config, tmp_path / "trained")
     assert np.isfinite(result.metrics["distillation"])
+
+
+def test_mixup_blends_the_unlabeled_views_and_the_teacher_describes_the_blends(synthetic_cache, tmp_path,
+                                                                              monkeypatch):
+    monkeypatch.setattr(train, "EdgeFaceTeacher", ViewColours)
+    cache_dir = edgeface_cache(synthetic_cache, tmp_path)
+    sections = dict(data={"teacher": True, "teacher_onnx": "t.onnx"}, loss={"distillation": 1.0},
+                    train={"steps": 2, "log_every": 1, "checkpoint_every": 1})
+    plain = make_config(cache_dir, batch={"unlabeled": 4}, **sections)
+    mixed = make_config(cache_dir, batch={"unlabeled": 4, "mixup": 1.0}, **sections)
+    batches = {}
+    for name, config in (("plain", plain), ("mixed", mixed)):
+        cache = train.load_training_cache(config)
+        (tmp_path / name).mkdir()
+        space = train.student_space(cache.teacher, config, tmp_path / name, resume=False)
+        trainer = train.Trainer(config, tmp_path / name, cache, view_teacher=train.view_teacher(config, space))
+        batches[name] = trainer.batches(1)
+    labeled = trainer.spec.labeled
+    # The labelled views, which the triplet loss sees, are untouched; every unlabeled one is a blend.
+    np.testing.assert_array_equal(batches["mixed"]["images"][:, :labeled], batches["plain"]["images"][:, :labeled])
+    changed = batches["mixed"]["images"][:, labeled:] != batches["plain"]["images"][:, labeled:]
+    assert changed.any(axis=(2, 3, 4)).all()
+    index = trainer.batches.sampler.batch(1)
+    views = augment_views(cache.crops[index.ravel()], 96, mixed.augment, np.random.default_rng([0, 1, 1]))
+    mix_rng = np.random.default_rng([0, 1, 2])
+    unlabeled = np.arange(labeled, len(views))
+    blended = mix_faces(views, unlabeled[mix_rng.random(len(unlabeled)) < 1.0], mix_rng)
+    np.testing.assert_array_equal(batches["mixed"]["images"].reshape(blended.shape), blended)
+    expected = space.targets(ViewColours(None, flip=False).describe(blended))
+    np.testing.assert_allclose(batches["mixed"]["teacher"].reshape(expected.shape), expected, rtol=1e-6)
+    result = train.train(mixed, tmp_path / "trained")
+    assert np.isfinite(result.metrics["distillation"])
+
+
+def test_mixup_needs_unlabeled_faces_and_a_view_teacher(synthetic_cache):
+    teacher = {"data": {"teacher": True, "teacher_onnx": "t.onnx"}, "loss": {"distillation": 1.0}}
+    with pytest.raises(ConfigError, match="batch.mixup > 0 blends unlabeled faces"):
+        make_config(synthetic_cache, batch={"mixup": 0.5}, **teacher)
+    with pytest.raises(ConfigError, match="batch.mixup > 0 blends unlabeled faces"):
+        make_config(synthetic_cache, batch={"unlabeled": 4, "mixup": 0.5}, data={"teacher": True},
+                    loss={"distillation": 1.0})
+    with pytest.raises(ConfigError, match=r"batch.mixup 1.5: a probability in \[0, 1\]"):
+        make_config(synthetic_cache, batch={"unlabeled": 4, "mixup": 1.5}, **teacher)
 
 
 def test_a_view_teacher_needs_its_own_descriptors_in_the_cache(synthetic_cache, tmp_path, monkeypatch):

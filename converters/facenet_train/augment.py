@@ -139,6 +139,19 @@ def augment_views(crops: np.ndarray, size: int, config: AugmentConfig, rng: np.r
     return out
 
 
+def mix_faces(views: np.ndarray, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``views`` with each of ``rows`` blended with another view of the batch, in a weight
+    drawn uniformly from [0, 1]: inputs no photo gives, for a teacher to label (function
+    matching, Beyer et al. 2022), so distillation is not limited to the faces held."""
+    out = views.copy()
+    partners = rng.integers(0, len(views) - 1, len(rows))
+    partners += partners >= rows  # never the view itself
+    weights = rng.random(len(rows))[:, None, None, None]
+    mixed = weights * views[rows] + (1 - weights) * views[partners]
+    out[rows] = np.rint(mixed).astype(np.uint8)
+    return out
+
+
 def cut_tight(views: np.ndarray, config: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
     """A copy of :func:`augment_views`' output with ``config.tight`` of the views tightly cut."""
     out = views.copy()

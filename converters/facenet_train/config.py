@@ -60,12 +60,15 @@ class DataConfig:
 @dataclass(frozen=True)
 class BatchConfig:
     """``p`` identities x ``k`` faces, plus ``unlabeled`` faces for distillation only
-    (see ``data.SamplerConfig``)."""
+    (see ``data.SamplerConfig``). ``mixup``: the probability that an unlabeled face's view
+    is blended with another view of the batch (``augment.mix_faces``); only a teacher
+    describing each view (``data.teacher_onnx``) can label the blend."""
 
     p: int = 30
     k: int = 4
     unlabeled: int = 0
     identity_power: float = 0.5
+    mixup: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -195,6 +198,10 @@ class Config:
              f"data.teacher = true loads targets only the {teacher_losses} loss uses: set {teacher_weights}"),
             (self.batch.unlabeled == 0 or loss.needs_teacher,
              f"batch.unlabeled > 0 only feeds the {teacher_losses} loss: set {teacher_weights}"),
+            (0.0 <= self.batch.mixup <= 1.0, f"batch.mixup {self.batch.mixup}: a probability in [0, 1]"),
+            (self.batch.mixup == 0 or (self.batch.unlabeled > 0 and bool(d.teacher_onnx)),
+             "batch.mixup > 0 blends unlabeled faces for a teacher to describe: "
+             "set batch.unlabeled > 0 and data.teacher_onnx"),
             *((bool(self.harmonic.old_model) or not LOSS_TERMS[name].old_model,
                f"loss.{name} > 0 needs harmonic.old_model") for name in weights),
             (t.eval_every == 0 or bool(t.lfw and t.lfw_cache),

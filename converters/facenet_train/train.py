@@ -29,7 +29,7 @@ from facenet_edge.embed import normalise
 from tensorflow.core.framework import summary_pb2
 
 from . import data, losses
-from .augment import augment_views, cut_tight
+from .augment import augment_views, cut_tight, mix_faces
 from .checkpoint import (
     CHECKPOINTS,
     CONFIG_JSON,
@@ -69,7 +69,8 @@ class FeedSpec:
 class Batches:
     """The batch of any step, as numpy arrays shaped (replicas, per_replica, ...). With a
     ``view_teacher`` the distillation targets are its description of each view before the
-    tight cut, rather than the cached ones of the clean crops."""
+    tight cut, rather than the cached ones of the clean crops; ``batch.mixup`` of the
+    unlabeled views are blends of two faces."""
 
     def __init__(self, cache: data.FaceCache, sampler: data.PKSampler, config: Config, spec: FeedSpec,
                  view_teacher: ViewTeacher | None = None):
@@ -81,6 +82,11 @@ class Batches:
         index = self.sampler.batch(step)
         rng = np.random.default_rng([self.config.train.seed, step, 1])
         views = augment_views(self.cache.crops[index.ravel()], spec.size, self.config.augment, rng)
+        if self.config.batch.mixup:
+            # Its own random stream: runs without mixup keep the views they always had.
+            mix_rng = np.random.default_rng([self.config.train.seed, step, 2])
+            unlabeled = np.flatnonzero(np.arange(views.shape[0]) % spec.per_replica >= spec.labeled)
+            views = mix_faces(views, unlabeled[mix_rng.random(len(unlabeled)) < self.config.batch.mixup], mix_rng)
         images = cut_tight(views, self.config.augment, rng)
         batch = {
             "images": images.reshape(spec.replicas, spec.per_replica, spec.size, spec.size, 3),
