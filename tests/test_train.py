@@ -380,15 +380,20 @@ def edgeface_cache(synthetic_cache: Path, root: Path) -> Path:
     return cache
 
 
+def view_teacher_trainer(config, run_dir: Path):
+    """(cache, student space, trainer) of a run whose targets come from the (fake) view teacher."""
+    cache = train.load_training_cache(config)
+    run_dir.mkdir()
+    space = train.student_space(cache.teacher, config, run_dir, resume=False)
+    return cache, space, train.Trainer(config, run_dir, cache, view_teacher=train.view_teacher(config, space))
+
+
 def test_a_view_teacher_describes_each_view_before_its_tight_cut(synthetic_cache, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "EdgeFaceTeacher", ViewColours)
     config = make_config(edgeface_cache(synthetic_cache, tmp_path), data={"teacher": True, "teacher_onnx": "t.onnx"},
                          batch={"unlabeled": 4}, loss={"distillation": 1.0}, augment={"tight": 1.0},
                          train={"steps": 2, "log_every": 1, "checkpoint_every": 1})
-    cache = train.load_training_cache(config)
-    (tmp_path / "run").mkdir()
-    space = train.student_space(cache.teacher, config, tmp_path / "run", resume=False)
-    trainer = train.Trainer(config, tmp_path / "run", cache, view_teacher=train.view_teacher(config, space))
+    cache, space, trainer = view_teacher_trainer(config, tmp_path / "run")
     batch = trainer.batches(1)
     index = trainer.batches.sampler.batch(1)
     rng = np.random.default_rng([config.train.seed, 1, 1])
@@ -413,21 +418,18 @@ def test_mixup_blends_the_unlabeled_views_and_the_teacher_describes_the_blends(s
                     train={"steps": 2, "log_every": 1, "checkpoint_every": 1})
     plain = make_config(cache_dir, batch={"unlabeled": 4}, **sections)
     mixed = make_config(cache_dir, batch={"unlabeled": 4, "mixup": 1.0}, **sections)
-    batches = {}
-    for name, config in (("plain", plain), ("mixed", mixed)):
-        cache = train.load_training_cache(config)
-        (tmp_path / name).mkdir()
-        space = train.student_space(cache.teacher, config, tmp_path / name, resume=False)
-        trainer = train.Trainer(config, tmp_path / name, cache, view_teacher=train.view_teacher(config, space))
-        batches[name] = trainer.batches(1)
+    batches = {"plain": view_teacher_trainer(plain, tmp_path / "plain")[2].batches(1)}
+    cache, space, trainer = view_teacher_trainer(mixed, tmp_path / "mixed")
+    batches["mixed"] = trainer.batches(1)
     labeled = trainer.spec.labeled
     # The labelled views, which the triplet loss sees, are untouched; every unlabeled one is a blend.
     np.testing.assert_array_equal(batches["mixed"]["images"][:, :labeled], batches["plain"]["images"][:, :labeled])
     changed = batches["mixed"]["images"][:, labeled:] != batches["plain"]["images"][:, labeled:]
     assert changed.any(axis=(2, 3, 4)).all()
     index = trainer.batches.sampler.batch(1)
-    views = augment_views(cache.crops[index.ravel()], 96, mixed.augment, np.random.default_rng([0, 1, 1]))
-    mix_rng = np.random.default_rng([0, 1, 2])
+    views = augment_views(cache.crops[index.ravel()], 96, mixed.augment,
+                          np.random.default_rng([mixed.train.seed, 1, 1]))
+    mix_rng = np.random.default_rng([mixed.train.seed, 1, 2])
     unlabeled = np.arange(labeled, len(views))
     blended = mix_faces(views, unlabeled[mix_rng.random(len(unlabeled)) < 1.0], mix_rng)
     np.testing.assert_array_equal(batches["mixed"]["images"].reshape(blended.shape), blended)
