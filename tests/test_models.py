@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from facenet_train.flops import count_flops, format_report
-from facenet_train.models import MODELS, build_model
+from facenet_train.models import MODELS, build_model, input_size_of
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +28,11 @@ def test_builds_with_native_shape_and_unit_norm_output(name):
     np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
 
 
-def test_embedding_size_and_input_shape_override():
-    model = build_model("nn4_small2", embedding_size=64, input_shape=(112, 112, 3))
+def test_embedding_size_and_input_size_override():
+    model = build_model("nn4_small2", embedding_size=64, input_size=112)
     assert tuple(model.input_shape) == (None, 112, 112, 3)
     assert tuple(model.output_shape) == (None, 64)
+    assert input_size_of(model) == 112 and input_size_of(build_model("nn4_small2")) == 0
 
 
 def test_unknown_model_names_the_choices():

@@ -47,7 +47,7 @@ def tiny_model():
 
 def write_cache(root: Path, crops: np.ndarray, labels: np.ndarray, teacher: np.ndarray | None,
                 shard_size: int = 40) -> Path:
-    """A complete crop cache (96 px crops with an 8 px border) from arrays."""
+    """A complete crop cache (crops with an 8 px border, 96 px ones by default) from arrays."""
     root.mkdir(parents=True, exist_ok=True)
     identities = np.array([f"synthetic/{label}" if label >= 0 else "" for label in labels])
     shards = [data.shard_name(i) for i in range(-(-len(crops) // shard_size))]
@@ -63,8 +63,8 @@ def write_cache(root: Path, crops: np.ndarray, labels: np.ndarray, teacher: np.n
         if teacher is not None:
             np.save(root / data.teacher_name(shard), teacher[part])
     data.CacheManifest(
-        crop_size=96, border=8, template="facenet96", detector="synthetic", aligner=data.aligner_version(),
-        shard_size=shard_size,
+        crop_size=crops.shape[1] - 16, border=8, template="facenet96", detector="synthetic",
+        aligner=data.aligner_version(), shard_size=shard_size,
         plan="synthetic", people=[f"synthetic/{i}" for i in range(IDENTITIES)], shards=shards,
         sources={"synthetic": {"faces": len(crops)}}, complete=True,
     ).save(root)
@@ -570,6 +570,27 @@ def test_model_and_cache_sizes_must_agree(synthetic_cache, tmp_path):
     config = make_config(synthetic_cache, model={"name": "nns2"})
     with pytest.raises(ConfigError, match="--crop-size 140"):
         train.train(config, tmp_path / "run")
+
+
+def test_a_model_trains_at_another_input_size_from_weights_of_its_own(synthetic_cache, trained_run, tmp_path):
+    config = make_config(synthetic_cache, model={"input_size": 64})
+    with pytest.raises(ConfigError, match="set model.input_size = 96"):
+        train.train(config, tmp_path / "refused")
+    # The same faces cropped at 64 px: the 96 px model's weights start the 64 px run.
+    names = data.CacheManifest.load(synthetic_cache).shards
+    shards = [np.load(synthetic_cache / name) for name in names]
+    crops = np.stack([cv2.resize(c, (80, 80), interpolation=cv2.INTER_AREA) for s in shards for c in s["crops"]])
+    labels = np.concatenate([s["labels"] for s in shards])
+    teacher = np.concatenate([np.load(synthetic_cache / data.teacher_name(name)) for name in names])
+    small = write_cache(tmp_path / "cache64", crops, labels, teacher)
+    weights = checkpoint.save_compact(checkpoint.load_keras_model(trained_run), tmp_path / "w96.npz")
+    config = make_config(small, model={"input_size": 64, "init_weights": str(weights)}, train={"steps": 2})
+    assert train.train(config, tmp_path / "run64").step == 2
+    # The run folder and its compact export both rebuild the model at 64 px.
+    model = checkpoint.load_keras_model(tmp_path / "run64")
+    exported = checkpoint.load_compact(checkpoint.save_compact(model, tmp_path / "w64.npz"))
+    assert tuple(model.input_shape) == tuple(exported.input_shape) == (None, 64, 64, 3)
+    assert models.input_size_of(exported) == 64 and models.input_size_of(checkpoint.load_compact(weights)) == 0
 
 
 def test_describe_prints_the_flop_table(capsys):

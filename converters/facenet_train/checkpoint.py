@@ -31,7 +31,7 @@ from facenet_edge.files import private_file
 
 # Importing models also registers its custom layers, which loading a .keras file needs.
 from .data import TEACHER_BASIS, TEACHER_MEAN
-from .models import build_model
+from .models import build_model, input_size_of
 
 CHECKPOINTS = "checkpoints"
 LOGS = "logs"
@@ -54,7 +54,8 @@ def load_keras_model(path: str | Path) -> keras.Model:
         if not config_path.is_file() or latest is None:
             raise FileNotFoundError(f"{path} holds neither {KERAS_MODEL} nor {CONFIG_JSON} with {CHECKPOINTS}/")
         model_cfg = json.loads(config_path.read_text())["model"]
-        model = build_model(model_cfg["name"], embedding_size=model_cfg["embedding_size"])
+        model = build_model(model_cfg["name"], embedding_size=model_cfg["embedding_size"],
+                            input_size=model_cfg.get("input_size", 0))
         tf.train.Checkpoint(model=model).restore(latest).expect_partial()
         return model
     return keras.models.load_model(path / KERAS_MODEL if path.is_dir() else path, compile=False)
@@ -93,7 +94,8 @@ def save_compact(model: keras.Model, path: str | Path, teacher_mean: np.ndarray 
     for variable in model.variables:
         value = np.asarray(variable.numpy())
         arrays[variable.path] = value.astype(np.float16 if value.ndim >= 2 else np.float32)
-    meta = {"format": FORMAT, "architecture": model.name, "embedding_size": int(model.output_shape[-1])}
+    meta = {"format": FORMAT, "architecture": model.name, "embedding_size": int(model.output_shape[-1]),
+            "input_size": input_size_of(model)}
     if teacher_mean is not None:
         meta["teacher_mean"] = np.asarray(teacher_mean, np.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,7 +132,8 @@ def load_into(model: keras.Model, path: str | Path) -> None:
 def load_compact(path: str | Path) -> keras.Model:
     """The model stored in ``path``, rebuilt from its architecture name."""
     meta, _ = _read(Path(path))
-    model = build_model(str(meta["architecture"]), embedding_size=int(meta["embedding_size"]))
+    model = build_model(str(meta["architecture"]), embedding_size=int(meta["embedding_size"]),
+                        input_size=int(meta.get("input_size", 0)))
     load_into(model, path)
     return model
 

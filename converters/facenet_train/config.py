@@ -29,11 +29,14 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """``name``: a key of ``facenet_train.models.MODELS``. ``init_weights``: a
-    ``.weights.h5`` or compact ``.npz`` to start from (e.g. the old model of a harmonic run)."""
+    """``name``: a key of ``facenet_train.models.MODELS``. ``input_size``: the square
+    input's side in pixels, 0 for the model's native size (96 for the NN4 family); the
+    crop cache must hold crops of that size. ``init_weights``: a ``.weights.h5`` or compact
+    ``.npz`` to start from (e.g. the old model of a harmonic run), of any input size."""
 
     name: str = "nn4_small2"
     embedding_size: int = 128
+    input_size: int = 0
     init_weights: str = ""
 
 
@@ -186,6 +189,8 @@ class Config:
         with_teacher = [name for name, term in LOSS_TERMS.items() if term.teacher]
         teacher_losses, teacher_weights = _one_of(with_teacher), _one_of([f"loss.{n}" for n in with_teacher])
         checks = [
+            (self.model.input_size >= 0,
+             f"model.input_size {self.model.input_size}: pixels on a side, or 0 for the model's own size"),
             (o.name in ("adam", "adagrad", "sgd"), f"optimizer.name {o.name!r}: adam, adagrad or sgd"),
             (s.kind in ("constant", "cosine", "step"), f"schedule.kind {s.kind!r}: constant, cosine or step"),
             (loss.mining in MINING, f"loss.mining {loss.mining!r}: {' or '.join(MINING)}"),

@@ -121,9 +121,12 @@ def format_report(report: FlopReport) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model name (see facenet_train.models.MODELS)")
     parser.add_argument("--embedding-size", type=int, default=128)
+    parser.add_argument("--input-size", type=int, default=0,
+                        help="square input side in pixels (default: the model's own)")
 
 
 def run(args: argparse.Namespace) -> int:
     """The ``describe`` command."""
-    print(format_report(count_flops(build_model(args.model, embedding_size=args.embedding_size))))
+    model = build_model(args.model, embedding_size=args.embedding_size, input_size=args.input_size)
+    print(format_report(count_flops(model)))
     return 0

@@ -244,17 +244,19 @@ MODELS: dict[str, ModelSpec] = {
 def build_model(
     name: str = DEFAULT_MODEL,
     embedding_size: int = 128,
-    input_shape: tuple[int, int, int] | None = None,
+    input_size: int = 0,
 ) -> keras.Model:
     """Builds model ``name`` (a key of :data:`MODELS`) with unit-norm ``embedding_size`` outputs.
 
-    ``input_shape`` (height, width, channels) overrides the model's native input size.
-    Input scaling is not part of the model; it is done by the caller's preprocessing.
+    ``input_size``: the side of a square input in pixels instead of the model's native size
+    (0). The convolutions and the final average pooling fit any size, so the same weights
+    load at another size. Input scaling is not part of the model; it is done by the
+    caller's preprocessing.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     spec = MODELS[name]
-    inputs = keras.Input(tuple(input_shape or spec.input_shape), name="image")
+    inputs = keras.Input((input_size, input_size, 3) if input_size else spec.input_shape, name="image")
     x = inputs
     for stage in spec.stages:
         if isinstance(stage, Conv):
@@ -275,6 +277,12 @@ def build_model(
     x = keras.layers.Dense(embedding_size, name="embedding_dense", dtype="float32")(x)
     outputs = L2Normalize(name="embedding", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+def input_size_of(model: keras.Model) -> int:
+    """The ``input_size`` that rebuilds ``model`` with :func:`build_model`: 0 at its native size."""
+    shape = tuple(int(d) for d in model.input_shape[1:])
+    return 0 if shape == MODELS[model.name].input_shape else shape[0]
 
 
 def _conv_bn_relu(x, name: str, filters: int, kernel: int = 1, stride: int = 1):

@@ -240,12 +240,11 @@ class Trainer:
         self.config, self.run_dir = config, run_dir
         self.strategy = strategy or make_strategy()
         replicas = self.strategy.num_replicas_in_sync
-        spec = MODELS[config.model.name].input_shape
-        size = cache.manifest.crop_size
-        if spec[0] != size or spec[1] != size:
-            raise ConfigError(f"model {config.model.name} takes {spec[1]}x{spec[0]} crops, "
-                              f"the cache holds {size}px crops; "
-                              f"preprocess with --crop-size {spec[0]}")
+        m, size = config.model, cache.manifest.crop_size
+        height, width = (m.input_size, m.input_size) if m.input_size else MODELS[m.name].input_shape[:2]
+        if (height, width) != (size, size):
+            raise ConfigError(f"model {m.name} takes {width}x{height} crops, the cache holds {size}px crops; "
+                              f"preprocess with --crop-size {height} or set model.input_size = {size}")
         b = config.batch
         sampling = data.SamplerConfig(b.p, b.k, b.unlabeled, b.identity_power, config.train.seed)
         sampler = data.PKSampler(cache.labels, sampling, replicas=replicas)
@@ -260,7 +259,7 @@ class Trainer:
             keras.utils.set_random_seed(config.train.seed)
             # The layers keep the policy they were built with; nothing built later inherits it.
             keras.mixed_precision.set_global_policy(config.train.precision)
-            self.model = build_model(config.model.name, embedding_size=config.model.embedding_size)
+            self.model = build_model(m.name, embedding_size=m.embedding_size, input_size=m.input_size)
             keras.mixed_precision.set_global_policy("float32")
             self.card = default_card(self.model)  # its preprocessing is the model's input, as on the device
             self.old_model = load_old_model(config) if config.loss.needs_old_model else None
