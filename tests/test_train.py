@@ -7,6 +7,7 @@ and a fake mini-LFW of astronaut variants. No real training data is read.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -360,6 +361,15 @@ def test_a_wider_teacher_is_projected_on_its_principal_axes(synthetic_cache, tmp
     targets = train.student_space(cache.teacher, config, tmp_path / "run", resume=True).targets(cache.teacher)
     centre = np.load(tmp_path / "run" / checkpoint.TEACHER_MEAN)
     assert np.allclose(targets, (cache.teacher - centre) @ basis[:, ::-1], equal_nan=True)
+    # A new run told to keep that run's space takes its centre and axes, not this cache's.
+    kept = dataclasses.replace(config, data=dataclasses.replace(config.data, teacher_space=str(tmp_path / "run")))
+    (tmp_path / "next").mkdir()
+    space = train.student_space(cache.teacher, kept, tmp_path / "next", resume=False)
+    assert np.array_equal(space.basis, basis[:, ::-1]) and np.array_equal(space.centre, centre)
+    assert np.array_equal(np.load(tmp_path / "next" / checkpoint.TEACHER_BASIS), basis[:, ::-1])
+    elsewhere = dataclasses.replace(config, data=dataclasses.replace(config.data, teacher_space=str(tmp_path)))
+    with pytest.raises(ConfigError, match="holds no teacher_mean.npy"):
+        train.student_space(cache.teacher, elsewhere, tmp_path / "next", resume=False)
 
 
 class ViewColours:

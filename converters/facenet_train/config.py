@@ -50,7 +50,10 @@ class DataConfig:
     get no distillation target (labeled ones still see the triplet loss). ``teacher_onnx``:
     the cache's teacher exported (``facenet-train teacher-export``): it then describes each
     training view as augmented, before any tight cut, and that is the view's target instead
-    of the cached descriptor of the clean crop (which still fixes the centre and axes)."""
+    of the cached descriptor of the clean crop (which still fixes the centre and axes).
+    ``teacher_space``: a run folder whose centre and axes (``teacher_mean.npy``,
+    ``teacher_basis.npy``) the student's space takes instead of this cache's descriptors,
+    so a run continued on a cache made again (another crop size) keeps its space."""
 
     cache: str = "cache/aligned"
     sources: list[str] = field(default_factory=list)
@@ -58,6 +61,7 @@ class DataConfig:
     teacher: bool = False
     partial_teacher: bool = False
     teacher_onnx: str = ""
+    teacher_space: str = ""
 
 
 @dataclass(frozen=True)
@@ -199,6 +203,7 @@ class Config:
               for name in weights),
             (d.teacher or not d.partial_teacher, "data.partial_teacher needs data.teacher = true"),
             (d.teacher or not d.teacher_onnx, "data.teacher_onnx needs data.teacher = true"),
+            (d.teacher or not d.teacher_space, "data.teacher_space needs data.teacher = true"),
             (not d.teacher or loss.needs_teacher,
              f"data.teacher = true loads targets only the {teacher_losses} loss uses: set {teacher_weights}"),
             (self.batch.unlabeled == 0 or loss.needs_teacher,

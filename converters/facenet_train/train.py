@@ -398,14 +398,28 @@ class StudentSpace:
 
 def student_space(teacher: np.ndarray, config: Config, run_dir: Path, resume: bool) -> StudentSpace:
     """Centred on the cached descriptors' mean (``loss.center_teacher``) and, when the teacher
-    is wider than the student, projected on their principal axes; fixed at the run's start."""
+    is wider than the student, projected on their principal axes — or both taken from the
+    run named by ``data.teacher_space``; fixed at the run's start."""
+    source = Path(config.data.teacher_space) if config.data.teacher_space else None
     centre = basis = None
     if config.loss.center_teacher:
-        centre = _fixed_for_run(run_dir / TEACHER_MEAN, resume, lambda: data.teacher_centre(teacher))
+        centre = _fixed_for_run(run_dir / TEACHER_MEAN, resume,
+                                lambda: _space_of(source, TEACHER_MEAN) if source else data.teacher_centre(teacher))
     if teacher.shape[1] > config.model.embedding_size:
-        basis = _fixed_for_run(run_dir / TEACHER_BASIS, resume,
-                               lambda: data.teacher_basis(teacher, config.model.embedding_size))
+        size = config.model.embedding_size
+        compute = lambda: _space_of(source, TEACHER_BASIS) if source else data.teacher_basis(teacher, size)  # noqa: E731
+        basis = _fixed_for_run(run_dir / TEACHER_BASIS, resume, compute)
+        if basis.shape != (teacher.shape[1], size):
+            raise ConfigError(f"data.teacher_space {source}: its axes are {basis.shape}, "
+                              f"this teacher and student need {(teacher.shape[1], size)}")
     return StudentSpace(centre, basis)
+
+
+def _space_of(run: Path, name: str) -> np.ndarray:
+    path = run / name
+    if not path.is_file():
+        raise ConfigError(f"data.teacher_space {run} holds no {name} (a distilled run folder has one)")
+    return np.load(path)
 
 
 def view_teacher(config: Config, space: StudentSpace) -> ViewTeacher:
