@@ -249,9 +249,9 @@ def build_model(
     """Builds model ``name`` (a key of :data:`MODELS`) with unit-norm ``embedding_size`` outputs.
 
     ``input_size``: the side of a square input in pixels instead of the model's native size
-    (0). The convolutions and the final average pooling fit any size, so the same weights
-    load at another size. Input scaling is not part of the model; it is done by the
-    caller's preprocessing.
+    (0). Models that average-pool their whole final map (the NN4 family) keep their
+    variables at any size, so their weights load at another one. Input scaling is not part
+    of the model; it is done by the caller's preprocessing.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
