@@ -407,8 +407,9 @@ def student_space(teacher: np.ndarray, config: Config, run_dir: Path, resume: bo
                                 lambda: _space_of(source, TEACHER_MEAN) if source else data.teacher_centre(teacher))
     if teacher.shape[1] > config.model.embedding_size:
         size = config.model.embedding_size
-        compute = lambda: _space_of(source, TEACHER_BASIS) if source else data.teacher_basis(teacher, size)  # noqa: E731
-        basis = _fixed_for_run(run_dir / TEACHER_BASIS, resume, compute)
+        basis = _fixed_for_run(run_dir / TEACHER_BASIS, resume,
+                               lambda: _space_of(source, TEACHER_BASIS) if source
+                               else data.teacher_basis(teacher, size))
         if basis.shape != (teacher.shape[1], size):
             raise ConfigError(f"data.teacher_space {source}: its axes are {basis.shape}, "
                               f"this teacher and student need {(teacher.shape[1], size)}")
