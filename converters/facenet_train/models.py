@@ -256,7 +256,7 @@ def build_model(
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     spec = MODELS[name]
-    inputs = keras.Input((input_size, input_size, 3) if input_size else spec.input_shape, name="image")
+    inputs = keras.Input(input_shape(name, input_size), name="image")
     x = inputs
     for stage in spec.stages:
         if isinstance(stage, Conv):
@@ -277,6 +277,11 @@ def build_model(
     x = keras.layers.Dense(embedding_size, name="embedding_dense", dtype="float32")(x)
     outputs = L2Normalize(name="embedding", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+def input_shape(name: str, input_size: int = 0) -> tuple[int, int, int]:
+    """(height, width, channels) that :func:`build_model` gives model ``name`` at ``input_size``."""
+    return (input_size, input_size, 3) if input_size else MODELS[name].input_shape
 
 
 def input_size_of(model: keras.Model) -> int:

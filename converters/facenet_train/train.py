@@ -44,7 +44,7 @@ from .checkpoint import (
 from .config import Config, ConfigError, load_config
 from .edgeface import EdgeFaceTeacher
 from .evaluation import LfwCropPairs, default_card, keras_embedder
-from .models import MODELS, build_model
+from .models import build_model, input_shape
 from .teacher import cached_teacher
 
 # (N, S, S, 3) uint8 training views -> (N, D) distillation targets in the student's space.
@@ -241,7 +241,7 @@ class Trainer:
         self.strategy = strategy or make_strategy()
         replicas = self.strategy.num_replicas_in_sync
         m, size = config.model, cache.manifest.crop_size
-        height, width = (m.input_size, m.input_size) if m.input_size else MODELS[m.name].input_shape[:2]
+        height, width, _ = input_shape(m.name, m.input_size)
         if (height, width) != (size, size):
             raise ConfigError(f"model {m.name} takes {width}x{height} crops, the cache holds {size}px crops; "
                               f"preprocess with --crop-size {height} or set model.input_size = {size}")
@@ -401,18 +401,18 @@ def student_space(teacher: np.ndarray, config: Config, run_dir: Path, resume: bo
     is wider than the student, projected on their principal axes — or both taken from the
     run named by ``data.teacher_space``; fixed at the run's start."""
     source = Path(config.data.teacher_space) if config.data.teacher_space else None
+    width, size = teacher.shape[1], config.model.embedding_size
     centre = basis = None
     if config.loss.center_teacher:
         centre = _fixed_for_run(run_dir / TEACHER_MEAN, resume,
                                 lambda: _space_of(source, TEACHER_MEAN) if source else data.teacher_centre(teacher))
-    if teacher.shape[1] > config.model.embedding_size:
-        size = config.model.embedding_size
+    if width > size:
         basis = _fixed_for_run(run_dir / TEACHER_BASIS, resume,
                                lambda: _space_of(source, TEACHER_BASIS) if source
                                else data.teacher_basis(teacher, size))
-        if basis.shape != (teacher.shape[1], size):
-            raise ConfigError(f"data.teacher_space {source}: its axes are {basis.shape}, "
-                              f"this teacher and student need {(teacher.shape[1], size)}")
+        if basis.shape != (width, size):
+            raise ConfigError(f"the student's axes ({TEACHER_BASIS} from {source or run_dir}) are {basis.shape}, "
+                              f"this teacher and student need {(width, size)}")
     return StudentSpace(centre, basis)
 
 
