@@ -497,6 +497,29 @@ def test_compact_weights_round_trip_and_feed_training(synthetic_cache, trained_r
     assert result.metrics["harmonic"] < 0.2
 
 
+def test_export_weights_averages_checkpoints_of_a_run(trained_run, tmp_path, capsys):
+    steps = [trained_run / checkpoint.CHECKPOINTS / f"ckpt-{n}" for n in (20, 40)]
+    at_20, at_40 = (checkpoint.load_keras_model(p) for p in steps)
+    assert any(not np.array_equal(a, b) for a, b in zip(at_20.get_weights(), at_40.get_weights()))
+    assert cli.main(["export-weights", *map(str, steps), "--out", str(tmp_path / "mean.npz")]) == 0
+    assert "the mean of 2 models" in capsys.readouterr().out
+    averaged = checkpoint.load_keras_model(tmp_path / "mean.npz")
+    for a, b, mean in zip(at_20.get_weights(), at_40.get_weights(), averaged.get_weights()):
+        np.testing.assert_allclose(mean, (a + b) / 2, rtol=2e-3, atol=1e-6)  # float16 kernels in the file
+    # The latest checkpoint is what the run folder itself loads.
+    for a, b in zip(at_40.get_weights(), checkpoint.load_keras_model(trained_run).get_weights()):
+        assert np.array_equal(a, b)
+
+
+def test_export_weights_refuses_to_average_other_architectures(trained_run, tmp_path):
+    other = checkpoint.save_compact(models.build_model("tiny", embedding_size=DIM + 1), tmp_path / "wide.npz")
+    with pytest.raises(SystemExit, match=r"wide.npz is not the architecture of .*cannot average them"):
+        cli.main(["export-weights", str(trained_run), str(other), "--out", str(tmp_path / "mean.npz")])
+    with pytest.raises(SystemExit, match=r"export-weights: error: .*missing does not exist"):
+        cli.main(["export-weights", str(tmp_path / "missing"), "--out", str(tmp_path / "x.npz")])
+    assert not (tmp_path / "mean.npz").exists()
+
+
 def test_compact_weights_refuse_another_model_or_file(trained_run, tmp_path):
     checkpoint.save_compact(checkpoint.load_keras_model(trained_run), tmp_path / "w.npz")
     with pytest.raises(ValueError, match=r"embedding_dense/kernel is \(16, 16\), tiny needs \(16, 17\)"):

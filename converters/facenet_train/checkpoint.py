@@ -15,6 +15,11 @@ with it (``harmonic.old_model``), started from it (``model.init_weights``), or i
 re-converted (``facenet-train convert FILE.npz``).
 
     facenet-train export-weights RUN_DIR --out converters/weights/NAME.npz
+
+Given several models (run folders, checkpoints ``RUN_DIR/checkpoints/ckpt-N``, ``.npz``
+files), ``export-weights`` writes the mean of their variables: checkpoint averaging, which
+lands nearer the middle of the basin the last steps of a run circle in than any one step
+does. It only makes sense for models of one chain of runs (one student space).
 """
 
 from __future__ import annotations
@@ -42,23 +47,53 @@ KERAS_MODEL = "model.keras"
 FORMAT = "facenet-train compact weights v1"
 
 
+def is_checkpoint_prefix(path: Path) -> bool:
+    """Whether ``path`` names one training checkpoint (``RUN_DIR/checkpoints/ckpt-N``)."""
+    return path.with_name(path.name + ".index").is_file()
+
+
 def load_keras_model(path: str | Path) -> keras.Model:
-    """A ``.keras`` file; a compact weights ``.npz``; a run folder's ``model.keras``; or, for
-    a run still training, its config's architecture with the latest checkpoint's weights."""
+    """A ``.keras`` file; a compact weights ``.npz``; a run folder's ``model.keras``; for a
+    run still training, its config's architecture with the latest checkpoint's weights; or
+    one checkpoint of a run (``RUN_DIR/checkpoints/ckpt-N``)."""
     path = Path(path)
     if path.suffix == ".npz":
         return load_compact(path)
+    if is_checkpoint_prefix(path):
+        return _from_checkpoint(path.parent.parent, str(path))
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (a run folder, RUN_DIR/checkpoints/ckpt-N, .keras or .npz)")
     if path.is_dir() and not (path / KERAS_MODEL).is_file():
-        config_path, checkpoints = path / CONFIG_JSON, path / CHECKPOINTS
-        latest = tf.train.latest_checkpoint(str(checkpoints))
-        if not config_path.is_file() or latest is None:
+        latest = tf.train.latest_checkpoint(str(path / CHECKPOINTS))
+        if latest is None:
             raise FileNotFoundError(f"{path} holds neither {KERAS_MODEL} nor {CONFIG_JSON} with {CHECKPOINTS}/")
-        model_cfg = json.loads(config_path.read_text())["model"]
-        model = build_model(model_cfg["name"], embedding_size=model_cfg["embedding_size"],
-                            input_size=model_cfg.get("input_size", 0))
-        tf.train.Checkpoint(model=model).restore(latest).expect_partial()
-        return model
+        return _from_checkpoint(path, latest)
     return keras.models.load_model(path / KERAS_MODEL if path.is_dir() else path, compile=False)
+
+
+def _from_checkpoint(run_dir: Path, prefix: str) -> keras.Model:
+    config_path = run_dir / CONFIG_JSON
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no {CONFIG_JSON} to rebuild the model of {prefix}")
+    model_cfg = json.loads(config_path.read_text())["model"]
+    model = build_model(model_cfg["name"], embedding_size=model_cfg["embedding_size"],
+                        input_size=model_cfg.get("input_size", 0))
+    tf.train.Checkpoint(model=model).restore(prefix).expect_partial()
+    return model
+
+
+def average_models(paths: list[Path]) -> keras.Model:
+    """The first model of ``paths`` with every variable set to the mean over all of them
+    (batch-norm statistics included); they must be one architecture."""
+    models = [load_keras_model(p) for p in paths]
+    first = models[0]
+    for path, model in zip(paths[1:], models[1:]):
+        if [v.path for v in model.variables] != [v.path for v in first.variables] or \
+                [tuple(v.shape) for v in model.variables] != [tuple(v.shape) for v in first.variables]:
+            raise ValueError(f"{path} is not the architecture of {paths[0]} ({first.name}): cannot average them")
+    for i, variable in enumerate(first.variables):
+        variable.assign(np.mean([m.variables[i].numpy() for m in models], axis=0))
+    return first
 
 
 def run_config(checkpoint: Path) -> dict[str, Any] | None:
@@ -76,6 +111,8 @@ def teacher_mean_of(checkpoint: str | Path) -> np.ndarray | None:
     checkpoint = Path(checkpoint)
     if checkpoint.suffix == ".npz":
         return _read(checkpoint)[0].get("teacher_mean")
+    if is_checkpoint_prefix(checkpoint):
+        checkpoint = checkpoint.parent.parent
     path = checkpoint / TEACHER_MEAN
     if not checkpoint.is_dir() or not path.is_file() or (checkpoint / TEACHER_BASIS).is_file():
         return None
@@ -139,12 +176,23 @@ def load_compact(path: str | Path) -> keras.Model:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", type=Path, help="a run folder or a .keras file")
+    parser.add_argument("checkpoint", type=Path, nargs="+",
+                        help="a run folder, a checkpoint (RUN_DIR/checkpoints/ckpt-N), a .keras or .npz file; "
+                             "several: their weights averaged")
     parser.add_argument("--out", required=True, type=Path, help="the .npz to write")
 
 
 def run(args: argparse.Namespace) -> int:
     """The ``export-weights`` command."""
-    path = save_compact(load_keras_model(args.checkpoint), args.out, teacher_mean_of(args.checkpoint))
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)")
+    try:
+        means = [teacher_mean_of(p) for p in args.checkpoint]
+        if any(m is None for m in means) != all(m is None for m in means) or \
+                any(m is not None and not np.array_equal(m, means[0]) for m in means):
+            raise ValueError("they were distilled against different teacher means: their weights do not average")
+        model = average_models(args.checkpoint) if len(args.checkpoint) > 1 else load_keras_model(args.checkpoint[0])
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"facenet-train export-weights: error: {exc}") from None
+    path = save_compact(model, args.out, means[0])
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)"
+          + (f", the mean of {len(args.checkpoint)} models" if len(args.checkpoint) > 1 else ""))
     return 0
