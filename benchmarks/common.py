@@ -17,8 +17,9 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -190,10 +191,7 @@ class ModelUnderTest:
     path: Path
     card: ModelCard
     target: str
-
-    @property
-    def label(self) -> str:
-        return self.path.stem
+    label: str
 
     @property
     def int8(self) -> bool:
@@ -226,7 +224,17 @@ def models_under_test(paths: Sequence[Path] | None) -> list[ModelUnderTest]:
         else:
             with load_interpreter(path) as interpreter:
                 target = "int8" if interpreter.input.quantized else "float32"
-        models.append(ModelUnderTest(path, card, target))
+        models.append(ModelUnderTest(path, card, target, path.stem))
+    return _distinct_labels(models)
+
+
+def _distinct_labels(models: list[ModelUnderTest]) -> list[ModelUnderTest]:
+    """Labels are file names; where two models share one (a release against its successor,
+    both ``nn4_small2_distilled_int8``), their card versions, then their folders, tell them
+    apart, so that no table row or JSON entry stands for two models."""
+    for describe in (lambda m: f"{m.path.stem} v{m.card.version}", lambda m: f"{m.path.parent.name}/{m.label}"):
+        counts = Counter(m.label for m in models)
+        models = [replace(m, label=describe(m)) if counts[m.label] > 1 else m for m in models]
     return models
 
 

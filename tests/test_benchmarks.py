@@ -159,6 +159,18 @@ def test_conversions_are_the_converters_siblings_with_cards(common, tmp_path):
 
 
 @pytest.mark.skipif(LFW is None, reason=NO_LFW)
+def test_models_sharing_a_file_name_get_distinct_labels(common):
+    def model(path: str, version: str):
+        return common.ModelUnderTest(Path(path), types.SimpleNamespace(version=version), "int8", Path(path).stem)
+
+    shipped, release = model("models/m_int8.tflite", "0.8.0"), model("/tmp/new/m_int8.tflite", "0.9.0")
+    copy = model("/tmp/copy/m_int8.tflite", "0.9.0")
+    labels = [m.label for m in common._distinct_labels([shipped, release, model("other.tflite", "0.9.0")])]
+    assert labels == ["m_int8 v0.8.0", "m_int8 v0.9.0", "other"]
+    labels = [m.label for m in common._distinct_labels([shipped, release, copy])]
+    assert labels == ["m_int8 v0.8.0", "new/m_int8 v0.9.0", "copy/m_int8 v0.9.0"]
+
+
 def test_lfw_cache_embeds_each_image_once(common, tmp_path):
     described = []
 
