@@ -158,7 +158,6 @@ def test_conversions_are_the_converters_siblings_with_cards(common, tmp_path):
     assert common.conversions(tmp_path / "other.tflite") == [tmp_path / "other.tflite"]
 
 
-@pytest.mark.skipif(LFW is None, reason=NO_LFW)
 def test_models_sharing_a_file_name_get_distinct_labels(common):
     def model(path: str, version: str):
         return common.ModelUnderTest(Path(path), types.SimpleNamespace(version=version), "int8", Path(path).stem)
@@ -171,6 +170,7 @@ def test_models_sharing_a_file_name_get_distinct_labels(common):
     assert labels == ["m_int8 v0.8.0", "new/m_int8 v0.9.0", "copy/m_int8 v0.9.0"]
 
 
+@pytest.mark.skipif(LFW is None, reason=NO_LFW)
 def test_lfw_cache_embeds_each_image_once(common, tmp_path):
     described = []
 

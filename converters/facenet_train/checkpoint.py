@@ -87,9 +87,9 @@ def average_models(paths: list[Path]) -> keras.Model:
     (batch-norm statistics included); they must be one architecture."""
     models = [load_keras_model(p) for p in paths]
     first = models[0]
+    layout = [(v.path, tuple(v.shape)) for v in first.variables]
     for path, model in zip(paths[1:], models[1:]):
-        if [v.path for v in model.variables] != [v.path for v in first.variables] or \
-                [tuple(v.shape) for v in model.variables] != [tuple(v.shape) for v in first.variables]:
+        if [(v.path, tuple(v.shape)) for v in model.variables] != layout:
             raise ValueError(f"{path} is not the architecture of {paths[0]} ({first.name}): cannot average them")
     for i, variable in enumerate(first.variables):
         variable.assign(np.mean([m.variables[i].numpy() for m in models], axis=0))
@@ -186,8 +186,7 @@ def run(args: argparse.Namespace) -> int:
     """The ``export-weights`` command."""
     try:
         means = [teacher_mean_of(p) for p in args.checkpoint]
-        if any(m is None for m in means) != all(m is None for m in means) or \
-                any(m is not None and not np.array_equal(m, means[0]) for m in means):
+        if not all(m is None if means[0] is None else m is not None and np.array_equal(m, means[0]) for m in means):
             raise ValueError("they were distilled against different teacher means: their weights do not average")
         model = average_models(args.checkpoint) if len(args.checkpoint) > 1 else load_keras_model(args.checkpoint[0])
     except (ValueError, FileNotFoundError) as exc:
