@@ -245,3 +245,14 @@ def test_mix_faces_blends_only_the_rows_named_each_with_another_face():
     np.testing.assert_array_equal(mix_faces(views, rows, np.random.default_rng(7)),
                                   mix_faces(views, rows, np.random.default_rng(7)))
     assert views[1, 0, 0, 0] == 60  # the input is left as it was
+
+
+def test_teacher_prototypes_are_unit_identity_means_of_the_faces_with_a_target():
+    targets = np.array([[3, 0], [0, 2], [np.nan, np.nan], [0, 5], [1, 1], [4, 4]], dtype=np.float32)
+    labels = np.array([0, 0, 0, 2, -1, 2])
+    prototypes = data.teacher_prototypes(targets, labels)
+    half = np.sqrt(0.5)
+    # Identity 0: the mean of (1, 0) and (0, 1), the NaN row left out; identity 1 has no face; -1 is unlabeled.
+    expected = [[half, half], [0, 0], [np.cos(np.pi / 8), np.sin(np.pi / 8)][::-1]]
+    np.testing.assert_allclose(prototypes, expected, atol=1e-6)
+    assert prototypes.dtype == np.float32

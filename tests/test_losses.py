@@ -1,4 +1,4 @@
-"""Triplet, distillation and harmonic losses against brute-force numpy references; the
+"""Triplet, distillation, prototype and harmonic losses against brute-force numpy references; the
 registry of loss terms against the training step's sum as it was written before it."""
 
 from typing import get_type_hints
@@ -16,6 +16,7 @@ from facenet_train.losses import (
     relational_distillation_loss,
     harmonic_triplet_loss,
     pairwise_squared_distances,
+    prototype_cosface_loss,
     semihard_triplets,
     triplet_batch_hard_loss,
     total_loss,
@@ -204,8 +205,9 @@ def test_harmonic_trains_only_the_new_embeddings():
         lambda labels, e: harmonic_triplet_loss(labels, e, e[::-1]),
         lambda labels, e: distillation_loss(e, e[::-1]),
         lambda labels, e: relational_distillation_loss(e, e[::-1]),
+        lambda labels, e: prototype_cosface_loss(labels, e, tf.eye(3, e.shape[1])),
     ],
-    ids=["semihard", "batch_hard", "harmonic", "distillation", "relational"],
+    ids=["semihard", "batch_hard", "harmonic", "distillation", "relational", "prototype"],
 )
 def test_gradients_are_finite_when_embeddings_coincide(loss_fn):
     labels = np.array([0, 0, 1, 1, 2])
@@ -226,6 +228,7 @@ def test_losses_trace_in_tf_function_with_dynamic_batch():
             harmonic_triplet_loss(labels, embeddings, tf.reverse(embeddings, [0])),
             distillation_loss(embeddings, tf.reverse(embeddings, [0])),
             relational_distillation_loss(embeddings, tf.reverse(embeddings, [0]), embeddings[:, 0] > 0),
+            prototype_cosface_loss(labels, embeddings, tf.eye(5, 8)),
         )
 
     for seed, n in [(0, 18), (1, 7)]:
@@ -348,6 +351,49 @@ def test_the_relational_term_skips_rows_without_a_teacher():
     assert float(total) == pytest.approx(float(metrics["triplet"] + metrics["distillation"] + 2 * kept), rel=1e-5)
 
 
+def reference_prototype_cosface(labels, embeddings, prototypes, scale, margin):
+    """CosFace's definition, one face at a time, over the identities that have a centre."""
+    present = [c for c in range(len(prototypes)) if np.any(prototypes[c])]
+    losses = []
+    for label, e in zip(labels, embeddings.astype(np.float64)):
+        e = e / np.linalg.norm(e)
+        logits = {c: scale * (e @ prototypes[c] / np.linalg.norm(prototypes[c]) - margin * (c == label))
+                  for c in present}
+        top = max(logits.values())
+        losses.append(top + np.log(sum(np.exp(v - top) for v in logits.values())) - logits[label])
+    return np.mean(losses)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_prototype_cosface_matches_its_definition_and_skips_absent_identities(seed):
+    labels, embeddings = random_batch(seed, identities=5)
+    labels = np.where(labels == 3, 4, labels)  # identity 3 has no face here; its centre is zero below
+    prototypes = np.random.default_rng(seed).normal(size=(5, 8)).astype(np.float32)
+    prototypes[3] = 0.0
+    loss = prototype_cosface_loss(labels, embeddings, prototypes, scale=16.0, margin=0.3)
+    expected = reference_prototype_cosface(labels, embeddings, prototypes, 16.0, 0.3)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    # Faces on their own centres with every other centre far: a small loss; a margin raises it.
+    centres = np.eye(5, 8, dtype=np.float32)
+    on_centre = prototype_cosface_loss(labels, centres[labels], centres, scale=16.0, margin=0.0)
+    assert float(on_centre) < 1e-5
+    assert float(prototype_cosface_loss(labels, centres[labels], centres, 16.0, 0.35)) > float(on_centre)
+
+
+def test_the_prototype_term_sees_the_labelled_rows_and_the_configured_margin():
+    labels, embeddings, teacher, has_teacher, _ = replica_batch(5)
+    n = int(np.sum(labels >= 0))
+    prototypes = np.random.default_rng(5).normal(size=(4, 8)).astype(np.float32)
+    cfg = LossConfig(triplet=0.0, prototype=2.0, prototype_scale=20.0, prototype_margin=0.2)
+    inputs = LossInputs(tf.constant(embeddings), tf.constant(labels[:n]), cfg.margin, cfg.mining,
+                        tf.constant(teacher), tf.constant(has_teacher), None, tf.constant(prototypes),
+                        cfg.prototype_scale, cfg.prototype_margin)
+    total, metrics = total_loss(cfg.weights(), inputs)
+    expected = reference_prototype_cosface(labels[:n], embeddings[:n], prototypes, 20.0, 0.2)
+    assert float(metrics["prototype"]) == pytest.approx(expected, rel=1e-5)
+    assert float(total) == pytest.approx(2 * expected, rel=1e-5)
+
+
 def test_every_loss_term_has_a_weight_in_the_config():
     hints = get_type_hints(LossConfig)
     assert all(hints.get(name) is float for name in LOSS_TERMS)
@@ -365,7 +411,13 @@ def test_what_a_config_needs_follows_the_loss_terms(monkeypatch):
     # A term that declares it needs teacher targets makes the config name them.
     monkeypatch.setitem(LOSS_TERMS, "harmonic", LossTerm(LOSS_TERMS["harmonic"].compute, teacher=True))
     assert "loss.harmonic > 0 needs data.teacher = true" in error({"loss": {"harmonic": 1.0}})
-    assert ("only the distillation, relational or harmonic loss uses: "
-            "set loss.distillation, loss.relational or loss.harmonic") in error(
+    assert ("only the distillation, relational, prototype or harmonic loss uses: "
+            "set loss.distillation, loss.relational, loss.prototype or loss.harmonic") in error(
         {"data": {"teacher": True}})
 
+
+
+@pytest.mark.parametrize("loss", [{"prototype_scale": 0.0}, {"prototype_margin": 1.0}, {"prototype_margin": -0.1}])
+def test_prototype_scale_and_margin_are_checked(loss):
+    with pytest.raises(ConfigError, match="loss.prototype_scale .* loss.prototype_margin"):
+        config_from_dict({"loss": loss})

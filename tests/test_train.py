@@ -295,6 +295,18 @@ def test_interrupt_and_resume_continue_the_same_run(synthetic_cache, tmp_path, m
         np.testing.assert_array_equal(x, y)
 
 
+def test_a_run_saved_before_an_option_existed_resumes_with_its_default(synthetic_cache, tmp_path):
+    config = make_config(synthetic_cache)
+    train.prepare_run_dir(config, None, tmp_path, resume=False)
+    saved = json.loads((tmp_path / checkpoint.CONFIG_JSON).read_text())
+    del saved["loss"]["prototype_margin"]  # as written before the option was added
+    (tmp_path / checkpoint.CONFIG_JSON).write_text(json.dumps(saved))
+    train.prepare_run_dir(config, None, tmp_path, resume=True)
+    changed = make_config(synthetic_cache, loss={"prototype_margin": 0.5})
+    with pytest.raises(ConfigError, match="only train.steps"):
+        train.prepare_run_dir(changed, None, tmp_path, resume=True)
+
+
 def test_distillation_and_harmonic(synthetic_cache, trained_run, tmp_path):
     config = make_config(
         synthetic_cache,
@@ -570,7 +582,7 @@ def test_xla_compiles_every_loss_term(synthetic_cache, trained_run, tmp_path):
         synthetic_cache,
         data={"teacher": True},
         batch={"unlabeled": 2},
-        loss={"distillation": 0.5, "relational": 1.0, "harmonic": 1.0},
+        loss={"distillation": 0.5, "relational": 1.0, "prototype": 1.0, "harmonic": 1.0},
         harmonic={"old_model": str(trained_run / checkpoint.KERAS_MODEL)},
         train={"steps": 2, "log_every": 1, "jit_compile": True},
     )

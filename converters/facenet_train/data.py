@@ -274,6 +274,18 @@ def teacher_targets(teacher: np.ndarray, centre: np.ndarray | None, basis: np.nd
     return targets if basis is None else targets @ basis
 
 
+def teacher_prototypes(targets: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(labels.max() + 1, D): each identity's centre, the mean of its faces' unit-length
+    targets (rows without a target, NaN, left out), unit length; all zero for a label with
+    no such face (identities left out of the run)."""
+    labelled = (labels >= 0) & np.isfinite(targets).all(axis=1)
+    unit = targets[labelled] / np.linalg.norm(targets[labelled], axis=1, keepdims=True)
+    sums = np.zeros((int(labels.max()) + 1, targets.shape[1]))
+    np.add.at(sums, labels[labelled], unit)
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    return np.divide(sums, norms, out=np.zeros_like(sums), where=norms > 0).astype(np.float32)
+
+
 def teacher_name(shard: str) -> str:
     return shard.replace("shard-", "teacher-").replace(".npz", ".npy")
 

@@ -41,7 +41,7 @@ from .checkpoint import (
     load_compact,
     load_into,
 )
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, config_from_dict, load_config
 from .edgeface import EdgeFaceTeacher
 from .evaluation import LfwCropPairs, default_card, keras_embedder
 from .models import build_model, input_shape
@@ -238,6 +238,9 @@ class Trainer:
     def __init__(self, config: Config, run_dir: Path, cache: data.FaceCache,
                  strategy: tf.distribute.Strategy | None = None, view_teacher: ViewTeacher | None = None):
         self.config, self.run_dir = config, run_dir
+        # Each identity's centre, from the cached targets (already in the student's space).
+        self.prototypes = (tf.constant(data.teacher_prototypes(cache.teacher, cache.labels))
+                           if config.loss.needs_prototypes else None)
         self.strategy = strategy or make_strategy()
         replicas = self.strategy.num_replicas_in_sync
         m, size = config.model, cache.manifest.crop_size
@@ -281,7 +284,8 @@ class Trainer:
             embeddings = self.model(x, training=True)
             old = None if self.old_model is None else self.old_model(x, training=False)
             inputs = losses.LossInputs(embeddings, labels[: self.spec.labeled], cfg.margin, cfg.mining,
-                                       teacher, has_teacher, old)
+                                       teacher, has_teacher, old, self.prototypes, cfg.prototype_scale,
+                                       cfg.prototype_margin)
             total, metrics = losses.total_loss(cfg.weights(), inputs)
             # Gradients are summed over replicas: scale so the update is the mean.
             scaled = total / self.strategy.num_replicas_in_sync
@@ -362,9 +366,10 @@ def prepare_run_dir(config: Config, config_file: Path | None, run_dir: Path, res
     saved = run_dir / CONFIG_JSON
     current = config.to_dict()
     if resume and saved.is_file():
-        previous = json.loads(saved.read_text())
-        compare = lambda d: {**d, "train": {**d["train"], "steps": None}}  # noqa: E731
-        if compare(previous) != json.loads(json.dumps(compare(current))):
+        # Read back through the config so options added since the run began take their defaults.
+        previous = config_from_dict(json.loads(saved.read_text())).to_dict()
+        compare = lambda d: json.loads(json.dumps({**d, "train": {**d["train"], "steps": None}}))  # noqa: E731
+        if compare(previous) != compare(current):
             raise ConfigError(f"{config_file or 'the config'} differs from the run's {saved}; "
                               "only train.steps may change on --resume")
     elif not resume and (run_dir / CHECKPOINTS).exists():
