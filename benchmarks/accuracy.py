@@ -151,14 +151,15 @@ def score_all(
 
 def print_table(scores: Sequence[Score], lfw: LfwPairs) -> None:
     print(f"\n## LFW, {len(lfw.pairs)} pairs in {lfw.folds} folds, {len(lfw.images)} images\n")
-    headers = ["model", "target", "detector", "accuracy %", "VAL % @ FAR 1e-3", "AUC", "threshold (best acc.)"]
+    headers = ["model", "target", "detector", "accuracy %", "VAL % @ FAR 1e-3", "AUC", "EER %", "threshold (best acc.)"]
     headers += ["threshold @ FAR 1e-3", "faces found / after padding / centre box"]
     rows = []
     for s in scores:
         r, found = s.result, s.images()
         rows.append(
             [s.model, s.target, s.detector, f"{100 * r.accuracy_mean:.2f} ± {100 * r.accuracy_std:.2f}"]
-            + [f"{100 * r.val_mean:.1f} ± {100 * r.val_std:.1f}", fmt(r.auc, 4), fmt(r.best_threshold, 3)]
+            + [f"{100 * r.val_mean:.1f} ± {100 * r.val_std:.1f}", fmt(r.auc, 4), f"{100 * r.eer:.2f}",
+               fmt(r.best_threshold, 3)]
             + [fmt(r.threshold_at_far, 3), f"{found['found']} / {found['found_after_padding']} / {found['centre_box']}"]
         )
     print(markdown_table(headers, rows))

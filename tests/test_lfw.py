@@ -109,6 +109,7 @@ def test_separable_distances_score_perfectly():
     assert result.accuracy_mean == 1.0 and result.accuracy_std == 0.0
     # VAL@FAR puts the threshold at FAR 1e-3, inside the mismatched distances, even here.
     assert result.auc == 1.0 and result.val_mean == 1.0 and 0 < result.far_mean < 2e-3
+    assert result.eer == 0.0
     gap = (distances[issame].max(), distances[~issame].min())
     assert result.best_threshold == pytest.approx(sum(gap) / 2, abs=ONE_STEP)  # centre of the gap
     assert np.all((result.fold_thresholds > gap[0]) & (result.fold_thresholds <= gap[1]))
@@ -129,6 +130,10 @@ def test_known_overlap_gives_known_accuracy():
     # AUC by its definition: P(matched distance < mismatched distance), ties counting half.
     same, different = distances[issame][:, None], distances[~issame][None, :]
     assert result.auc == pytest.approx(np.mean((same < different) + 0.5 * (same == different)))
+    # Accepting the 0.5s leaves FRR 20/300 at FAR 0; taking in the mismatched 1.0s raises FAR to 30/300
+    # with FRR unchanged, so the rates meet at 20/300 on that step.
+    assert result.eer == pytest.approx(20 / 300)
+    assert result.scores()["eer"] == result.eer
 
 
 def test_each_fold_is_scored_with_a_threshold_from_the_other_folds():
