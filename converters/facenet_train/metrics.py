@@ -16,7 +16,7 @@ non-negative scale works: the threshold grid reaches past the largest distance.
   rate is where the false-accept and false-reject rates cross, interpolated between the two
   ROC points around the crossing. Both are free of the folds' threshold picks, so they move
   less than the accuracy when a model's distances move a little (two evaluation paths of
-  one model whose embeddings agree to cosine 0.996 differed by 0.35 accuracy points).
+  one model whose embeddings agree to cosine 0.996 differed by 0.40 accuracy points).
 """
 
 from __future__ import annotations
