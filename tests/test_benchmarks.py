@@ -275,6 +275,19 @@ def test_models(tiny_model, tmp_path):
     assert file["size_bytes"] == tiny_model.int8.stat().st_size and file["target"] == "int8"
 
 
+def test_stage_time_splits_each_model_into_its_stages(tmp_path):
+    pytest.importorskip("tensorflow", reason="the stages are cut and converted with TensorFlow (the train extra)")
+    report = run_benchmark("stage_time", tmp_path)
+    (model,) = report["results"]["models"]
+    from facenet_train.flops import count_flops
+    from facenet_train.models import MODELS, build_model
+
+    assert model["model"] == "nns2" and model["input"] == "140x116"
+    assert [s["name"] for s in model["stages"]] == [s.name for s in MODELS["nns2"].stages] + ["head"]
+    assert model["macs"] == count_flops(build_model("nns2")).macs
+    assert model["ms"] == pytest.approx(sum(s["ms"] for s in model["stages"]))
+
+
 def test_embed_time_gives_ratios_to_the_first_model(tiny_model, tmp_path):
     report = run_benchmark("embed_time", tmp_path, "--model", str(tiny_model.int8), "--model", str(tiny_model.float32))
     first, second = (report["results"][path.stem] for path in (tiny_model.int8, tiny_model.float32))

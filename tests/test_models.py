@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from facenet_train.factorize import factorize_kernel, factorized_model
 from facenet_train.flops import count_flops, format_report
 from facenet_train.models import MODELS, build_model, input_size_of
 
@@ -190,3 +191,34 @@ def test_int8_conversion_uses_only_edge_tpu_ops():
     assert set(ops) <= allowed, ops
     assert ops["L2_NORMALIZATION"] == 1
     assert ops["CONV_2D"] == 37
+
+
+def test_a_factorized_kernel_composes_back_to_the_original_at_full_rank():
+    kernel = np.random.default_rng(0).normal(size=(3, 3, 4, 6)).astype(np.float32)
+    vertical, horizontal, kept = factorize_kernel(kernel, 12)
+    assert vertical.shape == (3, 1, 4, 12) and horizontal.shape == (1, 3, 12, 6) and kept == pytest.approx(1.0)
+    # The two convolutions in a row, with "same" padding, are the original convolution.
+    images = np.random.default_rng(1).normal(size=(2, 9, 9, 4)).astype(np.float32)
+    full = tf.nn.conv2d(images, kernel, 1, "SAME")
+    composed = tf.nn.conv2d(tf.nn.conv2d(images, vertical, 1, "SAME"), horizontal, 1, "SAME")
+    np.testing.assert_allclose(composed.numpy(), full.numpy(), atol=1e-4)
+    _, _, kept = factorize_kernel(kernel, 4)
+    assert 0.3 < kept < 1.0
+    with pytest.raises(ValueError, match="rank 13 exceeds"):
+        factorize_kernel(kernel, 13)
+
+
+def test_factorized_model_copies_every_other_variable(tmp_path, capsys):
+    source = build_model("nn4_small2", input_size=112)
+    rng = np.random.default_rng(0)
+    for variable in source.variables:
+        variable.assign(rng.normal(size=variable.shape).astype(np.float32) * 0.1)
+    target, kept = factorized_model(source, "nn4_small2_sep")
+    assert tuple(target.input_shape) == (None, 128, 128, 3) and set(kept) == {"conv2"}
+    vertical, horizontal, share = factorize_kernel(source.get_layer("conv2").get_weights()[0], 64)
+    assert kept["conv2"] == pytest.approx(share)
+    np.testing.assert_array_equal(target.get_layer("conv2_vertical").get_weights()[0], vertical)
+    np.testing.assert_array_equal(target.get_layer("conv2").get_weights()[0], horizontal)
+    for layer in ("conv1", "conv2_bn", "inception_5b_1x1", "embedding_dense"):
+        for got, want in zip(target.get_layer(layer).get_weights(), source.get_layer(layer).get_weights()):
+            np.testing.assert_array_equal(got, want)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -551,6 +552,32 @@ def test_teacher_head_recovers_a_linear_map():
     # Unit targets are not linear in the features: the fit points the same way, at another length.
     cosine = np.sum(fitted * targets, axis=1) / np.linalg.norm(fitted, axis=1) / np.linalg.norm(targets, axis=1)
     assert cosine.mean() > 0.95
+
+
+def test_fit_rotation_recovers_a_rotation():
+    rng = np.random.default_rng(0)
+    embeddings = rng.normal(size=(300, 8))
+    rotation, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    fitted = teacher_head.fit_rotation(embeddings, embeddings @ rotation * 3.0)
+    np.testing.assert_allclose(fitted, rotation, atol=1e-5)
+
+
+def test_teacher_head_rotate_keeps_every_distance(synthetic_cache, trained_run, tmp_path, capsys):
+    out = tmp_path / "rotated.weights.h5"
+    argv = ["teacher-head", str(trained_run), "--cache", str(synthetic_cache), "--faces", "60", "--rotate",
+            "--out", str(out)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    before, after = (float(v) for v in re.findall(r"(-?\d\.\d{3})", printed)[:2])
+    assert "head rotated" in printed and after > before
+    cache = data.load_cache(synthetic_cache)
+    student = checkpoint.load_keras_model(trained_run)
+    crops = normalise(centre_crop(cache.crops[:20], 96).astype(np.float32), evaluation.default_card(student))
+    original = student(crops).numpy()
+    student.load_weights(out)
+    rotated = student(crops).numpy()
+    assert not np.allclose(rotated, original, atol=1e-3)
+    np.testing.assert_allclose(rotated @ rotated.T, original @ original.T, atol=1e-4)
 
 
 def test_teacher_head_moves_the_student_into_the_teacher_space(synthetic_cache, trained_run, tmp_path, capsys):

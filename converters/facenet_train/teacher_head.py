@@ -7,7 +7,14 @@ to 74.3 % on LFW). A linear head fitted in closed form puts the embeddings in th
 unit) teacher space at once (77.97 % on LFW, cosine to the teacher 0.52 on the fitted
 faces), and training continues from there.
 
-    facenet-train teacher-head RUN_OR_WEIGHTS --cache CROP_CACHE --out head.weights.h5
+A student already distilled from this teacher, whose run folder (and so its space: the
+teacher's centre and axes) is lost, continues in a space computed again: ``--rotate``
+turns its embedding layer by the orthogonal matrix that best maps its embeddings onto
+the new targets (orthogonal Procrustes). A rotation changes no distance between
+embeddings, so the student's accuracy is kept exactly, and the principal axes recomputed
+on other crops, which may come out mixed or sign-flipped, are matched before any step.
+
+    facenet-train teacher-head RUN_OR_WEIGHTS --cache CROP_CACHE --out head.weights.h5 [--rotate]
 """
 
 from __future__ import annotations
@@ -36,12 +43,25 @@ def fit_head(features: np.ndarray, targets: np.ndarray, ridge: float) -> tuple[n
     return w[:-1].astype(np.float32), w[-1].astype(np.float32)
 
 
+def fit_rotation(embeddings: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """The orthogonal ``R`` minimising ``|unit(embeddings) R - unit(targets)|``."""
+    u, _, vt = np.linalg.svd(normalise_rows(embeddings).T @ normalise_rows(targets))
+    return (u @ vt).astype(np.float32)
+
+
+def normalise_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, help="the trained student: run folder, .keras or compact .npz")
     parser.add_argument("--cache", required=True, type=Path, help="crop cache with teacher descriptors")
     parser.add_argument("--shards", type=int, help="use only the first N shards of the cache (default: all)")
     parser.add_argument("--faces", type=int, default=8000, help="faces to fit on, drawn at random (default 8000)")
     parser.add_argument("--ridge", type=float, default=10.0, help="ridge penalty (default 10)")
+    parser.add_argument("--rotate", action="store_true",
+                        help="rotate the trained embedding layer onto the teacher instead of refitting it "
+                             "(for a student distilled from this teacher before)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, type=Path, help="the student with the new head (.weights.h5)")
 
@@ -68,13 +88,18 @@ def run(args: argparse.Namespace) -> int:
     size = int(model.output_shape[-1])
     basis = data.teacher_basis(cache.teacher, size) if cache.teacher.shape[1] > size else None
     targets = data.teacher_targets(cache.teacher[chosen], data.teacher_centre(cache.teacher), basis)
-    kernel, bias = fit_head(features, targets, args.ridge)
+    if args.rotate:
+        kernel, bias = dense.get_weights()
+        before = np.sum(normalise_rows(features @ kernel + bias) * normalise_rows(targets), axis=1).mean()
+        rotation = fit_rotation(features @ kernel + bias, targets)
+        kernel, bias = kernel @ rotation, bias @ rotation
+    else:
+        kernel, bias = fit_head(features, targets, args.ridge)
     dense.set_weights([kernel, bias])
-    fitted = features @ kernel + bias
-    cosine = np.sum(fitted / np.linalg.norm(fitted, axis=1, keepdims=True)
-                    * targets / np.linalg.norm(targets, axis=1, keepdims=True), axis=1)
+    cosine = np.sum(normalise_rows(features @ kernel + bias) * normalise_rows(targets), axis=1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     model.save_weights(args.out)
-    print(f"head fitted on {args.faces} faces: mean cosine to the centred teacher {cosine.mean():.3f}; "
+    how = f"rotated (mean cosine before {before:.3f})" if args.rotate else "fitted"
+    print(f"head {how} on {args.faces} faces: mean cosine to the centred teacher {cosine.mean():.3f}; "
           f"wrote {args.out}")
     return 0
