@@ -24,7 +24,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
-from facenet_edge.embed import normalise
+from facenet_edge.embed import l2_normalize, normalise
 
 from . import data
 from .augment import centre_crop
@@ -45,12 +45,8 @@ def fit_head(features: np.ndarray, targets: np.ndarray, ridge: float) -> tuple[n
 
 def fit_rotation(embeddings: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """The orthogonal ``R`` minimising ``|unit(embeddings) R - unit(targets)|``."""
-    u, _, vt = np.linalg.svd(normalise_rows(embeddings).T @ normalise_rows(targets))
+    u, _, vt = np.linalg.svd(l2_normalize(embeddings).T @ l2_normalize(targets))
     return (u @ vt).astype(np.float32)
-
-
-def normalise_rows(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,13 +86,13 @@ def run(args: argparse.Namespace) -> int:
     targets = data.teacher_targets(cache.teacher[chosen], data.teacher_centre(cache.teacher), basis)
     if args.rotate:
         kernel, bias = dense.get_weights()
-        before = np.sum(normalise_rows(features @ kernel + bias) * normalise_rows(targets), axis=1).mean()
+        before = np.sum(l2_normalize(features @ kernel + bias) * l2_normalize(targets), axis=1).mean()
         rotation = fit_rotation(features @ kernel + bias, targets)
         kernel, bias = kernel @ rotation, bias @ rotation
     else:
         kernel, bias = fit_head(features, targets, args.ridge)
     dense.set_weights([kernel, bias])
-    cosine = np.sum(normalise_rows(features @ kernel + bias) * normalise_rows(targets), axis=1)
+    cosine = np.sum(l2_normalize(features @ kernel + bias) * l2_normalize(targets), axis=1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     model.save_weights(args.out)
     how = f"rotated (mean cosine before {before:.3f})" if args.rotate else "fitted"
