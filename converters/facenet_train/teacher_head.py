@@ -49,6 +49,10 @@ def fit_rotation(embeddings: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return (u @ vt).astype(np.float32)
 
 
+def mean_cosine(embeddings: np.ndarray, targets: np.ndarray) -> float:
+    return float(np.mean(np.sum(l2_normalize(embeddings) * l2_normalize(targets), axis=1)))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, help="the trained student: run folder, .keras or compact .npz")
     parser.add_argument("--cache", required=True, type=Path, help="crop cache with teacher descriptors")
@@ -86,16 +90,17 @@ def run(args: argparse.Namespace) -> int:
     targets = data.teacher_targets(cache.teacher[chosen], data.teacher_centre(cache.teacher), basis)
     if args.rotate:
         kernel, bias = dense.get_weights()
-        before = np.sum(l2_normalize(features @ kernel + bias) * l2_normalize(targets), axis=1).mean()
-        rotation = fit_rotation(features @ kernel + bias, targets)
+        trained = features @ kernel + bias
+        before = mean_cosine(trained, targets)
+        rotation = fit_rotation(trained, targets)
         kernel, bias = kernel @ rotation, bias @ rotation
     else:
         kernel, bias = fit_head(features, targets, args.ridge)
     dense.set_weights([kernel, bias])
-    cosine = np.sum(l2_normalize(features @ kernel + bias) * l2_normalize(targets), axis=1)
+    cosine = mean_cosine(features @ kernel + bias, targets)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     model.save_weights(args.out)
     how = f"rotated (mean cosine before {before:.3f})" if args.rotate else "fitted"
-    print(f"head {how} on {args.faces} faces: mean cosine to the centred teacher {cosine.mean():.3f}; "
+    print(f"head {how} on {args.faces} faces: mean cosine to the centred teacher {cosine:.3f}; "
           f"wrote {args.out}")
     return 0
