@@ -12,7 +12,9 @@ from facenet_train.losses import (
     LOSS_TERMS,
     LossInputs,
     LossTerm,
+    MemoryRows,
     distillation_loss,
+    memory_relational_loss,
     relational_distillation_loss,
     harmonic_triplet_loss,
     pairwise_squared_distances,
@@ -270,6 +272,34 @@ def test_distillation_matches_reference():
     assert float(masked) == pytest.approx(float(relational_distillation_loss(student[valid], teacher[valid])), rel=1e-5)
 
 
+def unit(rows):
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def test_memory_relational_matches_reference():
+    _, student = random_batch(10)
+    teacher = random_batch(11)[1] * 2.0
+    past_student, past_teacher = unit(random_batch(12, n=7)[1]), unit(random_batch(13, n=7)[1])
+    valid, past_valid = np.arange(18) % 4 != 0, np.arange(7) != 2
+    s, t = unit(student), unit(teacher)
+    d_s = np.sum((s[:, None] - past_student[None]) ** 2, axis=2)
+    d_t = np.sum((t[:, None] - past_teacher[None]) ** 2, axis=2)
+    expected = np.mean(((d_s - d_t) ** 2)[valid][:, past_valid])
+    memory = MemoryRows(tf.constant(past_student), tf.constant(past_teacher), tf.constant(past_valid))
+    loss = memory_relational_loss(student, teacher, tf.constant(valid), memory)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    # The memory's rows are constants: only the batch's student vectors get a gradient.
+    e = tf.constant(student)
+    with tf.GradientTape() as tape:
+        tape.watch([e, memory.embeddings])
+        loss = memory_relational_loss(e, teacher, tf.constant(valid), memory)
+    grad_batch, grad_memory = tape.gradient(loss, [e, memory.embeddings])
+    assert grad_memory is None and np.all(np.isfinite(grad_batch.numpy()))
+    # An empty memory (nothing pushed yet) contributes nothing.
+    empty = MemoryRows(tf.zeros((7, 8)), tf.zeros((7, 8)), tf.zeros((7,), tf.bool))
+    assert float(memory_relational_loss(student, teacher, tf.constant(valid), empty)) == 0.0
+
+
 # ---------------------------------------------------------------- the registry
 
 
@@ -411,9 +441,13 @@ def test_what_a_config_needs_follows_the_loss_terms(monkeypatch):
     # A term that declares it needs teacher targets makes the config name them.
     monkeypatch.setitem(LOSS_TERMS, "harmonic", LossTerm(LOSS_TERMS["harmonic"].compute, teacher=True))
     assert "loss.harmonic > 0 needs data.teacher = true" in error({"loss": {"harmonic": 1.0}})
-    assert ("only the distillation, relational, prototype or harmonic loss uses: "
-            "set loss.distillation, loss.relational, loss.prototype or loss.harmonic") in error(
-        {"data": {"teacher": True}})
+    assert ("only the distillation, relational, memory_relational, prototype or harmonic loss uses: "
+            "set loss.distillation, loss.relational, loss.memory_relational, loss.prototype or loss.harmonic"
+            ) in error({"data": {"teacher": True}})
+    # The memory must hold a whole batch (30 x 4 labelled + 30 unlabeled faces here).
+    assert "loss.memory_size 100 must hold at least one batch (150 faces)" in error(
+        {"data": {"teacher": True}, "batch": {"p": 30, "k": 4, "unlabeled": 30},
+         "loss": {"memory_relational": 1.0, "memory_size": 100}})
 
 
 

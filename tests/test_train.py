@@ -609,7 +609,8 @@ def test_xla_compiles_every_loss_term(synthetic_cache, trained_run, tmp_path):
         synthetic_cache,
         data={"teacher": True},
         batch={"unlabeled": 2},
-        loss={"distillation": 0.5, "relational": 1.0, "prototype": 1.0, "harmonic": 1.0},
+        loss={"distillation": 0.5, "relational": 1.0, "memory_relational": 1.0, "memory_size": 40,
+              "prototype": 1.0, "harmonic": 1.0},
         harmonic={"old_model": str(trained_run / checkpoint.KERAS_MODEL)},
         train={"steps": 2, "log_every": 1, "jit_compile": True},
     )
@@ -628,7 +629,9 @@ def test_mirrored_strategy_over_two_cpus(synthetic_cache, tmp_path):
         from facenet_train import models, train
         models.MODELS["tiny"] = TINY
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-        config = make_config({str(synthetic_cache)!r}, train={{"steps": 3, "log_every": 1}}, batch={{"p": 4, "k": 3}})
+        # with the cross-batch memory, which each replica keeps for itself
+        config = make_config({str(synthetic_cache)!r}, train={{"steps": 3, "log_every": 1}}, batch={{"p": 4, "k": 3}},
+                             data={{"teacher": True}}, loss={{"memory_relational": 1.0, "memory_size": 24}})
         result = train.train(config, {str(tmp_path / "run")!r}, strategy=strategy)
         print("RESULT", strategy.num_replicas_in_sync, result.step, result.metrics["loss"])
         """)

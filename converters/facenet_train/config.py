@@ -114,6 +114,8 @@ class LossConfig:
     one person 0.10; centred, 2.0 and 0.59), and a student pulled into that cone has no
     room for the triplet margin (measured: LFW fell from 80.8 % to 75.2 % in 80 steps).
     ``relational``: the teacher's pairwise distances within the batch (rotation-free).
+    ``memory_relational``: the same between the batch and the last ``memory_size`` training
+    rows (a cross-batch memory, at least one batch long).
     ``prototype``: CosFace (``prototype_scale``, ``prototype_margin``) of the labelled faces
     against each identity's mean teacher target, fixed centres in the student's space.
     ``harmonic``: mixed old/new triplets (needs ``[harmonic] old_model``)."""
@@ -124,6 +126,8 @@ class LossConfig:
     distillation: float = 0.0
     center_teacher: bool = True
     relational: float = 0.0
+    memory_relational: float = 0.0
+    memory_size: int = 4096
     prototype: float = 0.0
     prototype_scale: float = 32.0
     prototype_margin: float = 0.35
@@ -142,6 +146,11 @@ class LossConfig:
     def needs_prototypes(self) -> bool:
         """Whether a term trained with needs each identity's mean teacher target."""
         return any(LOSS_TERMS[name].prototypes for name in self.weights())
+
+    @property
+    def needs_memory(self) -> bool:
+        """Whether a term trained with needs past batches' rows."""
+        return any(LOSS_TERMS[name].memory for name in self.weights())
 
     @property
     def needs_old_model(self) -> bool:
@@ -225,6 +234,9 @@ class Config:
             (self.batch.mixup == 0 or (self.batch.unlabeled > 0 and bool(d.teacher_onnx)),
              "batch.mixup > 0 blends unlabeled faces for a teacher to describe: "
              "set batch.unlabeled > 0 and data.teacher_onnx"),
+            (not loss.needs_memory or loss.memory_size >= self.batch.p * self.batch.k + self.batch.unlabeled,
+             f"loss.memory_size {loss.memory_size} must hold at least one batch "
+             f"({self.batch.p * self.batch.k + self.batch.unlabeled} faces)"),
             *((bool(self.harmonic.old_model) or not LOSS_TERMS[name].old_model,
                f"loss.{name} > 0 needs harmonic.old_model") for name in weights),
             (t.eval_every == 0 or bool(t.lfw and t.lfw_cache),

@@ -1,4 +1,4 @@
-"""Triplet, distillation, prototype and harmonic losses as pure TensorFlow functions.
+"""Triplet, distillation (vector and relational), prototype and harmonic losses as pure TensorFlow functions.
 
 Every distance is a squared L2 distance (the FaceNet paper's convention), so no square root is
 ever taken and the gradient stays finite when two embeddings coincide. The functions work eagerly
@@ -136,7 +136,26 @@ def relational_distillation_loss(student_embeddings: tf.Tensor, teacher_embeddin
     pairs = tf.logical_not(tf.eye(n, dtype=tf.bool))
     if valid is not None:
         pairs &= valid[:, None] & valid[None, :]
-    diff = pairwise_squared_distances(student) - pairwise_squared_distances(teacher)
+    return _pair_mse(pairwise_squared_distances(student) - pairwise_squared_distances(teacher), pairs)
+
+
+def memory_relational_loss(student_embeddings: tf.Tensor, teacher_embeddings: tf.Tensor, valid: tf.Tensor,
+                           memory: MemoryRows) -> tf.Tensor:
+    """The relational loss between the batch's rows and the rows of past batches (``memory``,
+    as in cross-batch memory, Wang et al. 2020): a batch of 150 faces holds 11k pairs, most of
+    them two strangers far apart; a memory of a few thousand past views gives each face
+    hundreds of times more partners, its near look-alikes among them. The memory's vectors
+    are constants (its student vectors are as the model was a few steps ago: it moves little
+    in a run continuing a trained model)."""
+    student, teacher = _unit_pair(student_embeddings, teacher_embeddings)
+    past_student = tf.stop_gradient(tf.cast(memory.embeddings, tf.float32))
+    past_teacher = tf.stop_gradient(tf.cast(memory.teacher, tf.float32))
+    diff = pairwise_squared_distances(student, past_student) - pairwise_squared_distances(teacher, past_teacher)
+    return _pair_mse(diff, valid[:, None] & memory.valid[None, :])
+
+
+def _pair_mse(diff: tf.Tensor, pairs: tf.Tensor) -> tf.Tensor:
+    """The mean of ``diff**2`` over the ``pairs`` that are True (0 when none is)."""
     weight = tf.cast(pairs, tf.float32)
     return tf.math.divide_no_nan(tf.reduce_sum(weight * tf.square(diff)), tf.reduce_sum(weight))
 
@@ -208,6 +227,15 @@ MINING: dict[str, Callable[[tf.Tensor, tf.Tensor, float], TripletLoss]] = {
 }
 
 
+class MemoryRows(NamedTuple):
+    """Rows of past batches (``memory.BatchMemory``): unit student and teacher vectors, and
+    which rows hold a face with a teacher target (an empty slot holds none)."""
+
+    embeddings: tf.Tensor
+    teacher: tf.Tensor
+    valid: tf.Tensor
+
+
 @dataclass(frozen=True)
 class LossInputs:
     """What the loss terms see of one replica's batch. ``embeddings`` holds every row, the
@@ -224,6 +252,7 @@ class LossInputs:
     prototypes: tf.Tensor | None = None  # the teacher's mean target of each label (prototype_cosface_loss)
     prototype_scale: float = 32.0
     prototype_margin: float = 0.35
+    memory: MemoryRows | None = None  # past batches' rows (memory_relational_loss)
 
     def labeled(self, rows: tf.Tensor) -> tf.Tensor:
         """The labelled rows of ``rows`` (a static slice when the batch shape is static, as under XLA)."""
@@ -247,6 +276,7 @@ class LossTerm:
     teacher: bool = False
     old_model: bool = False  # needs LossInputs.old_embeddings (harmonic.old_model)
     prototypes: bool = False  # needs LossInputs.prototypes (from the teacher's cached targets)
+    memory: bool = False  # needs LossInputs.memory (past batches' rows, kept by the trainer)
 
 
 def _triplet(inputs: LossInputs) -> TermValue:
@@ -268,6 +298,10 @@ def _relational(inputs: LossInputs) -> TermValue:
     return TermValue(relational_distillation_loss(inputs.embeddings, inputs.teacher, inputs.has_teacher), {})
 
 
+def _memory_relational(inputs: LossInputs) -> TermValue:
+    return TermValue(memory_relational_loss(inputs.embeddings, inputs.teacher, inputs.has_teacher, inputs.memory), {})
+
+
 def _prototype(inputs: LossInputs) -> TermValue:
     return TermValue(prototype_cosface_loss(inputs.labels, inputs.labeled(inputs.embeddings), inputs.prototypes,
                                             inputs.prototype_scale, inputs.prototype_margin), {})
@@ -284,6 +318,7 @@ LOSS_TERMS: dict[str, LossTerm] = {
     "triplet": LossTerm(_triplet),
     "distillation": LossTerm(_distillation, teacher=True),
     "relational": LossTerm(_relational, teacher=True),
+    "memory_relational": LossTerm(_memory_relational, teacher=True, memory=True),
     "prototype": LossTerm(_prototype, teacher=True, prototypes=True),
     "harmonic": LossTerm(_harmonic, old_model=True),
 }

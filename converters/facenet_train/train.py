@@ -44,6 +44,7 @@ from .checkpoint import (
 from .config import Config, ConfigError, config_from_dict, load_config
 from .edgeface import EdgeFaceTeacher
 from .evaluation import LfwCropPairs, default_card, keras_embedder
+from .memory import BatchMemory
 from .models import build_model, input_shape
 from .teacher import cached_teacher
 
@@ -266,6 +267,8 @@ class Trainer:
             keras.mixed_precision.set_global_policy("float32")
             self.card = default_card(self.model)  # its preprocessing is the model's input, as on the device
             self.old_model = load_old_model(config) if config.loss.needs_old_model else None
+            self.memory = (BatchMemory(config.loss.memory_size, m.embedding_size, teacher_dim)
+                           if config.loss.needs_memory else None)
             self.optimizer = make_optimizer(config)
             self.optimizer.build(self.model.trainable_variables)  # slots exist before a restore
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
@@ -276,8 +279,9 @@ class Trainer:
         self._step_fn = tf.function(self._distributed_step)
 
     def _losses(self, images: tf.Tensor, labels: tf.Tensor, teacher: tf.Tensor | None,
-                has_teacher: tf.Tensor | None) -> tuple[list[tf.Tensor], dict[str, tf.Tensor]]:
-        """(gradients, metrics) of one replica's batch; XLA-compiled when configured."""
+                has_teacher: tf.Tensor | None, memory: losses.MemoryRows | None
+                ) -> tuple[list[tf.Tensor], dict[str, tf.Tensor], tf.Tensor]:
+        """(gradients, metrics, embeddings) of one replica's batch; XLA-compiled when configured."""
         cfg = self.config.loss
         x = normalise(tf.cast(images, tf.float32), self.card)
         with tf.GradientTape() as tape:
@@ -285,19 +289,22 @@ class Trainer:
             old = None if self.old_model is None else self.old_model(x, training=False)
             inputs = losses.LossInputs(embeddings, labels[: self.spec.labeled], cfg.margin, cfg.mining,
                                        teacher, has_teacher, old, self.prototypes, cfg.prototype_scale,
-                                       cfg.prototype_margin)
+                                       cfg.prototype_margin, memory)
             total, metrics = losses.total_loss(cfg.weights(), inputs)
             # Gradients are summed over replicas: scale so the update is the mean.
             scaled = total / self.strategy.num_replicas_in_sync
-        return tape.gradient(scaled, self.model.trainable_variables), metrics
+        return tape.gradient(scaled, self.model.trainable_variables), metrics, embeddings
 
     def _replica_step(self, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
         # Every replica receives the whole batch and takes its own row: rows hold whole identities.
         mine = {k: tf.gather(v, replica) for k, v in batch.items()}
-        gradients, metrics = self._losses_fn(mine["images"], mine["labels"], mine.get("teacher"),
-                                             mine.get("has_teacher"))
+        memory = None if self.memory is None else self.memory.rows()
+        gradients, metrics, embeddings = self._losses_fn(mine["images"], mine["labels"], mine.get("teacher"),
+                                                         mine.get("has_teacher"), memory)
         self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
+        if self.memory is not None:
+            self.memory.push(embeddings, mine["teacher"], mine["has_teacher"])
         return metrics
 
     def _distributed_step(self, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
