@@ -77,21 +77,6 @@ def family(text: str) -> list[tuple[str, int]]:
     return specs
 
 
-def stage_outputs(name: str) -> list[tuple[str, str]]:
-    """(stage, layer whose output ends it) for each stage of model ``name``, then the embedding."""
-    from facenet_train.models import MODELS, Conv, MaxPool
-
-    ends = []
-    for stage in MODELS[name].stages:
-        if isinstance(stage, Conv):
-            ends.append((stage.name, f"{stage.name}_relu"))
-        elif isinstance(stage, MaxPool):
-            ends.append((stage.name, stage.name))
-        else:
-            ends.append((stage.name, f"{stage.name}_concat"))
-    return ends + [("head", "embedding")]
-
-
 def convert_cuts(name: str, size: int, folder: Path) -> tuple[list[tuple[str, int, Path]], str]:
     """Each cut of the model as an int8 file under ``folder``, with the multiply-adds of its
     stage; and the model's input (height x width)."""
@@ -99,7 +84,7 @@ def convert_cuts(name: str, size: int, folder: Path) -> tuple[list[tuple[str, in
     import keras
     from facenet_train.conversion import convert_model, with_batch_one
     from facenet_train.flops import count_flops
-    from facenet_train.models import build_model
+    from facenet_train.models import build_model, stage_outputs
 
     model = build_model(name, input_size=size)
     shape = tuple(int(d) for d in model.input_shape[1:])

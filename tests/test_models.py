@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from facenet_train.factorize import factorize_kernel, factorized_model
 from facenet_train.flops import count_flops, format_report
-from facenet_train.models import MODELS, build_model, input_size_of
+from facenet_train.models import MODELS, build_model, input_size_of, stage_outputs
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +27,10 @@ def test_builds_with_native_shape_and_unit_norm_output(name):
     images = np.random.default_rng(0).random((2, *MODELS[name].input_shape), dtype=np.float32)
     norms = np.linalg.norm(model(images, training=False).numpy(), axis=1)
     np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+    # Every stage's end names a layer of the built model, in order, the last one its output.
+    ends = [model.get_layer(layer) for _, layer in stage_outputs(name)]
+    assert [stage for stage, _ in stage_outputs(name)] == [s.name for s in MODELS[name].stages] + ["head"]
+    assert ends[-1].output is model.output
 
 
 def test_embedding_size_and_input_size_override():

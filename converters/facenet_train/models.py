@@ -301,6 +301,20 @@ def build_model(
     return keras.Model(inputs, outputs, name=name)
 
 
+def stage_outputs(name: str) -> list[tuple[str, str]]:
+    """(stage, the layer of :func:`build_model` whose output ends it) for each stage of model
+    ``name``, then ``("head", "embedding")``: where a model can be cut stage by stage."""
+    ends = []
+    for stage in MODELS[name].stages:
+        if isinstance(stage, Conv):
+            ends.append((stage.name, f"{stage.name}_relu"))
+        elif isinstance(stage, MaxPool):
+            ends.append((stage.name, stage.name))
+        else:
+            ends.append((stage.name, f"{stage.name}_concat"))
+    return ends + [("head", "embedding")]
+
+
 def input_shape(name: str, input_size: int = 0) -> tuple[int, int, int]:
     """(height, width, channels) that :func:`build_model` gives model ``name`` at ``input_size``."""
     return (input_size, input_size, 3) if input_size else MODELS[name].input_shape
