@@ -20,7 +20,7 @@ else:  # the `train` extra installs tomli on 3.10
     import tomli as tomllib
 
 from .augment import AugmentConfig
-from .losses import LOSS_TERMS, MINING
+from .losses import LOSS_TERMS, MINING, PROTOTYPE_MARGIN, PROTOTYPE_SCALE
 
 
 class ConfigError(ValueError):
@@ -129,8 +129,8 @@ class LossConfig:
     memory_relational: float = 0.0
     memory_size: int = 4096
     prototype: float = 0.0
-    prototype_scale: float = 32.0
-    prototype_margin: float = 0.35
+    prototype_scale: float = PROTOTYPE_SCALE
+    prototype_margin: float = PROTOTYPE_MARGIN
     harmonic: float = 0.0
 
     def weights(self) -> dict[str, float]:

@@ -44,6 +44,10 @@ class Triplets(NamedTuple):
     negative: tf.Tensor
 
 
+# CosFace's scale and margin (Wang et al. 2018) for the prototype term, the config's defaults.
+PROTOTYPE_SCALE, PROTOTYPE_MARGIN = 32.0, 0.35
+
+
 def pairwise_squared_distances(x: tf.Tensor, y: tf.Tensor | None = None) -> tf.Tensor:
     """Squared L2 distances between the rows of ``x`` and of ``y`` (default ``x``), clipped at 0.
 
@@ -161,7 +165,7 @@ def _pair_mse(diff: tf.Tensor, pairs: tf.Tensor) -> tf.Tensor:
 
 
 def prototype_cosface_loss(labels: tf.Tensor, embeddings: tf.Tensor, prototypes: tf.Tensor,
-                           scale: float = 32.0, margin: float = 0.35) -> tf.Tensor:
+                           scale: float = PROTOTYPE_SCALE, margin: float = PROTOTYPE_MARGIN) -> tf.Tensor:
     """CosFace (Wang et al. 2018) against fixed class centres: the teacher's mean target of
     each identity (``prototypes``, one row per label; all-zero rows, identities left out of
     the run, take no part). Every step sees all identities as negatives, where the triplet
@@ -250,8 +254,8 @@ class LossInputs:
     has_teacher: tf.Tensor | None = None
     old_embeddings: tf.Tensor | None = None  # the frozen old model's, of every row
     prototypes: tf.Tensor | None = None  # the teacher's mean target of each label (prototype_cosface_loss)
-    prototype_scale: float = 32.0
-    prototype_margin: float = 0.35
+    prototype_scale: float = PROTOTYPE_SCALE
+    prototype_margin: float = PROTOTYPE_MARGIN
     memory: MemoryRows | None = None  # past batches' rows (memory_relational_loss)
 
     def labeled(self, rows: tf.Tensor) -> tf.Tensor:
