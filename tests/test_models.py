@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from facenet_train import cli
+from facenet_train.checkpoint import save_compact
 from facenet_train.factorize import factorize_kernel, factorized_model
 from facenet_train.flops import count_flops, format_report
 from facenet_train.models import MODELS, build_model, input_size_of, stage_outputs
+from facenet_train.widen import check_wider, widened_model
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +229,39 @@ def test_factorized_model_copies_every_other_variable(tmp_path, capsys):
     for layer in ("conv1", "conv2_bn", "inception_5b_1x1", "embedding_dense"):
         for got, want in zip(target.get_layer(layer).get_weights(), source.get_layer(layer).get_weights()):
             np.testing.assert_array_equal(got, want)
+
+
+def randomised(model: keras.Model) -> keras.Model:
+    """Every variable drawn at random (batch-normalisation variances positive), as after training."""
+    rng = np.random.default_rng(0)
+    for variable in model.variables:
+        values = rng.normal(size=variable.shape) * 0.1
+        variable.assign((np.abs(values) + 0.5 if "variance" in variable.path else values).astype(np.float32))
+    return model
+
+
+def test_a_widened_model_computes_what_the_trained_one_does(tmp_path, capsys):
+    source = randomised(build_model("nn4_small2", input_size=64))
+    target = widened_model(source, "nn4_small2_wide")
+    assert tuple(target.input_shape) == (None, 64, 64, 3)
+    assert target.get_layer("inception_5b_concat").output.shape[-1] == 1104  # 736 in nn4_small2
+    images = np.random.default_rng(1).normal(size=(3, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_allclose(target(images, training=False).numpy(), source(images, training=False).numpy(),
+                               atol=1e-5)
+    # The new channels are live: their filters are not zero, only the weights reading them.
+    assert np.abs(target.get_layer("inception_5a_1x1").get_weights()[0][..., 256:]).sum() > 0
+    reading = np.abs(target.get_layer("embedding_dense").get_weights()[0]).sum(axis=1)
+    assert np.count_nonzero(reading == 0) == 1104 - 736
+    # The command writes it as a compact .npz that loads as the wider model.
+    checkpoint = save_compact(source, tmp_path / "trained.npz")
+    assert cli.main(["widen", str(checkpoint), "--to", "nn4_small2_wide", "--out", str(tmp_path / "wide.npz")]) == 0
+    assert "the same function" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, message", [("nn4_small2_sep", "another kind of stage"),
+                                           ("nn4", "other stages"), ("nns1", "average-pool")])
+def test_only_a_wider_layout_of_the_same_stages_is_accepted(name, message):
+    with pytest.raises(ValueError, match=message):
+        check_wider(MODELS["nn4_small2"], MODELS[name])
+    with pytest.raises(ValueError, match="only grow its widths"):
+        check_wider(MODELS["nn4_small2_wide"], MODELS["nn4_small2"])

@@ -1,4 +1,4 @@
-"""``facenet-train``: preprocess, teacher, factorize, train, evaluate, describe, convert and the other commands.
+"""``facenet-train``: preprocess, teacher, factorize, widen, train, evaluate, describe, convert and the other commands.
 
 Only the chosen command's module is imported (its arguments are added then), so
 ``facenet-train --help`` and ``preprocess`` do not pay for importing TensorFlow, and
@@ -33,6 +33,8 @@ COMMANDS: dict[str, Command] = {
                             "refit a trained model's embedding layer to the teacher (a distillation start)"),
     "factorize": Command("facenet_train.factorize",
                          "carry trained weights into a layout with factorized convolutions (nn4_small2_sep)"),
+    "widen": Command("facenet_train.widen",
+                     "carry trained weights into a wider layout, computing the same (nn4_small2_wide)"),
     "train": Command("facenet_train.train", "train an embedding model from a config file"),
     "evaluate": Command("facenet_train.evaluate", "LFW 10-fold verification of a Keras run or a TFLite model"),
     "describe": Command("facenet_train.flops", "parameters and FLOPs of a model in the registry"),

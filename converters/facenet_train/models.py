@@ -188,6 +188,19 @@ MODELS: dict[str, ModelSpec] = {
             "nn4_small2 at 128x128 with its 3x3 conv2 factorized into 3x1 (rank 64) and 1x3 convolutions",
         ),
         ModelSpec(
+            "nn4_small2_wide",
+            (96, 96, 3),
+            # A capacity probe past the 4 MB int8 budget: 5a and 5b 1.5x as wide, the rest as
+            # nn4_small2, so `facenet-train widen` continues a trained nn4_small2 in it.
+            _NN2_STEM + _NN4_SMALL2_BLOCKS[:-2] + (
+                Inception("inception_5a", 384, 144, 576, 0, 0, "avg", 144),
+                Inception("inception_5b", 384, 144, 576, 0, 0, "max", 144),
+            ),
+            0,
+            PaperReference(None, None, "ours: nn4_small2 with 5a and 5b 1.5x as wide"),
+            "nn4_small2 with inception 5a and 5b 1.5x as wide (a capacity probe; past the 4 MB int8 budget)",
+        ),
+        ModelSpec(
             "nn4",
             (96, 96, 3),
             _NN2_STEM
