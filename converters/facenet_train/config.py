@@ -77,6 +77,11 @@ class BatchConfig:
     identity_power: float = 0.5
     mixup: float = 0.0
 
+    @property
+    def faces(self) -> int:
+        """Faces in a step's batch, over all replicas (``data.PKSampler.batch_size``)."""
+        return self.p * self.k + self.unlabeled
+
 
 @dataclass(frozen=True)
 class OptimizerConfig:
@@ -234,9 +239,8 @@ class Config:
             (self.batch.mixup == 0 or (self.batch.unlabeled > 0 and bool(d.teacher_onnx)),
              "batch.mixup > 0 blends unlabeled faces for a teacher to describe: "
              "set batch.unlabeled > 0 and data.teacher_onnx"),
-            (not loss.needs_memory or loss.memory_size >= self.batch.p * self.batch.k + self.batch.unlabeled,
-             f"loss.memory_size {loss.memory_size} must hold at least one batch "
-             f"({self.batch.p * self.batch.k + self.batch.unlabeled} faces)"),
+            (not loss.needs_memory or loss.memory_size >= self.batch.faces,
+             f"loss.memory_size {loss.memory_size} must hold at least one batch ({self.batch.faces} faces)"),
             *((bool(self.harmonic.old_model) or not LOSS_TERMS[name].old_model,
                f"loss.{name} > 0 needs harmonic.old_model") for name in weights),
             (t.eval_every == 0 or bool(t.lfw and t.lfw_cache),
