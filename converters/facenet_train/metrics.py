@@ -91,8 +91,9 @@ def evaluate_distances(
     for k, fold in enumerate(folds):
         if same[fold].all() or not same[fold].any():
             raise ValueError(f"fold {k} of {n_folds} needs both matched and mismatched pairs (pairs go in fold order)")
-    # From at or below the smallest distance (nothing accepted) to above the largest (everything accepted).
-    grid = np.arange(min(0.0, d.min()), max(4.0, d.max()) + 2 * step, step)
+    # From at or below the smallest distance (nothing accepted) to above the largest (everything accepted);
+    # rounded so that a chosen threshold reads as its grid value in a card (1.267, not 1.2670000000000001).
+    grid = np.round(np.arange(min(0.0, d.min()), max(4.0, d.max()) + 2 * step, step), 12)
 
     accuracies, thresholds, vals, fars = [], [], [], []
     for fold in folds:
