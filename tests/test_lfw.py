@@ -135,6 +135,13 @@ def test_known_overlap_gives_known_accuracy():
     assert result.scores()["eer"] == result.eer
 
 
+def test_equal_error_rate_reads_as_its_count():
+    # 270 matched at 0.5, 30 at 1.5; 30 mismatched at 1.0, 270 at 2.5: FAR and FRR meet at 30/300 on a ROC
+    # point. Rates from counts give exactly 0.1 (1 - TPR gave 0.09999999999999998, written so into cards).
+    distances, issame = folds_of(lambda k: fold([0.5] * 270 + [1.5] * 30, [1.0] * 30 + [2.5] * 270))
+    assert evaluate_distances(distances, issame).eer == 0.1
+
+
 def test_each_fold_is_scored_with_a_threshold_from_the_other_folds():
     # Folds 1-9 separate at (0.5, 1.5]; fold 0's matched pairs sit at 1.2. Fold 0 is scored with the
     # threshold of folds 1-9 (centre 1.0) and loses its matched pairs; the other folds, trained with

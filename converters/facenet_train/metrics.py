@@ -106,7 +106,7 @@ def evaluate_distances(
         vals.append(np.mean(d[fold][same[fold]] < far_threshold))
         fars.append(np.mean(d[fold][~same[fold]] < far_threshold))
 
-    tpr, fpr, roc_thresholds = _roc(d, same)
+    tpr, fpr, frr, roc_thresholds = _roc(d, same)
     return LfwResult(
         accuracy_mean=float(np.mean(accuracies)),
         accuracy_std=float(np.std(accuracies)),
@@ -117,7 +117,7 @@ def evaluate_distances(
         fpr=fpr,
         roc_thresholds=roc_thresholds,
         auc=float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2)),
-        eer=_equal_error_rate(tpr, fpr),
+        eer=_equal_error_rate(fpr, frr),
         far_target=far_target,
         val_mean=float(np.mean(vals)),
         val_std=float(np.std(vals)),
@@ -147,17 +147,19 @@ def _threshold_at_far(negative_d: np.ndarray, far_target: float, grid: np.ndarra
     return float(np.interp(far_target, levels, grid[first]))
 
 
-def _roc(d: np.ndarray, same: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _roc(d: np.ndarray, same: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """True-accept, false-accept and false-reject rates at each distinct distance, and those thresholds."""
     distinct = np.unique(d)
     thresholds = np.append(distinct, np.nextafter(distinct[-1], np.inf))  # the last one accepts every pair
-    tpr = _accepted(np.sort(d[same]), thresholds) / np.count_nonzero(same)
+    n_same = np.count_nonzero(same)
+    true_accepts = _accepted(np.sort(d[same]), thresholds)
     fpr = _accepted(np.sort(d[~same]), thresholds) / np.count_nonzero(~same)
-    return tpr, fpr, thresholds
+    # False rejects from counts, not 1 - TPR: an EER of 0.04 stays 0.04, not 0.040000000000000036.
+    return true_accepts / n_same, fpr, (n_same - true_accepts) / n_same, thresholds
 
 
-def _equal_error_rate(tpr: np.ndarray, fpr: np.ndarray) -> float:
+def _equal_error_rate(fpr: np.ndarray, frr: np.ndarray) -> float:
     """Where the false-accept rate, rising along the ROC, meets the false-reject rate, falling."""
-    frr = 1.0 - tpr
     i = int(np.argmax(fpr >= frr))  # >= 1: the first point accepts nothing (FAR 0, FRR 1)
     below, above = frr[i - 1] - fpr[i - 1], fpr[i] - frr[i]
     return float(fpr[i - 1] + below / (below + above) * (fpr[i] - fpr[i - 1]))
