@@ -308,6 +308,23 @@ def test_a_run_saved_before_an_option_existed_resumes_with_its_default(synthetic
         train.prepare_run_dir(changed, None, tmp_path, resume=True)
 
 
+def test_continuation_on_its_parents_views_is_noted(trained_run, tmp_path):
+    parent = json.loads((trained_run / checkpoint.CONFIG_JSON).read_text())
+
+    def continuation(**sections):
+        values = {name: {**part, **sections.get(name, {})} for name, part in parent.items()}
+        values["model"]["init_weights"] = str(trained_run / checkpoint.WEIGHTS)
+        return config_from_dict(values)
+
+    note = train.replayed_views(continuation())
+    assert note and "same seed (0)" in note and "train.seed" in note
+    assert train.replayed_views(continuation(train={"seed": 1})) is None
+    assert train.replayed_views(continuation(augment={"rotation": 3.0})) is None
+    assert train.replayed_views(continuation(train={"steps": 80})) is not None  # length changes no view
+    weights_alone = config_from_dict({**parent, "model": {**parent["model"], "init_weights": str(tmp_path / "w.npz")}})
+    assert train.replayed_views(weights_alone) is None
+
+
 def test_distillation_and_harmonic(synthetic_cache, trained_run, tmp_path):
     config = make_config(
         synthetic_cache,

@@ -40,6 +40,7 @@ from .checkpoint import (
     WEIGHTS,
     load_compact,
     load_into,
+    run_config,
 )
 from .config import Config, ConfigError, config_from_dict, load_config
 from .edgeface import EdgeFaceTeacher
@@ -367,6 +368,32 @@ class Trainer:
         return TrainResult(step, last, self.run_dir)
 
 
+# With the seed, these settings fix every step's faces and views (data.Batches).
+VIEW_SETTINGS = (("batch", None), ("augment", None), ("data", "cache"), ("data", "sources"), ("data", "exclude"),
+                 ("model", "input_size"), ("train", "seed"))
+
+
+def replayed_views(config: Config) -> str | None:
+    """A note when ``model.init_weights`` comes from a run folder whose batches and views this
+    run would draw again, step for step (the same seed and view settings); else None."""
+    if not config.model.init_weights:
+        return None
+    parent = run_config(Path(config.model.init_weights))
+    if parent is None:
+        return None
+    mine = json.loads(json.dumps(config.to_dict()))  # tuples as the parent's JSON lists
+
+    def setting(values: dict, section: str, key: str | None):
+        part = values.get(section, {})
+        return part if key is None else part.get(key)
+
+    if any(setting(parent, *where) != setting(mine, *where) for where in VIEW_SETTINGS):
+        return None
+    return (f"note: {config.model.init_weights} was trained with the same seed ({config.train.seed}) and batch, "
+            "augmentation and data settings: this run draws its batches and views again, step for step; "
+            "--set train.seed=N gives new ones")
+
+
 def prepare_run_dir(config: Config, config_file: Path | None, run_dir: Path, resume: bool) -> None:
     """Create the run folder with the config, or check that a resumed run has the same
     config (only ``train.steps`` may grow, to train longer)."""
@@ -459,6 +486,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, config_file
         online = view_teacher(config, space) if config.data.teacher_onnx else None
     trainer = Trainer(config, run_dir, cache, strategy, online)
     if config.model.init_weights and not trainer.manager.latest_checkpoint:
+        if note := replayed_views(config):
+            print(note)
         if config.model.init_weights.endswith(".npz"):
             load_into(trainer.model, config.model.init_weights)
         else:
