@@ -368,7 +368,7 @@ class Trainer:
         return TrainResult(step, last, self.run_dir)
 
 
-# With the seed, these settings fix every step's faces and views (data.Batches).
+# With the seed, these settings fix every step's faces and views (Batches, data.PKSampler).
 VIEW_SETTINGS = (("batch", None), ("augment", None), ("data", "cache"), ("data", "sources"), ("data", "exclude"),
                  ("model", "input_size"), ("train", "seed"))
 
@@ -383,7 +383,7 @@ def replayed_views(config: Config) -> str | None:
         return None
     mine = json.loads(json.dumps(config.to_dict()))  # tuples as the parent's JSON lists
 
-    def setting(values: dict, section: str, key: str | None):
+    def setting(values: dict, section: str, key: str | None) -> object:
         part = values.get(section, {})
         return part if key is None else part.get(key)
 
