@@ -323,6 +323,13 @@ def test_continuation_on_its_parents_views_is_noted(trained_run, tmp_path):
     assert train.replayed_views(continuation(train={"steps": 80})) is not None  # length changes no view
     weights_alone = config_from_dict({**parent, "model": {**parent["model"], "init_weights": str(tmp_path / "w.npz")}})
     assert train.replayed_views(weights_alone) is None
+    # A parent saved before an option existed ran with its default: the same views.
+    older = {**parent, "augment": {k: v for k, v in parent["augment"].items() if k != "jpeg"}}
+    (tmp_path / "older").mkdir()
+    (tmp_path / "older" / checkpoint.CONFIG_JSON).write_text(json.dumps(older))
+    from_older = config_from_dict({**parent, "model": {**parent["model"],
+                                                       "init_weights": str(tmp_path / "older" / checkpoint.WEIGHTS)}})
+    assert train.replayed_views(from_older) is not None
 
 
 def test_distillation_and_harmonic(synthetic_cache, trained_run, tmp_path):

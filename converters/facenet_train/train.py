@@ -378,14 +378,18 @@ def replayed_views(config: Config) -> str | None:
     run would draw again, step for step (the same seed and view settings); else None."""
     if not config.model.init_weights:
         return None
-    parent = run_config(Path(config.model.init_weights))
-    if parent is None:
+    saved = run_config(Path(config.model.init_weights))
+    if saved is None:
         return None
-    mine = json.loads(json.dumps(config.to_dict()))  # tuples as the parent's JSON lists
+    try:
+        # Read back through the config, as a resume does, so options added since take their defaults.
+        parent = config_from_dict(saved).to_dict()
+    except ConfigError:  # a layout this version no longer reads: nothing to say about its views
+        return None
+    mine = config.to_dict()
 
     def setting(values: dict, section: str, key: str | None) -> object:
-        part = values.get(section, {})
-        return part if key is None else part.get(key)
+        return values[section] if key is None else values[section][key]
 
     if any(setting(parent, *where) != setting(mine, *where) for where in VIEW_SETTINGS):
         return None
