@@ -15,6 +15,7 @@ from facenet_train.losses import (
     MemoryRows,
     distillation_loss,
     memory_relational_loss,
+    mirror_consistency_loss,
     relational_distillation_loss,
     harmonic_triplet_loss,
     pairwise_squared_distances,
@@ -208,8 +209,9 @@ def test_harmonic_trains_only_the_new_embeddings():
         lambda labels, e: distillation_loss(e, e[::-1]),
         lambda labels, e: relational_distillation_loss(e, e[::-1]),
         lambda labels, e: prototype_cosface_loss(labels, e, tf.eye(3, e.shape[1])),
+        lambda labels, e: mirror_consistency_loss(e, e[::-1]),
     ],
-    ids=["semihard", "batch_hard", "harmonic", "distillation", "relational", "prototype"],
+    ids=["semihard", "batch_hard", "harmonic", "distillation", "relational", "prototype", "mirror"],
 )
 def test_gradients_are_finite_when_embeddings_coincide(loss_fn):
     labels = np.array([0, 0, 1, 1, 2])
@@ -424,6 +426,24 @@ def test_the_prototype_term_sees_the_labelled_rows_and_the_configured_margin():
     assert float(total) == pytest.approx(2 * expected, rel=1e-5)
 
 
+def test_the_mirror_term_pulls_the_first_rows_and_their_mirrors_together():
+    rng = np.random.default_rng(0)
+    embeddings = tf.constant(rng.normal(size=(6, 4)).astype(np.float32))
+    mirrors = tf.constant(rng.normal(size=(2, 4)).astype(np.float32))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([embeddings, mirrors])
+        total, metrics = total_loss({"mirror": 1.0}, LossInputs(embeddings, tf.zeros(6, tf.int32), 0.2, "semihard",
+                                                                mirror_embeddings=mirrors))
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    cosine = np.sum(unit(embeddings.numpy()[:2]) * unit(mirrors.numpy()), axis=1)
+    assert float(metrics["mirror"]) == pytest.approx(np.mean(2 - 2 * cosine), rel=1e-5)
+    # Both sides move; the rows without a mirror take no part.
+    assert np.any(tape.gradient(total, mirrors).numpy() != 0)
+    assert np.any(tape.gradient(total, embeddings).numpy()[:2] != 0)
+    assert np.all(tape.gradient(total, embeddings).numpy()[2:] == 0)
+    assert float(mirror_consistency_loss(embeddings[:2], 3.0 * embeddings[:2])) == pytest.approx(0, abs=1e-6)
+
+
 def test_every_loss_term_has_a_weight_in_the_config():
     hints = get_type_hints(LossConfig)
     assert all(hints.get(name) is float for name in LOSS_TERMS)
@@ -448,6 +468,8 @@ def test_what_a_config_needs_follows_the_loss_terms(monkeypatch):
     assert "loss.memory_size 100 must hold at least one batch (150 faces)" in error(
         {"data": {"teacher": True}, "batch": {"p": 30, "k": 4, "unlabeled": 30},
          "loss": {"memory_relational": 1.0, "memory_size": 100}})
+    assert "loss.mirror_views 0 must be between 1 and the batch's 120 faces" in error(
+        {"loss": {"mirror": 1.0, "mirror_views": 0}})
 
 
 

@@ -359,6 +359,23 @@ def test_distillation_and_harmonic(synthetic_cache, trained_run, tmp_path):
     assert logged(tmp_path / "run", "learning_rate")[0] == pytest.approx(0.01)
 
 
+def test_the_mirror_term_compares_each_view_with_its_left_right_mirror(synthetic_cache, trained_run, tmp_path):
+    config = make_config(synthetic_cache, loss={"mirror": 1.0, "mirror_views": 5},
+                         model={"init_weights": str(trained_run / checkpoint.WEIGHTS)})
+    trainer = train.Trainer(config, tmp_path / "run", train.load_training_cache(config))
+    rng = np.random.default_rng(0)
+    half = rng.integers(0, 256, (16, 96, 48, 3), dtype=np.uint8)
+    labels = tf.constant(np.repeat(np.arange(4), 4), tf.int32)
+
+    def mirror_loss(images: np.ndarray) -> float:
+        return float(trainer._losses(tf.constant(images), labels, None, None, None)[1]["mirror"])
+
+    # Faces that are their own mirror image agree with it exactly; faces symmetric top to
+    # bottom but not left to right do not.
+    assert mirror_loss(np.concatenate([half, half[:, :, ::-1]], axis=2)) == pytest.approx(0, abs=1e-6)
+    assert mirror_loss(np.concatenate([half.transpose(0, 2, 1, 3)[:, ::-1], half.transpose(0, 2, 1, 3)], axis=1)) > 1e-3
+
+
 def test_teacher_basis_is_orthonormal_and_does_not_depend_on_face_order():
     rng = np.random.default_rng(1)
     teacher = (rng.normal(size=(200, 24)) * np.r_[np.full(8, 3.0), np.full(16, 0.1)]).astype(np.float32)
@@ -634,7 +651,7 @@ def test_xla_compiles_every_loss_term(synthetic_cache, trained_run, tmp_path):
         data={"teacher": True},
         batch={"unlabeled": 2},
         loss={"distillation": 0.5, "relational": 1.0, "memory_relational": 1.0, "memory_size": 40,
-              "prototype": 1.0, "harmonic": 1.0},
+              "prototype": 1.0, "mirror": 1.0, "mirror_views": 3, "harmonic": 1.0},
         harmonic={"old_model": str(trained_run / checkpoint.KERAS_MODEL)},
         train={"steps": 2, "log_every": 1, "jit_compile": True},
     )
@@ -751,6 +768,19 @@ def test_evaluate_keras_and_tflite_the_same_way(trained_run, fake_lfw, tmp_path,
                      "--workers", "1", "--out", str(fresh)]) == 0
     assert json.loads(fresh.read_text())["accuracy_mean"] == scores["accuracy_mean"]
 
+    # With the mirror images: the same plain scores, plus how alike the two are described.
+    mirrored_json = tmp_path / "mirror.json"
+    assert cli.main(["evaluate", "--checkpoint", str(trained_run), "--lfw", str(fake_lfw),
+                     "--aligned-cache", str(cache), "--mirror", "--out", str(mirrored_json)]) == 0
+    mirrored = json.loads(mirrored_json.read_text())
+    assert mirrored["fold_accuracies"] == scores["fold_accuracies"]
+    pairs = evaluation.LfwCropPairs.load(fake_lfw, cache, 96)
+    embed = evaluation.keras_embedder(checkpoint.load_keras_model(trained_run))
+    plain, flipped = pairs.embeddings(embed), embed(np.ascontiguousarray(pairs.crops[:, :, ::-1]))
+    assert mirrored["mirror"]["cosine_mean"] == pytest.approx(np.mean(np.sum(plain * flipped, axis=1)), abs=1e-5)
+    assert len(mirrored["mirror"]["flip_averaged"]["fold_accuracies"]) == 10
+    assert "mirror images: mean cosine" in capsys.readouterr().out
+
     tflite = _tflite(trained_run / checkpoint.KERAS_MODEL, tmp_path / "tiny.tflite")
     tflite_json = tmp_path / "tflite.json"
     assert cli.main(["evaluate", "--tflite", str(tflite), "--lfw", str(fake_lfw), "--aligned-cache", str(cache),
@@ -768,7 +798,7 @@ def test_evaluate_keras_and_tflite_the_same_way(trained_run, fake_lfw, tmp_path,
     assert runtime["detector"] == "blazeface" and runtime["pairs"] == 20 and runtime["found"] == 20
     assert 0 <= runtime["accuracy_mean"] <= 1 and len(runtime["fold_accuracies"]) == 10
     assert "runtime path" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="neither --aligned-cache"):
+    with pytest.raises(ValueError, match="neither --aligned-cache, --failures nor --mirror"):
         cli.main(["evaluate", "--tflite", str(tflite), "--lfw", str(fake_lfw), "--runtime-path",
                   "--aligned-cache", str(cache)])
 

@@ -123,6 +123,9 @@ class LossConfig:
     rows (a cross-batch memory, at least one batch long).
     ``prototype``: CosFace (``prototype_scale``, ``prototype_margin``) of the labelled faces
     against each identity's mean teacher target, fixed centres in the student's space.
+    ``mirror``: the first ``mirror_views`` views of each replica's batch are embedded mirrored
+    as well, and each pair pulled together (``2 - 2 cos``): the teacher describes a face and
+    its mirror image alike, the student far less so (docs/model.md).
     ``harmonic``: mixed old/new triplets (needs ``[harmonic] old_model``)."""
 
     triplet: float = 1.0
@@ -136,6 +139,8 @@ class LossConfig:
     prototype: float = 0.0
     prototype_scale: float = PROTOTYPE_SCALE
     prototype_margin: float = PROTOTYPE_MARGIN
+    mirror: float = 0.0
+    mirror_views: int = 32
     harmonic: float = 0.0
 
     def weights(self) -> dict[str, float]:
@@ -156,6 +161,11 @@ class LossConfig:
     def needs_memory(self) -> bool:
         """Whether a term trained with needs past batches' rows."""
         return any(LOSS_TERMS[name].memory for name in self.weights())
+
+    @property
+    def needs_mirrors(self) -> bool:
+        """Whether a term trained with needs the embeddings of mirrored views."""
+        return any(LOSS_TERMS[name].mirrored for name in self.weights())
 
     @property
     def needs_old_model(self) -> bool:
@@ -241,6 +251,8 @@ class Config:
              "set batch.unlabeled > 0 and data.teacher_onnx"),
             (not loss.needs_memory or loss.memory_size >= self.batch.faces,
              f"loss.memory_size {loss.memory_size} must hold at least one batch ({self.batch.faces} faces)"),
+            (not loss.needs_mirrors or 0 < loss.mirror_views <= self.batch.faces,
+             f"loss.mirror_views {loss.mirror_views} must be between 1 and the batch's {self.batch.faces} faces"),
             *((bool(self.harmonic.old_model) or not LOSS_TERMS[name].old_model,
                f"loss.{name} > 0 needs harmonic.old_model") for name in weights),
             (t.eval_every == 0 or bool(t.lfw and t.lfw_cache),

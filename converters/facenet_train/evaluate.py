@@ -16,8 +16,8 @@ from facenet_edge.detect import DEFAULT_DETECTOR, DETECTORS
 
 from . import data
 from .checkpoint import load_keras_model
-from .evaluation import LfwCropPairs, evaluate_runtime_path, keras_embedder, tflite_embedder
-from .metrics import evaluate_distances, failure_sheet, plot_roc
+from .evaluation import LfwCropPairs, evaluate_runtime_path, keras_embedder, mirror_scores, tflite_embedder
+from .metrics import LfwResult, evaluate_distances, failure_sheet, plot_roc
 from .preprocess import CropOptions, build_lfw_cache
 
 
@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detector", default=DEFAULT_DETECTOR, choices=sorted(DETECTORS),
                         help="detector for crops made now (without --aligned-cache) or for --runtime-path")
     parser.add_argument("--workers", type=int, default=2, help="processes for crops made now")
+    parser.add_argument("--mirror", action="store_true",
+                        help="also embed every crop's mirror image: how alike the model describes the two "
+                             "(mean cosine) and LFW with the two averaged (test-time flip)")
     parser.add_argument("--out", type=Path, help="write the scores as JSON")
     parser.add_argument("--roc", type=Path, help="draw the ROC curve (PNG)")
     parser.add_argument("--failures", type=Path,
@@ -58,15 +61,21 @@ def run(args: argparse.Namespace) -> int:
             options = CropOptions(crop_size=height, detector=args.detector)
             build_lfw_cache(args.lfw, cache, options, workers=args.workers)
         pairs = LfwCropPairs.load(args.lfw, cache, height)
-        distances = pairs.distances(embed)
+        embeddings = pairs.embeddings(embed)
+        distances = pairs.pair_distances(embeddings)
         result = evaluate_distances(distances, pairs.issame)
+        mirror = mirror_scores(pairs, embed, embeddings) if args.mirror else None
         fallback = sum(c.get("fallback", 0) for c in data.CacheManifest.load(cache).sources.values())
     print(f"{name}: {result.summary()}")
+    if mirror:
+        print(f"mirror images: mean cosine to the crop's embedding {mirror.cosine_mean:.4f}; "
+              f"the two averaged: {mirror.flip_averaged.summary()}")
     if fallback:
         print(f"({fallback} LFW images had no face found; a centre box stood in)")
     if args.out:
-        scores = {"model": str(args.tflite or args.checkpoint), **result.scores(),
-                  "fold_accuracies": [float(a) for a in result.fold_accuracies], "centre_fallback_images": fallback}
+        scores = {"model": str(args.tflite or args.checkpoint), **_scores(result), "centre_fallback_images": fallback}
+        if mirror:
+            scores["mirror"] = {"cosine_mean": mirror.cosine_mean, "flip_averaged": _scores(mirror.flip_averaged)}
         args.out.write_text(json.dumps(scores, indent=1) + "\n")
     if args.roc:
         plot_roc({name: result}, args.roc)
@@ -78,10 +87,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scores(result: LfwResult) -> dict:
+    return {**result.scores(), "fold_accuracies": [float(a) for a in result.fold_accuracies]}
+
+
 def _run_runtime_path(args: argparse.Namespace) -> int:
-    if not args.tflite or args.aligned_cache or args.failures:
+    if not args.tflite or args.aligned_cache or args.failures or args.mirror:
         raise ValueError("--runtime-path scores a --tflite model on the full LFW images: "
-                         "it takes neither --aligned-cache nor --failures")
+                         "it takes neither --aligned-cache, --failures nor --mirror")
     run = evaluate_runtime_path(args.tflite, args.lfw, args.detector)
     print(f"{args.tflite.stem} (runtime path, {args.detector}): {run.result.summary()}")
     print(f"faces: {run.found} found, {run.padded} after padding, {run.centre_box} centre boxes")

@@ -124,13 +124,38 @@ class LfwCropPairs:
         rows = np.fromiter(used, dtype=np.int64, count=len(used))
         return cls(centre_crop(cache.crops[rows], size), np.array(first), np.array(second), lfw.issame, rows)
 
+    def embeddings(self, embed: Embed, mirrored: bool = False) -> np.ndarray:
+        """Every crop's embedding (of its left-right mirror image with ``mirrored``)."""
+        crops = np.ascontiguousarray(self.crops[:, :, ::-1]) if mirrored else self.crops
+        return np.concatenate([embed(crops[i:i + LFW_BATCH]) for i in range(0, len(crops), LFW_BATCH)])
+
+    def pair_distances(self, embeddings: np.ndarray) -> np.ndarray:
+        """Squared L2 distance of every pair, from every crop's embedding."""
+        return np.sum((embeddings[self.first] - embeddings[self.second]) ** 2, axis=1)
+
     def distances(self, embed: Embed) -> np.ndarray:
         """Squared L2 distance of every pair."""
-        embeddings = np.concatenate([embed(self.crops[i:i + LFW_BATCH]) for i in range(0, len(self.crops), LFW_BATCH)])
-        return np.sum((embeddings[self.first] - embeddings[self.second]) ** 2, axis=1)
+        return self.pair_distances(self.embeddings(embed))
 
     def evaluate(self, embed: Embed) -> LfwResult:
         return evaluate_distances(self.distances(embed), self.issame)
+
+
+@dataclass(frozen=True)
+class MirrorScores:
+    """How alike a model describes each LFW crop and its mirror image, and LFW with the two
+    averaged (test-time flip, at twice the embed time)."""
+
+    cosine_mean: float
+    flip_averaged: LfwResult
+
+
+def mirror_scores(pairs: LfwCropPairs, embed: Embed, embeddings: np.ndarray) -> MirrorScores:
+    """``embeddings``: ``pairs.embeddings(embed)``, reused."""
+    mirrored = pairs.embeddings(embed, mirrored=True)
+    averaged = l2_normalize(embeddings + mirrored)
+    return MirrorScores(float(np.mean(np.sum(embeddings * mirrored, axis=1))),
+                        evaluate_distances(pairs.pair_distances(averaged), pairs.issame))
 
 
 # ---------------------------------------------------------------- LFW through the runtime path

@@ -1,4 +1,4 @@
-"""Triplet, distillation (vector and relational), prototype and harmonic losses as pure TensorFlow functions.
+"""Triplet, distillation (vector and relational), prototype, mirror and harmonic losses as pure TensorFlow functions.
 
 Every distance is a squared L2 distance (the FaceNet paper's convention), so no square root is
 ever taken and the gradient stays finite when two embeddings coincide. The functions work eagerly
@@ -158,6 +158,14 @@ def memory_relational_loss(student_embeddings: tf.Tensor, teacher_embeddings: tf
     return _pair_mse(diff, valid[:, None] & memory.valid[None, :])
 
 
+def mirror_consistency_loss(embeddings: tf.Tensor, mirror_embeddings: tf.Tensor) -> tf.Tensor:
+    """Pulls each view's embedding and its mirror image's together: the mean squared L2
+    distance of the unit vectors, ``2 - 2 cos``, with the gradient into both (rows pair up)."""
+    a = tf.math.l2_normalize(tf.cast(embeddings, tf.float32), axis=1)
+    b = tf.math.l2_normalize(tf.cast(mirror_embeddings, tf.float32), axis=1)
+    return tf.reduce_mean(tf.reduce_sum(tf.square(a - b), axis=1))
+
+
 def _pair_mse(diff: tf.Tensor, pairs: tf.Tensor) -> tf.Tensor:
     """The mean of ``diff**2`` over the ``pairs`` that are True (0 when none is)."""
     weight = tf.cast(pairs, tf.float32)
@@ -257,6 +265,7 @@ class LossInputs:
     prototype_scale: float = PROTOTYPE_SCALE
     prototype_margin: float = PROTOTYPE_MARGIN
     memory: MemoryRows | None = None  # past batches' rows (memory_relational_loss)
+    mirror_embeddings: tf.Tensor | None = None  # of the first rows' mirror images, in row order
 
     def labeled(self, rows: tf.Tensor) -> tf.Tensor:
         """The labelled rows of ``rows`` (a static slice when the batch shape is static, as under XLA)."""
@@ -281,6 +290,7 @@ class LossTerm:
     old_model: bool = False  # needs LossInputs.old_embeddings (harmonic.old_model)
     prototypes: bool = False  # needs LossInputs.prototypes (from the teacher's cached targets)
     memory: bool = False  # needs LossInputs.memory (past batches' rows, kept by the trainer)
+    mirrored: bool = False  # needs LossInputs.mirror_embeddings (the trainer embeds the mirror images too)
 
 
 def _triplet(inputs: LossInputs) -> TermValue:
@@ -311,6 +321,11 @@ def _prototype(inputs: LossInputs) -> TermValue:
                                             inputs.prototype_scale, inputs.prototype_margin), {})
 
 
+def _mirror(inputs: LossInputs) -> TermValue:
+    mirrors = inputs.mirror_embeddings
+    return TermValue(mirror_consistency_loss(inputs.embeddings[: tf.shape(mirrors)[0]], mirrors), {})
+
+
 def _harmonic(inputs: LossInputs) -> TermValue:
     harmonic = harmonic_triplet_loss(inputs.labels, inputs.labeled(inputs.embeddings),
                                      inputs.labeled(inputs.old_embeddings), inputs.margin)
@@ -324,6 +339,7 @@ LOSS_TERMS: dict[str, LossTerm] = {
     "relational": LossTerm(_relational, teacher=True),
     "memory_relational": LossTerm(_memory_relational, teacher=True, memory=True),
     "prototype": LossTerm(_prototype, teacher=True, prototypes=True),
+    "mirror": LossTerm(_mirror, mirrored=True),
     "harmonic": LossTerm(_harmonic, old_model=True),
 }
 

@@ -258,6 +258,9 @@ class Trainer:
             raise ConfigError(f"the teacher's descriptors are {teacher_dim}-d; "
                               f"its targets need model.embedding_size = {teacher_dim}")
         self.spec = FeedSpec(replicas, sampler.batch_size // replicas, b.p * b.k // replicas, size, teacher_dim)
+        if config.loss.needs_mirrors and config.loss.mirror_views > self.spec.per_replica:
+            raise ConfigError(f"loss.mirror_views {config.loss.mirror_views} exceeds the {self.spec.per_replica} "
+                              f"faces of each of the {replicas} replicas' batches")
         self.batches = Batches(cache, sampler, config, self.spec, view_teacher)
         self.identities = sampler.identities
         with self.strategy.scope():
@@ -285,12 +288,15 @@ class Trainer:
         """(gradients, metrics, embeddings) of one replica's batch; XLA-compiled when configured."""
         cfg = self.config.loss
         x = normalise(tf.cast(images, tf.float32), self.card)
+        # The mirror images join the same forward pass (one batch-norm batch with their originals).
+        mirrors = tf.reverse(x[: cfg.mirror_views], axis=[2]) if cfg.needs_mirrors else x[:0]
         with tf.GradientTape() as tape:
-            embeddings = self.model(x, training=True)
+            both = self.model(tf.concat([x, mirrors], axis=0), training=True)
+            embeddings, mirror_embeddings = both[: tf.shape(x)[0]], both[tf.shape(x)[0]:]
             old = None if self.old_model is None else self.old_model(x, training=False)
             inputs = losses.LossInputs(embeddings, labels[: self.spec.labeled], cfg.margin, cfg.mining,
                                        teacher, has_teacher, old, self.prototypes, cfg.prototype_scale,
-                                       cfg.prototype_margin, memory)
+                                       cfg.prototype_margin, memory, mirror_embeddings)
             total, metrics = losses.total_loss(cfg.weights(), inputs)
             # Gradients are summed over replicas: scale so the update is the mean.
             scaled = total / self.strategy.num_replicas_in_sync
