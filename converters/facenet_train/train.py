@@ -288,11 +288,13 @@ class Trainer:
         """(gradients, metrics, embeddings) of one replica's batch; XLA-compiled when configured."""
         cfg = self.config.loss
         x = normalise(tf.cast(images, tf.float32), self.card)
-        # The mirror images join the same forward pass (one batch-norm batch with their originals).
-        mirrors = tf.reverse(x[: cfg.mirror_views], axis=[2]) if cfg.needs_mirrors else x[:0]
         with tf.GradientTape() as tape:
-            both = self.model(tf.concat([x, mirrors], axis=0), training=True)
-            embeddings, mirror_embeddings = both[: tf.shape(x)[0]], both[tf.shape(x)[0]:]
+            if cfg.needs_mirrors:
+                # The mirror images join the same forward pass (one batch-norm batch with their originals).
+                both = self.model(tf.concat([x, tf.reverse(x[: cfg.mirror_views], axis=[2])], axis=0), training=True)
+                embeddings, mirror_embeddings = both[: tf.shape(x)[0]], both[tf.shape(x)[0]:]
+            else:
+                embeddings, mirror_embeddings = self.model(x, training=True), None
             old = None if self.old_model is None else self.old_model(x, training=False)
             inputs = losses.LossInputs(embeddings, labels[: self.spec.labeled], cfg.margin, cfg.mining,
                                        teacher, has_teacher, old, self.prototypes, cfg.prototype_scale,
