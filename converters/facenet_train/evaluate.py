@@ -99,9 +99,8 @@ def _run_runtime_path(args: argparse.Namespace) -> int:
     print(f"{args.tflite.stem} (runtime path, {args.detector}): {run.result.summary()}")
     print(f"faces: {run.found} found, {run.padded} after padding, {run.centre_box} centre boxes")
     if args.out:
-        fold_accuracies = [float(a) for a in run.result.fold_accuracies]
-        args.out.write_text(json.dumps({"model": str(args.tflite), **run.card_entry(),
-                                        "fold_accuracies": fold_accuracies}, indent=1) + "\n")
+        args.out.write_text(json.dumps({"model": str(args.tflite), **_scores(run.result), **run.card_entry()},
+                                       indent=1) + "\n")
     if args.roc:
         plot_roc({args.tflite.stem: run.result}, args.roc)
     return 0
