@@ -208,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_common_arguments(parser, several_models=True)
     add_lfw_arguments(parser)
     parser.add_argument(
-        "--detectors", type=name_list(sorted(DETECTORS)), metavar="NAME,NAME", help="default: blazeface,haar"
+        "--detectors", type=name_list(sorted(DETECTORS)), metavar="NAME,NAME", help="default: every detector"
     )
     parser.add_argument("--threads", type=int, metavar="N", help="interpreter threads (default: the runtime's)")
     return run_script(parser, run, argv)

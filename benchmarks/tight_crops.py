@@ -5,7 +5,7 @@ Users photograph tightly cropped faces (ID photos, crops from other tools); the 
 crop then reaches past the image and ``facenet_edge.align`` fills the rest (``--fills``;
 the runtime uses the model card's ``fill``). This script builds a tight LFW once, in
 ``--tight DIR`` (outside the repository): every LFW pair image cut to ``--factor`` times
-the box our default detector finds in it (BlazeFace, ``main_face``, the protocol of the
+the box our default detector finds in it (``main_face``, the protocol of the
 runtime-path LFW evaluation), square round the box centre, clipped to the image, saved as
 JPEG (quality 95) with LFW's folder layout and a copy of pairs.txt. Full and tight LFW are
 then scored through the runtime path (``common.LfwFaces`` -> ``facenet_edge.align`` with

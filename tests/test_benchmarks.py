@@ -25,7 +25,7 @@ from facenet_edge import bench
 from facenet_edge import embed as embed_module
 from facenet_edge.cli import ExitCode
 from facenet_edge.cli import main as cli_main
-from facenet_edge.detect import create_detector
+from facenet_edge.detect import DEFAULT_DETECTOR, DETECTORS, create_detector
 from facenet_edge.io import read_image
 from facenet_train import augment, data
 from facenet_train.edgeface import EdgeFaceTeacher
@@ -302,13 +302,13 @@ def test_accuracy(tiny_model, tmp_path):
     report = run_benchmark("accuracy", tmp_path, *models, "--pairs", "20")
     scores = report["results"]["scores"]
     assert {(s["model"], s["detector"]) for s in scores} == {
-        (m, d) for m in ("tiny_int8", "tiny_float") for d in ("blazeface", "haar")
+        (m, d) for m in ("tiny_int8", "tiny_float") for d in DETECTORS
     }
     for s in scores:
         assert 0.0 <= s["accuracy_mean"] <= 1.0 and len(s["fold_accuracies"]) == 10
         assert sum(s["images"].values()) == report["config"]["images"]
     assert (tmp_path / "accuracy_roc.png").stat().st_size > 0
-    assert len(list((tmp_path / "cache").glob("lfw-*.npz"))) == 4
+    assert len(list((tmp_path / "cache").glob("lfw-*.npz"))) == 2 * len(DETECTORS)
     # The second model against the first, fold by fold, per detector.
     folds = {(s["model"], s["detector"]): np.array(s["fold_accuracies"]) for s in scores}
     for p in report["results"]["paired"]:
@@ -317,7 +317,7 @@ def test_accuracy(tiny_model, tmp_path):
         np.testing.assert_allclose(p["fold_differences"], expected)
         assert p["mean"] == pytest.approx(expected.mean())
         assert p["folds_better"] + p["folds_worse"] <= 10
-    assert sorted(p["detector"] for p in report["results"]["paired"]) == ["blazeface", "haar"]
+    assert sorted(p["detector"] for p in report["results"]["paired"]) == sorted(DETECTORS)
 
 
 def test_peers(tiny_model, tmp_path):
@@ -418,15 +418,48 @@ def test_tight_crops(common, tiny_model, tiny_lfw_crops, tmp_path):
     # The fills change what the model sees on the tight cuts.
     embeddings = {}
     for fill in ("replicate", "black"):
-        (path,) = cache.glob(f"lfw-tight-tiny_int8-*-{fill}-blazeface.npz")
+        (path,) = cache.glob(f"lfw-tight-tiny_int8-*-{fill}-{DEFAULT_DETECTOR}.npz")
         with np.load(path) as data:
             embeddings[fill] = data["embeddings"]
     assert not np.allclose(embeddings["replicate"], embeddings["black"])
     # The tight folder is a plain LFW: the runtime-path code scores it unchanged, as the script did.
     pairs = common.load_lfw(tight, 20)
-    with common.LfwFaces("blazeface") as faces, embed_module.Embedder.from_path(tiny_model.int8) as embedder:
+    with common.LfwFaces(DEFAULT_DETECTOR) as faces, embed_module.Embedder.from_path(tiny_model.int8) as embedder:
         descriptors, _ = common.lfw_embeddings(pairs, faces, "check", common.describe_with(embedder), tmp_path / "c")
     assert common.lfw_result(pairs, descriptors).accuracy_mean == scores[("tight", "replicate")]["accuracy_mean"]
+
+
+def test_door_distance_places_the_photo_where_the_camera_would_see_it(common, monkeypatch):
+    door = load_benchmark("door_distance", monkeypatch, common=common)
+    camera = door.Camera(640, 480, 90.0)  # f = 320 px: eyes 63 mm apart are 20.16 px apart at 1 m
+    assert camera.eye_distance_px(1.0) == pytest.approx(20.16)
+    photo = np.zeros((250, 250, 3), np.uint8)
+    photo[100:150, 100:150] = 255
+    metres = camera.focal_px * door.EYE_DISTANCE_M / door.LFW_EYE_DISTANCE_PX  # the photo's own scale
+    frame = camera.frame(photo, metres)
+    assert frame.shape == (480, 640, 3) and frame[0, 0, 0] == 128
+    rows, cols = np.nonzero(frame[..., 0] == 255)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (215, 264, 295, 344)  # centred, unscaled
+    near = camera.frame(photo, metres / 4)  # four times larger than the frame is tall: its middle
+    assert near.shape == (480, 640, 3) and (near[240, 320] == 255).all() and (near[0, 0] == 0).all()
+
+
+def test_door_distance(tiny_model, tiny_lfw_crops, tmp_path):
+    lfw, _ = tiny_lfw_crops
+    args = ["--model", str(tiny_model.int8), "--lfw", str(lfw), "--cache", str(tmp_path / "cache"),
+            "--detectors", "blazeface,yunet", "--distances", "0.5,1"]
+    report = run_benchmark("door_distance", tmp_path / "out", *args, quick=False)
+    scores = {(s["detector"], s["metres"]): s for s in report["results"]["scores"]}
+    assert set(scores) == {(d, m) for d in ("blazeface", "yunet") for m in (None, 0.5, 1.0)}
+    for s in scores.values():
+        assert 0.0 <= s["accuracy_mean"] <= 1.0 and len(s["fold_accuracies"]) == 10
+        assert 0.0 <= s["found"] <= 1.0
+        assert (s["detect_ms"] is None) == (s["metres"] is None)
+    # The fake LFW's faces are half LFW's size: 1 m looks like 2 m, where BlazeFace, which sees
+    # the whole frame at 128 x 128, finds nothing and YuNet finds every face.
+    assert scores[("yunet", 1.0)]["found"] == 1.0 and scores[("blazeface", 1.0)]["found"] < 1.0
+    assert len(list((tmp_path / "cache").glob("door-*.npz"))) == 4
+    assert (tmp_path / "out" / "door_distance.png").stat().st_size > 0
 
 
 def test_tight_crops_refuses_a_folder_made_otherwise_or_inside_the_repo(tiny_model, tiny_lfw_crops, tmp_path):

@@ -19,7 +19,7 @@ keras = pytest.importorskip("keras")
 
 from facenet_edge.align import align  # noqa: E402
 from facenet_edge.card import ModelCard, card_path_for  # noqa: E402
-from facenet_edge.detect import BlazeFaceDetector  # noqa: E402
+from facenet_edge.detect import DEFAULT_DETECTOR, BlazeFaceDetector  # noqa: E402
 from facenet_edge.embed import Embedder, normalise  # noqa: E402
 from facenet_train import cli, conversion, convert, edgetpu, verify  # noqa: E402
 from facenet_train.checkpoint import load_keras_model, run_config  # noqa: E402
@@ -392,7 +392,7 @@ def test_lfw_thresholds_go_into_the_card(work, astronaut):
     # The runtime path (full images, default detector) sets the thresholds the runtime uses,
     # and `facenet-train evaluate --runtime-path` reproduces it.
     runtime = card.lfw["runtime_path"]
-    assert runtime["detector"] == "blazeface" and runtime["pairs"] == 20
+    assert runtime["detector"] == DEFAULT_DETECTOR and runtime["pairs"] == 20
     images = len(load_lfw(lfw).images)
     assert runtime["found"] + runtime["found_after_padding"] + runtime["centre_box"] == images
     assert card.thresholds.far_1e3 == runtime["threshold_at_far"] is not None

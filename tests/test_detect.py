@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import sys
 
+import cv2
 import numpy as np
 import pytest
 
@@ -14,7 +15,9 @@ from facenet_edge.detect import (
     BlazeFaceDetector,
     Detection,
     Detector,
+    DETECTORS,
     HaarDetector,
+    YuNetDetector,
     create_detector,
     find_blazeface_model,
     letterbox,
@@ -84,14 +87,12 @@ def test_blazeface_non_square_image(blazeface, astronaut, face, crop):
 
 
 def test_blazeface_large_image(blazeface, astronaut, face):
-    import cv2
-
     big = cv2.resize(astronaut, None, fx=4, fy=4, interpolation=cv2.INTER_LINEAR)
     (found,) = blazeface.detect(big)
     np.testing.assert_allclose(found.landmarks / 4, face.landmarks, atol=3)
 
 
-@pytest.mark.parametrize("name", ["blazeface", "haar"])
+@pytest.mark.parametrize("name", sorted(DETECTORS))
 def test_no_face_on_blank_image(name):
     with create_detector(name) as detector:
         assert detector.detect(np.full((240, 320, 3), 128, np.uint8)) == []
@@ -103,6 +104,39 @@ def test_haar_finds_the_astronaut(astronaut, face):
     assert found.landmarks is None
     assert 0.0 < found.score < 1.0
     assert detect.box_iou(found.box, face.box[None])[0] > 0.5
+
+
+def test_yunet_finds_the_astronaut_with_landmarks_in_our_order(astronaut, face):
+    with YuNetDetector() as detector:
+        (found,) = detector.detect(astronaut)
+    assert 0.6 <= found.score <= 1.0
+    assert detect.box_iou(found.box, face.box[None])[0] > 0.5
+    left_eye, right_eye, nose, mouth = found.landmarks
+    assert left_eye[0] < nose[0] < right_eye[0]
+    assert max(left_eye[1], right_eye[1]) < nose[1] < mouth[1]
+    # The same points as BlazeFace's, give or take a few pixels (the face is ~95 px wide).
+    np.testing.assert_allclose(found.landmarks, face.landmarks, atol=8)
+
+
+def test_yunet_finds_a_small_face(astronaut, face):
+    # A face about 20 px wide in a 640 x 480 frame: a door camera 3 m away.
+    small = cv2.resize(astronaut, None, fx=0.22, fy=0.22, interpolation=cv2.INTER_AREA)
+    frame = np.full((480, 640, 3), 128, np.uint8)
+    frame[100 : 100 + small.shape[0], 200 : 200 + small.shape[1]] = small
+    with YuNetDetector() as detector:
+        found = detector.detect(frame)
+    assert found
+    expected = face.landmarks * 0.22 + [200, 100]
+    np.testing.assert_allclose(found[0].landmarks, expected, atol=3)
+
+
+def test_yunet_refuses_bad_settings_and_models(tmp_path, tiny_model):
+    with pytest.raises(ValueError, match="min_score"):
+        YuNetDetector(min_score=1.5)
+    with pytest.raises(ModelError, match="not found"):
+        YuNetDetector(model_path=tmp_path / "missing.onnx")
+    with pytest.raises(ModelError, match="not a YuNet model"):
+        YuNetDetector(model_path=tiny_model.float32)
 
 
 def test_detections_sorted_by_score(blazeface, astronaut):
@@ -122,8 +156,11 @@ def test_rejects_non_rgb_image(blazeface):
 
 
 def test_factory():
-    assert DEFAULT_DETECTOR == "blazeface"
-    with create_detector(num_threads=1) as detector:
+    assert DEFAULT_DETECTOR == "yunet"
+    with create_detector(num_threads=1, min_score=0.7) as detector:
+        assert isinstance(detector, YuNetDetector) and isinstance(detector, Detector)
+        assert detector.input_size is None and detector.min_score == 0.7
+    with create_detector("blazeface", num_threads=1) as detector:
         assert isinstance(detector, BlazeFaceDetector) and isinstance(detector, Detector)
         assert detector.input_size == (128, 128)
     with create_detector("haar", num_threads=2, min_size=40) as detector:

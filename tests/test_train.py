@@ -22,6 +22,7 @@ import pytest
 
 tf = pytest.importorskip("tensorflow", reason="the training stack needs TensorFlow (pip install -e .[dev])")
 
+from facenet_edge.detect import DEFAULT_DETECTOR  # noqa: E402
 from facenet_edge.embed import normalise  # noqa: E402
 from facenet_train import checkpoint, cli, data, evaluation, models, preprocess, teacher_head, train  # noqa: E402
 from facenet_train.augment import augment_views, centre_crop, cut_tight, mix_faces  # noqa: E402
@@ -795,7 +796,7 @@ def test_evaluate_keras_and_tflite_the_same_way(trained_run, fake_lfw, tmp_path,
     assert cli.main(["evaluate", "--tflite", str(tflite), "--lfw", str(fake_lfw), "--runtime-path",
                      "--out", str(runtime_json)]) == 0
     runtime = json.loads(runtime_json.read_text())
-    assert runtime["detector"] == "blazeface" and runtime["pairs"] == 20 and runtime["found"] == 20
+    assert runtime["detector"] == DEFAULT_DETECTOR and runtime["pairs"] == 20 and runtime["found"] == 20
     assert 0 <= runtime["accuracy_mean"] <= 1 and len(runtime["fold_accuracies"]) == 10
     assert "runtime path" in capsys.readouterr().out
     with pytest.raises(ValueError, match="neither --aligned-cache, --failures nor --mirror"):

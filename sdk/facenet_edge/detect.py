@@ -1,9 +1,13 @@
 """Face detection backends.
 
-``BlazeFaceDetector`` (default): MediaPipe's BlazeFace short-range TFLite model, vendored in
-``models/`` — fast, gives the landmarks the aligner wants, made for faces that fill a good
-part of the frame (a door camera, a selfie, a portrait). ``HaarDetector``: OpenCV's frontal
-face cascade, box only, no model file needed.
+``YuNetDetector`` (default): libfacedetection's YuNet through OpenCV's
+``cv2.FaceDetectorYN``, vendored in ``models/``, five landmarks, run at the image's own
+resolution, so it finds the small faces of a door camera 3 m away as well as a portrait's
+(benchmarks/door_distance.py chose it). ``BlazeFaceDetector``: MediaPipe's BlazeFace
+short-range TFLite model, vendored in ``models/``, about ten times faster, on a 128 x 128
+copy of the whole frame, so only for faces that fill a good part of it (within about a
+metre of a 640 x 480 camera). ``HaarDetector``: OpenCV's frontal face cascade, box only,
+no model file needed.
 """
 
 from __future__ import annotations
@@ -355,12 +359,84 @@ class HaarDetector(_ContextManager):
         return sorted(detections, key=lambda d: d.score, reverse=True)
 
 
+# --------------------------------------------------------------------------- YuNet
+
+YUNET_MODEL = MODELS_DIR / "yunet_s_640_640.onnx"
+YUNET_NMS_IOU = 0.3
+# Every LFW pair image but 3 of 7,701 has its face above 0.6 (OpenCV's default of 0.9 misses
+# 97); no face in scikit-image's nine non-face sample images scores above 0.59.
+YUNET_MIN_SCORE = 0.6
+YUNET_TOP_K = 5000  # candidates kept before NMS (OpenCV zoo's value)
+
+
+class YuNetDetector(_ContextManager):
+    """YuNet (libfacedetection, trained on WIDER FACE) in OpenCV's ``cv2.FaceDetectorYN``,
+    run at the image's own resolution, so a face of about 10 pixels is still found.
+
+    Landmarks: YuNet's eyes and nose tip, and the midpoint of its two mouth corners (our
+    order: image-left eye, image-right eye, nose tip, mouth centre). Score: YuNet's own
+    (classification times localisation quality), only comparable between YuNet detections.
+    ``num_threads`` is accepted like every detector's and unused: the network runs in
+    OpenCV's dnn module, whose threads are ``cv2.setNumThreads``, a process-wide setting.
+    """
+
+    input_size = None
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        min_score: float = YUNET_MIN_SCORE,
+        iou_threshold: float = YUNET_NMS_IOU,
+        num_threads: int | None = None,
+    ) -> None:
+        if not 0.0 <= min_score <= 1.0:
+            raise ValueError(f"min_score must be in [0, 1], got {min_score}")
+        self.min_score = min_score
+        self.model_path = Path(model_path) if model_path is not None else YUNET_MODEL
+        if not self.model_path.is_file():
+            raise ModelError(f"YuNet model not found: {self.model_path}")
+        try:
+            self._net = cv2.FaceDetectorYN.create(
+                str(self.model_path), "", (320, 320), min_score, iou_threshold, YUNET_TOP_K
+            )
+        except cv2.error as error:
+            raise ModelError(f"{self.model_path} is not a YuNet model OpenCV can load: {error.err}") from None
+
+    def detect(self, image_rgb: np.ndarray) -> list[Detection]:
+        check_image(image_rgb)
+        height, width = image_rgb.shape[:2]
+        self._net.setInputSize((width, height))
+        # YuNet was trained on OpenCV's BGR images.
+        _, rows = self._net.detect(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
+        if rows is None:
+            return []
+        detections = []
+        # Row layout: box x, y, w, h; right eye, left eye, nose tip, right and left mouth
+        # corners (the subject's: image-left first in an unmirrored image); score.
+        for row in rows.astype(np.float64):
+            x, y, w, h = row[:4]
+            points = row[4:14].reshape(5, 2)
+            landmarks = np.vstack([points[:3], points[3:5].mean(axis=0)])
+            detections.append(Detection(box=np.array([x, y, x + w, y + h]), score=float(row[14]), landmarks=landmarks))
+        return sorted(detections, key=lambda d: d.score, reverse=True)
+
+    def close(self) -> None:
+        self._net = None
+
+
 # --------------------------------------------------------------------------- factory
 
-DEFAULT_DETECTOR = "blazeface"
+# At a door 0.5-3 m from a 640 x 480 camera YuNet finds 99-100 % of LFW's faces where
+# BlazeFace finds none past 2 m, and on LFW's own photos the two score alike
+# (docs/benchmarks.md, "LFW at the door").
+DEFAULT_DETECTOR = "yunet"
 # Every detector by name: the one place a new backend is added, and the choices of every
 # command's --detector. Each takes ``num_threads`` (its TFLite threads; None: the runtime's).
-DETECTORS: dict[str, Callable[..., Detector]] = {"blazeface": BlazeFaceDetector, "haar": HaarDetector}
+DETECTORS: dict[str, Callable[..., Detector]] = {
+    "blazeface": BlazeFaceDetector,
+    "yunet": YuNetDetector,
+    "haar": HaarDetector,
+}
 
 
 def create_detector(name: str = DEFAULT_DETECTOR, num_threads: int | None = None, **options: Any) -> Detector:

@@ -49,7 +49,7 @@ class PipelineOptions:
     name, with ``detector_options`` passed to it. ``max_faces``: keep the best-scoring few.
     ``min_face_size``: drop faces whose box is smaller (pixels of the processed frame).
     ``detect_width``: frames wider than this are shrunk before detectors that work at the
-    image's own resolution (Haar); BlazeFace resizes to 128 x 128 itself."""
+    image's own resolution (YuNet, Haar); BlazeFace resizes to 128 x 128 itself."""
 
     model_path: str | None = None
     detector: str = DEFAULT_DETECTOR
