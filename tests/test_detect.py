@@ -130,6 +130,15 @@ def test_yunet_finds_a_small_face(astronaut, face):
     np.testing.assert_allclose(found[0].landmarks, expected, atol=3)
 
 
+def test_yunet_follows_the_frame_size_from_call_to_call(astronaut):
+    with YuNetDetector() as detector:
+        (first,) = detector.detect(astronaut)
+        (doubled,) = detector.detect(cv2.resize(astronaut, None, fx=2, fy=2, interpolation=cv2.INTER_LINEAR))
+        (again,) = detector.detect(astronaut)
+    np.testing.assert_allclose(doubled.landmarks / 2, first.landmarks, atol=3)
+    np.testing.assert_allclose(again.landmarks, first.landmarks)
+
+
 def test_yunet_refuses_bad_settings_and_models(tmp_path, tiny_model):
     with pytest.raises(ValueError, match="min_score"):
         YuNetDetector(min_score=1.5)

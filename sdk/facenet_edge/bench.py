@@ -765,7 +765,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--detectors",
         type=name_list(sorted(DETECTORS)),
         metavar="NAME,NAME",
-        help="detectors to time (default blazeface; haar is slow at 640x480)",
+        help=f"detectors to time (default {DEFAULT_DETECTOR}; haar is slow at 640x480)",
     )
     parser.add_argument("--runs", type=positive_int, metavar="N", help="timed runs per stage (default 200)")
     parser.add_argument("--warmup", type=int, metavar="N", help="untimed runs first (default 20)")
