@@ -130,13 +130,13 @@ def lfw_name(path: Path) -> str:
 
 
 def door_probes(pipeline: FacePipeline, camera: Camera, metres: float, paths: Sequence[Path],
-                cache: Path) -> Probes:
+                cache: Path, protocol: str) -> Probes:
     """``paths`` seen by ``camera`` at ``metres`` through ``pipeline``, kept in ``cache``
-    (reused only for the same images)."""
+    (reused only for the same images and ``protocol``: aligner, detector code, pick rule)."""
     names = [lfw_name(p) for p in paths]
     if cache.is_file():
         with np.load(cache) as kept:
-            if kept["names"].tolist() == names:
+            if kept["names"].tolist() == names and str(kept["protocol"]) == protocol:
                 return Probes(names, kept["embeddings"], kept["found"], kept["detect_seconds"])
     embeddings = np.zeros((len(paths), pipeline.embedder.embedding_size), np.float32)
     found = np.zeros(len(paths), bool)
@@ -157,7 +157,8 @@ def door_probes(pipeline: FacePipeline, camera: Camera, metres: float, paths: Se
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f".{cache.name}.tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, names=np.array(names), embeddings=embeddings, found=found, detect_seconds=seconds)
+        np.savez(f, names=np.array(names), protocol=np.array(protocol), embeddings=embeddings, found=found,
+                 detect_seconds=seconds)
     os.replace(tmp, cache)
     return Probes(names, embeddings, found, seconds)
 
@@ -182,6 +183,7 @@ def score_detector(detector: str, model: Path, camera: Camera, distances: Sequen
         print(f"{detector}: enrolment photos ...", file=sys.stderr, flush=True)
         with LfwFaces(detector, args.threads) as faces:
             gallery, _ = lfw_embeddings(lfw, faces, key, describe_with(pipeline.embedder), cache)
+            protocol = faces.protocol
         scores = [DoorScore(detector, None, lfw_result(lfw, gallery), 1.0, None)]
         _, second = lfw.pair_indices()
         images = lfw.images
@@ -189,7 +191,7 @@ def score_detector(detector: str, model: Path, camera: Camera, distances: Sequen
         for metres in distances:
             print(f"{detector}: {len(probe_paths)} frames at {metres:g} m ...", file=sys.stderr, flush=True)
             name = f"door-{key}-{detector}-{camera.width}x{camera.height}-{camera.hfov_degrees:g}-{metres:g}m.npz"
-            probes = door_probes(pipeline, camera, metres, probe_paths, cache / name)
+            probes = door_probes(pipeline, camera, metres, probe_paths, cache / name, protocol)
             scores.append(DoorScore(detector, metres, door_result(lfw, gallery, probes), float(probes.found.mean()),
                                     Percentiles.of(probes.detect_seconds)))
     return scores

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from facenet_edge import align
+from facenet_edge import align, detect
 from facenet_edge.files import private_file
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp"})
@@ -32,6 +32,12 @@ def aligner_version() -> str:
     """A hash of ``facenet_edge.align``'s source: any change to the runtime's cropping
     changes it, so a cache made by another aligner is recognised as such."""
     return f"facenet_edge.align sha256:{hashlib.sha256(Path(align.__file__).read_bytes()).hexdigest()[:12]}"
+
+
+def detectors_version() -> str:
+    """A hash of ``facenet_edge.detect``'s source: a change to any detector's code or
+    settings changes it, so LFW embeddings cached with another version are not reused."""
+    return f"facenet_edge.detect sha256:{hashlib.sha256(Path(detect.__file__).read_bytes()).hexdigest()[:12]}"
 
 
 def check_aligner(manifest: CacheManifest, where: str | Path) -> None:

@@ -177,9 +177,9 @@ class LfwFaces:
 
     @property
     def protocol(self) -> str:
-        """Recorded in the embedding cache: a change of aligner or protocol invalidates it."""
-        return (f"{data.aligner_version()}; {self.name}; {PICK_RULE}; pad retries {self._options.pad_retries}; "
-                f"centre {LFW_CENTRE_FALLBACK:.4f}")
+        """Recorded in the embedding cache: a change of aligner, detector code or protocol invalidates it."""
+        return (f"{data.aligner_version()}; {self.name} ({data.detectors_version()}); {PICK_RULE}; "
+                f"pad retries {self._options.pad_retries}; centre {LFW_CENTRE_FALLBACK:.4f}")
 
     def find(self, path: Path, image: np.ndarray) -> tuple[Detection, int]:
         if path not in self._found:
