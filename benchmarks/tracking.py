@@ -65,6 +65,7 @@ from facenet_edge.errors import FacenetEdgeError
 from facenet_edge.fpir import DEFAULT_FPIR, card_distribution, threshold_for_fpir
 from facenet_edge.io import read_image
 from facenet_edge.tracker import Tracker, TrackerOptions
+from facenet_train.data import detectors_version
 from facenet_train.openset_lfw import lfw_images
 
 FRAME = (480, 640)
@@ -420,10 +421,12 @@ def plot_det(scores: Sequence[PolicyScores], threshold: float, path: Path) -> Pa
 
 def recording_for(pipeline: FacePipeline, enrolment: dict[str, list[Path]], shown: Sequence[Visit],
                   args: argparse.Namespace, config: dict[str, Any]) -> Recording:  # fmt: skip
-    """The recording, from ``--cache`` when one was made by the same model and configuration."""
+    """The recording, from ``--cache`` when one was made by the same model, detector (name
+    and code) and configuration."""
     if args.cache is None:
         return record(pipeline, enrolment, shown, args.frames, args.seed)
-    key = json.dumps({**config, "model_sha256": pipeline.identity.sha256, "version": CACHE_VERSION}, sort_keys=True)
+    key = json.dumps({**config, "model_sha256": pipeline.identity.sha256, "detector": pipeline.options.detector,
+                      "detectors": detectors_version(), "version": CACHE_VERSION}, sort_keys=True)
     path = args.cache / f"tracking-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
     if path.is_file():
         print(f"recording read from {path}", file=sys.stderr)
