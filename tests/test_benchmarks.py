@@ -456,7 +456,7 @@ def test_door_distance(tiny_model, tiny_lfw_crops, tmp_path):
         assert 0.0 <= s["found"] <= 1.0
         assert (s["detect_ms"] is None) == (s["metres"] is None)
     # The fake LFW's faces are half LFW's size: 1 m looks like 2 m, where BlazeFace, which sees
-    # the whole frame at 128 x 128, finds nothing and YuNet finds every face.
+    # the whole frame at 128 x 128, misses faces and YuNet finds every one.
     assert scores[("yunet", 1.0)]["found"] == 1.0 and scores[("blazeface", 1.0)]["found"] < 1.0
     assert len(list((tmp_path / "cache").glob("door-*.npz"))) == 4
     assert (tmp_path / "out" / "door_distance.png").stat().st_size > 0
