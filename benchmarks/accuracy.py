@@ -33,12 +33,12 @@ from common import (
     fmt,
     lfw_embeddings,
     lfw_result,
-    load_lfw,
     machine_info,
     machine_line,
     markdown_table,
     models_under_test,
     report,
+    require_lfw,
     run_script,
     write_json,
 )
@@ -46,11 +46,7 @@ from common import (
 from facenet_edge.arguments import name_list
 from facenet_edge.detect import DETECTORS
 from facenet_edge.embed import Embedder
-from facenet_edge.errors import FacenetEdgeError
 from facenet_train.metrics import LfwResult, plot_roc
-
-QUICK_PAIRS = 20
-
 
 @dataclass(frozen=True)
 class Score:
@@ -122,15 +118,6 @@ def paired_with_first(scores: Sequence[Score]) -> list[Paired]:
             differences = 100 * (s.result.fold_accuracies - base.result.fold_accuracies)
             pairs.append(Paired(s.model, base.model, s.detector, differences))
     return pairs
-
-
-def require_lfw(args: argparse.Namespace) -> LfwPairs:
-    if args.lfw is None or not (args.lfw / "pairs.txt").is_file():
-        raise FacenetEdgeError(
-            f"LFW not found ({args.lfw or '../shared/data/lfw'}): pass --lfw DIR, a folder with pairs.txt "
-            "and one folder of images per person"
-        )
-    return load_lfw(args.lfw, args.pairs or (QUICK_PAIRS if args.quick else None))
 
 
 def score_all(

@@ -95,6 +95,8 @@ __all__ = [
     "lfw_result",
     "lfw_cross_result",
     "add_lfw_arguments",
+    "lfw_name",
+    "require_lfw",
     "git_commit",
     "lfw_photos",
 ]
@@ -239,6 +241,25 @@ def _distinct_labels(models: list[ModelUnderTest]) -> list[ModelUnderTest]:
 
 
 # --------------------------------------------------------------------------- LFW
+
+
+QUICK_PAIRS = 20  # --quick: pairs spread over the 10 folds
+
+
+def lfw_name(path: Path) -> str:
+    """``Person/Person_0001.jpg``: where an image sits in any LFW folder."""
+    return "/".join(path.parts[-2:])
+
+
+def require_lfw(args: argparse.Namespace) -> LfwPairs:
+    """The pairs of ``--lfw`` (``--pairs`` of them, or a few with ``--quick``), or a one-line
+    error naming the missing folder."""
+    if args.lfw is None or not (args.lfw / "pairs.txt").is_file():
+        raise FacenetEdgeError(
+            f"LFW not found ({args.lfw or '../shared/data/lfw'}): pass --lfw DIR, a folder with pairs.txt "
+            "and one folder of images per person"
+        )
+    return load_lfw(args.lfw, args.pairs or (QUICK_PAIRS if args.quick else None))
 
 
 def add_lfw_arguments(parser: argparse.ArgumentParser) -> None:

@@ -42,20 +42,20 @@ from common import (
     add_lfw_arguments,
     describe_with,
     lfw_embeddings,
+    lfw_name,
     lfw_result,
-    load_lfw,
     machine_info,
     machine_line,
     markdown_table,
     models_under_test,
     report,
+    require_lfw,
     run_script,
     write_json,
 )
 
 from facenet_edge.arguments import name_list
 from facenet_edge.detect import DETECTORS, main_face
-from facenet_edge.errors import FacenetEdgeError
 from facenet_edge.io import read_image
 from facenet_edge.pipeline import FacePipeline
 from facenet_train.metrics import LfwResult, evaluate_distances
@@ -65,7 +65,6 @@ LFW_EYE_DISTANCE_PX = 43.0
 REFUSED = 4.0  # squared L2 between opposite unit vectors: the largest there is
 DISTANCES = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
 QUICK_DISTANCES = (1.0, 3.0)
-QUICK_PAIRS = 20
 EMBED_BATCH = 32
 
 
@@ -123,10 +122,6 @@ class DoorScore:
         return {"detector": self.detector, "metres": self.metres, **self.result.scores(),
                 "fold_accuracies": self.result.fold_accuracies, "found": self.found,
                 "detect_ms": None if self.detect_ms is None else asdict(self.detect_ms)}
-
-
-def lfw_name(path: Path) -> str:
-    return "/".join(path.parts[-2:])
 
 
 def door_probes(pipeline: FacePipeline, camera: Camera, metres: float, paths: Sequence[Path],
@@ -240,9 +235,7 @@ def plot(scores: Sequence[DoorScore], path: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.lfw is None or not (args.lfw / "pairs.txt").is_file():
-        raise FacenetEdgeError(f"LFW not found ({args.lfw or '../shared/data/lfw'}): pass --lfw DIR")
-    lfw = load_lfw(args.lfw, args.pairs or (QUICK_PAIRS if args.quick else None))
+    lfw = require_lfw(args)
     model = models_under_test([args.model] if args.model else None)[0]
     camera = Camera(args.frame[0], args.frame[1], args.hfov)
     distances = args.distances or (QUICK_DISTANCES if args.quick else DISTANCES)

@@ -39,13 +39,14 @@ from common import (
     add_lfw_arguments,
     face_outcomes,
     lfw_embeddings,
+    lfw_name,
     lfw_result,
-    load_lfw,
     machine_info,
     machine_line,
     markdown_table,
     models_under_test,
     report,
+    require_lfw,
     run_script,
     write_json,
 )
@@ -60,7 +61,6 @@ from facenet_train.metrics import LfwResult
 from facenet_train.preprocess import LFW_CENTRE_FALLBACK, PICK_RULE, CropOptions
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK_PAIRS = 20
 JPEG_QUALITY = 95
 MANIFEST = "tight_crops.json"
 VARIANTS = ("full", "tight")
@@ -78,11 +78,6 @@ def tight_box(box: np.ndarray, factor: float, shape: tuple[int, ...]) -> tuple[i
     height, width = shape[:2]
     left, top = max(0, round(cx - half)), max(0, round(cy - half))
     return left, top, min(width, round(cx + half)), min(height, round(cy + half))
-
-
-def lfw_name(path: Path) -> str:
-    """``Person/Person_0001.jpg``: where an image sits in any LFW folder."""
-    return "/".join(path.parts[-2:])
 
 
 def build_tight_lfw(lfw: LfwPairs, faces: LfwFaces, out: Path, factor: float) -> LfwPairs:
@@ -286,14 +281,9 @@ def print_tables(scores: Sequence[Score], lfw: LfwPairs, factor: float) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.lfw is None or not (args.lfw / "pairs.txt").is_file():
-        raise FacenetEdgeError(
-            f"LFW not found ({args.lfw or '../shared/data/lfw'}): pass --lfw DIR, a folder with pairs.txt "
-            "and one folder of images per person"
-        )
+    full = require_lfw(args)
     if args.factor <= 0:
         raise FacenetEdgeError(f"--factor must be positive, got {args.factor}")
-    full = load_lfw(args.lfw, args.pairs or (QUICK_PAIRS if args.quick else None))
     models = models_under_test(args.model)
     machine = machine_info([args.threads] if args.threads else None)
     print("# facenet-edge LFW on tight crops\n")
