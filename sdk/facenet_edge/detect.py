@@ -371,7 +371,8 @@ YUNET_NMS_IOU = 0.3
 # downward axis, so crops from either detector frame the face alike.
 YUNET_DOWN_SHIFT = np.array([0.031, 0.031, 0.021, 0.082])
 # Every LFW pair image but 3 of 7,701 has its face above 0.6 (OpenCV's default of 0.9 misses
-# 97); no face in scikit-image's nine non-face sample images scores above 0.59.
+# 97); on eight of scikit-image's sample images without a person (chelsea, cat, coffee, rocket,
+# hubble_deep_field, immunohistochemistry, retina, colorwheel) nothing scores above 0.59.
 YUNET_MIN_SCORE = 0.6
 YUNET_TOP_K = 5000  # candidates kept before NMS (OpenCV zoo's value)
 
