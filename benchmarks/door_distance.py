@@ -17,7 +17,11 @@ squared distance, 4. Ten folds, each threshold picked on the other nine, as for 
 Embeddings are cached per (model, detector, camera, distance) in ``--cache``.
 
     python benchmarks/door_distance.py [--model M.tflite] [--detectors blazeface,yunet]
-                                       [--distances 0.5,1,1.5,2,2.5,3] [--pairs N]
+                                       [--distances 0.5,1,1.5,2,2.5,3] [--detect-widths 640,480] [--pairs N]
+
+``--detect-widths``: the pipeline's ``detect_width`` (frames wider are shrunk before YuNet
+and Haar, which cost in proportion to the pixels), one door row per width: what a faster
+detection costs in faces found far away.
 """
 
 from __future__ import annotations
@@ -54,8 +58,9 @@ from common import (
     write_json,
 )
 
-from facenet_edge.arguments import name_list
+from facenet_edge.arguments import int_list, name_list
 from facenet_edge.detect import DETECTORS, main_face
+from facenet_edge.embed import Embedder
 from facenet_edge.io import read_image
 from facenet_edge.pipeline import FacePipeline
 from facenet_train.metrics import LfwResult, evaluate_distances
@@ -114,12 +119,14 @@ class Probes:
 class DoorScore:
     detector: str
     metres: float | None  # None: both photos enrolled (the LFW runtime path)
+    detect_width: int | None  # the pipeline's, at the door; None for the photos
     result: LfwResult
     found: float  # share of the probe frames with a face found
     detect_ms: Percentiles | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"detector": self.detector, "metres": self.metres, **self.result.scores(),
+        return {"detector": self.detector, "metres": self.metres, "detect_width": self.detect_width,
+                **self.result.scores(),
                 "fold_accuracies": self.result.fold_accuracies, "found": self.found,
                 "detect_ms": None if self.detect_ms is None else asdict(self.detect_ms)}
 
@@ -131,7 +138,8 @@ def door_probes(pipeline: FacePipeline, camera: Camera, metres: float, paths: Se
     names = [lfw_name(p) for p in paths]
     if cache.is_file():
         with np.load(cache) as kept:
-            if kept["names"].tolist() == names and str(kept["protocol"]) == protocol:
+            # A cache from before the protocol was recorded is stale, like one of another protocol.
+            if "protocol" in kept.files and kept["names"].tolist() == names and str(kept["protocol"]) == protocol:
                 return Probes(names, kept["embeddings"], kept["found"], kept["detect_seconds"])
     embeddings = np.zeros((len(paths), pipeline.embedder.embedding_size), np.float32)
     found = np.zeros(len(paths), bool)
@@ -170,38 +178,45 @@ def door_result(lfw: LfwPairs, gallery: np.ndarray, probes: Probes) -> LfwResult
     return evaluate_distances(distances, lfw.issame, n_folds=lfw.folds)
 
 
-def score_detector(detector: str, model: Path, camera: Camera, distances: Sequence[float], lfw: LfwPairs,
-                   args: argparse.Namespace) -> list[DoorScore]:
+def score_detector(detector: str, model: Path, camera: Camera, distances: Sequence[float],
+                   detect_widths: Sequence[int], lfw: LfwPairs, args: argparse.Namespace) -> list[DoorScore]:
     cache = args.cache or args.out / "cache"
-    with FacePipeline(model_path=model, detector=detector, num_threads=args.threads) as pipeline:
-        key = f"{model.stem}-{pipeline.identity.sha256[:12]}"
-        print(f"{detector}: enrolment photos ...", file=sys.stderr, flush=True)
-        with LfwFaces(detector, args.threads) as faces:
-            gallery, _ = lfw_embeddings(lfw, faces, key, describe_with(pipeline.embedder), cache)
-            protocol = faces.protocol
-        scores = [DoorScore(detector, None, lfw_result(lfw, gallery), 1.0, None)]
-        _, second = lfw.pair_indices()
-        images = lfw.images
-        probe_paths = [images[i] for i in sorted(set(second.tolist()))]
-        for metres in distances:
-            print(f"{detector}: {len(probe_paths)} frames at {metres:g} m ...", file=sys.stderr, flush=True)
-            name = f"door-{key}-{detector}-{camera.width}x{camera.height}-{camera.hfov_degrees:g}-{metres:g}m.npz"
-            probes = door_probes(pipeline, camera, metres, probe_paths, cache / name, protocol)
-            scores.append(DoorScore(detector, metres, door_result(lfw, gallery, probes), float(probes.found.mean()),
-                                    Percentiles.of(probes.detect_seconds)))
+    print(f"{detector}: enrolment photos ...", file=sys.stderr, flush=True)
+    with LfwFaces(detector, args.threads) as faces, Embedder.from_path(model, num_threads=args.threads) as embedder:
+        key = f"{model.stem}-{embedder.identity.sha256[:12]}"
+        gallery, _ = lfw_embeddings(lfw, faces, key, describe_with(embedder), cache)
+        protocol = faces.protocol
+    scores = [DoorScore(detector, None, None, lfw_result(lfw, gallery), 1.0, None)]
+    _, second = lfw.pair_indices()
+    images = lfw.images
+    probe_paths = [images[i] for i in sorted(set(second.tolist()))]
+    for width in detect_widths:
+        # A width the frame fits in changes nothing: the same cache as a run without the option.
+        shrunk = f"-detect{width}" if width < camera.width else ""
+        with FacePipeline(model_path=model, detector=detector, num_threads=args.threads,
+                          detect_width=width) as pipeline:
+            for metres in distances:
+                print(f"{detector}, detect width {width}: {len(probe_paths)} frames at {metres:g} m ...",
+                      file=sys.stderr, flush=True)
+                name = (f"door-{key}-{detector}{shrunk}-{camera.width}x{camera.height}-{camera.hfov_degrees:g}"
+                        f"-{metres:g}m.npz")
+                probes = door_probes(pipeline, camera, metres, probe_paths, cache / name, protocol)
+                scores.append(DoorScore(detector, metres, width, door_result(lfw, gallery, probes),
+                                        float(probes.found.mean()), Percentiles.of(probes.detect_seconds)))
     return scores
 
 
 def print_table(scores: Sequence[DoorScore], camera: Camera, lfw: LfwPairs) -> None:
     print(f"\n## LFW at the door: {len(lfw.pairs)} pairs, camera {camera.label()} "
           f"(f = {camera.focal_px:.0f} px)\n")
-    headers = ["detector", "distance", "eyes apart (px)", "faces found %", "accuracy %", "VAL % @ FAR 1e-3",
-               "detect ms (median)"]
+    headers = ["detector", "detect width", "distance", "eyes apart (px)", "faces found %", "accuracy %",
+               "VAL % @ FAR 1e-3", "detect ms (median)"]
     rows = []
     for s in scores:
         r = s.result
         rows.append([
             s.detector,
+            "" if s.detect_width is None else str(s.detect_width),
             "photo" if s.metres is None else f"{s.metres:g} m",
             f"{LFW_EYE_DISTANCE_PX:.0f}" if s.metres is None else f"{camera.eye_distance_px(s.metres):.1f}",
             f"{100 * s.found:.1f}",
@@ -218,13 +233,16 @@ def plot(scores: Sequence[DoorScore], path: Path) -> Path:
 
     fig = Figure(figsize=(6.4, 4.8))
     ax = fig.add_subplot()
-    for index, detector in enumerate(dict.fromkeys(s.detector for s in scores)):
-        door = [s for s in scores if s.detector == detector and s.metres is not None]
+    curves = dict.fromkeys((s.detector, s.detect_width) for s in scores if s.metres is not None)
+    several_widths = len({width for _, width in curves}) > 1
+    for index, (detector, width) in enumerate(curves):
+        door = [s for s in scores if (s.detector, s.detect_width) == (detector, width) and s.metres is not None]
         metres, colour = [s.metres for s in door], f"C{index}"
+        label = f"{detector}, detect width {width}" if several_widths else detector
         ax.plot(metres, [100 * s.result.accuracy_mean for s in door], color=colour, marker="o",
-                label=f"{detector}: accuracy")
+                label=f"{label}: accuracy")
         ax.plot(metres, [100 * s.found for s in door], color=colour, linestyle="--", marker=".",
-                label=f"{detector}: faces found")
+                label=f"{label}: faces found")
     ax.set_xlabel("distance from the camera (m)")
     ax.set_ylabel("%")
     ax.set_ylim(0, 101)
@@ -240,10 +258,12 @@ def run(args: argparse.Namespace) -> int:
     camera = Camera(args.frame[0], args.frame[1], args.hfov)
     distances = args.distances or (QUICK_DISTANCES if args.quick else DISTANCES)
     detectors = args.detectors or ("blazeface", "yunet")
+    detect_widths = args.detect_widths or (camera.width,)
     machine = machine_info([args.threads] if args.threads else None)
     print("# facenet-edge LFW at the door\n")
     print(machine_line(machine))
-    scores = [s for detector in detectors for s in score_detector(detector, model.path, camera, distances, lfw, args)]
+    scores = [s for detector in detectors
+              for s in score_detector(detector, model.path, camera, distances, detect_widths, lfw, args)]
     print_table(scores, camera, lfw)
     args.out.mkdir(parents=True, exist_ok=True)
     png = plot(scores, args.out / "door_distance.png")
@@ -251,7 +271,8 @@ def run(args: argparse.Namespace) -> int:
               "camera": {"width": camera.width, "height": camera.height, "hfov_degrees": camera.hfov_degrees,
                          "focal_px": camera.focal_px},
               "lfw_eye_distance_px": LFW_EYE_DISTANCE_PX, "eye_distance_m": EYE_DISTANCE_M,
-              "distances_m": list(distances), "detectors": list(detectors), "threads": args.threads}
+              "distances_m": list(distances), "detectors": list(detectors), "detect_widths": list(detect_widths),
+              "threads": args.threads}
     results = {"scores": [s.to_dict() for s in scores], "png": png}
     path = write_json(args.out / "door_distance.json", report("door_distance", machine, config, results, []))
     print(f"\nwrote {path} and {png}")
@@ -287,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="camera frame (default: 640x480)")
     parser.add_argument("--hfov", type=float, default=62.2, metavar="DEG",
                         help="horizontal field of view in degrees (default: 62.2, Pi Camera Module 2)")
+    parser.add_argument("--detect-widths", type=int_list, metavar="W,W",
+                        help="the pipeline's detect_width, one door row per width (default: the frame's width)")
     parser.add_argument("--threads", type=int, metavar="N", help="interpreter threads (default: the runtime's)")
     return run_script(parser, run, argv)
 

@@ -192,14 +192,17 @@ def test_lfw_cache_embeds_each_image_once(common, tmp_path):
 
 
 def test_latency(tiny_model, tmp_path):
-    report = run_benchmark("latency", tmp_path, "--model", str(tiny_model.int8))
+    report = run_benchmark("latency", tmp_path, "--model", str(tiny_model.int8), "--detect-widths", "640,320")
     results = report["results"]
     assert {"model", "faces", "stages", "pipeline", "cold_start", "memory"} <= set(results)
     assert {s["stage"] for s in results["stages"]} == {"decode", "detect", "align", "embed", "match"}
     assert {s["batch"] for s in results["stages"] if s["stage"] == "embed"} == {1, 8}
     assert all(TIMING_KEYS <= set(s["timing"]) for s in results["stages"])
-    assert {r["faces_in_frame"] for r in results["pipeline"]} == {1, 5}
+    assert {(r["detect_width"], r["faces_in_frame"]) for r in results["pipeline"]} == {
+        (w, n) for w in (640, 320) for n in (1, 5)
+    }
     assert all(r["fps"] > 0 for r in results["pipeline"])
+    assert "detect width 640" in report["targets"][0]["note"]  # the target is the first width's
     assert all(c["total_s"] > 0 for c in results["cold_start"])
     assert results["memory"]["rss_peak_mb"] > 0
     assert [t["measured"] is not None for t in report["targets"]] == [True, True, True]
@@ -447,10 +450,12 @@ def test_door_distance_places_the_photo_where_the_camera_would_see_it(common, mo
 def test_door_distance(tiny_model, tiny_lfw_crops, tmp_path):
     lfw, _ = tiny_lfw_crops
     args = ["--model", str(tiny_model.int8), "--lfw", str(lfw), "--cache", str(tmp_path / "cache"),
-            "--detectors", "blazeface,yunet", "--distances", "0.5,1"]
+            "--detectors", "blazeface,yunet", "--distances", "0.5,1", "--detect-widths", "640,160"]
     report = run_benchmark("door_distance", tmp_path / "out", *args, quick=False)
-    scores = {(s["detector"], s["metres"]): s for s in report["results"]["scores"]}
+    every = report["results"]["scores"]
+    scores = {(s["detector"], s["metres"]): s for s in every if s["detect_width"] in (None, 640)}
     assert set(scores) == {(d, m) for d in ("blazeface", "yunet") for m in (None, 0.5, 1.0)}
+    assert len(every) == 2 * (1 + 2 * 2)  # per detector: the photos, then two distances per width
     for s in scores.values():
         assert 0.0 <= s["accuracy_mean"] <= 1.0 and len(s["fold_accuracies"]) == 10
         assert 0.0 <= s["found"] <= 1.0
@@ -458,7 +463,10 @@ def test_door_distance(tiny_model, tiny_lfw_crops, tmp_path):
     # The fake LFW's faces are half LFW's size: 1 m looks like 2 m, where BlazeFace, which sees
     # the whole frame at 128 x 128, misses faces and YuNet finds every one.
     assert scores[("yunet", 1.0)]["found"] == 1.0 and scores[("blazeface", 1.0)]["found"] < 1.0
-    assert len(list((tmp_path / "cache").glob("door-*.npz"))) == 4
+    # YuNet on frames shrunk to 160 px wide: the faces are a quarter of their size, and it misses some.
+    shrunk = {s["metres"]: s for s in every if s["detector"] == "yunet" and s["detect_width"] == 160}
+    assert shrunk[1.0]["found"] < 1.0
+    assert len(list((tmp_path / "cache").glob("door-*.npz"))) == 8
     assert (tmp_path / "out" / "door_distance.png").stat().st_size > 0
 
 

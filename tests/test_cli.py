@@ -211,6 +211,16 @@ def test_embed_json_lines(model, images, capsys):
     assert "text.jpg" in captured.err and "blank.png" in captured.err and "2 of 4 image(s) failed" in captured.err
 
 
+def test_embed_detect_width_reaches_the_detector(model, images, capsys):
+    # The 512 px astronaut shrunk to 24 px wide before YuNet looks: too small a face to find.
+    assert main(["embed", "--model", model, "--json", "--detect-width", "24", images["astronaut"]]) != 0
+    assert json_lines(capsys.readouterr().out)[0]["faces"] == []
+    assert main(["embed", "--model", model, "--json", "--detect-width", "512", images["astronaut"]]) == 0
+    (face,) = json_lines(capsys.readouterr().out)[0]["faces"]
+    assert main(["embed", "--model", model, "--detect-width", "0", images["astronaut"]]) == ExitCode.USAGE
+    assert "--detect-width" in capsys.readouterr().err
+
+
 def test_embed_out_npy(tmp_path, model, images, capsys):
     out = tmp_path / "e.npy"
     assert main(["embed", "--model", model, "--out", str(out), images["astronaut"], images["two_faces"]]) == 0

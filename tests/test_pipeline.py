@@ -111,6 +111,11 @@ def test_wide_frames_are_shrunk_for_resolution_bound_detectors(tiny_model, astro
     np.testing.assert_allclose(large.box / 2, small.box, atol=8)
 
 
+def test_detect_width_below_one_pixel_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="detect_width must be at least 1 pixel, got 0"):
+        FacePipeline(model_path=tiny_model.int8, detect_width=0)
+
+
 def test_filters(tiny_model, astronaut):
     with FacePipeline(model_path=tiny_model.int8, min_face_size=200) as p:
         assert p.process(astronaut) == []

@@ -58,8 +58,8 @@ def test_describe_preprocesses_like_the_teacher_and_averages_the_mirror(stand_in
     path, weight = stand_in
     rng = np.random.default_rng(1)
     crops = np.stack([astronaut[y:y + 96, x:x + 96] for y, x in rng.integers(0, 300, (5, 2))])
-    for flip in (False, True):
-        got = edgeface.EdgeFaceTeacher(path, threads=1, flip=flip).describe(crops)
+    for flip, spinning in ((False, True), (True, True), (False, False)):
+        got = edgeface.EdgeFaceTeacher(path, threads=1, flip=flip, spinning=spinning).describe(crops)
         assert got.shape == (5, edgeface.EMBEDDING_SIZE) and got.dtype == np.float32
         assert np.allclose(got, expected(crops, weight, flip), atol=1e-4)
     # The stand-in is not mirror-symmetric: the average differs from the crop's own vector.

@@ -81,15 +81,18 @@ def export_onnx(checkpoint: str | Path, out: str | Path) -> float:
 
 
 class EdgeFaceTeacher:
-    """The exported model in onnxruntime: runtime crops in, unit 512-d descriptors out."""
+    """The exported model in onnxruntime: runtime crops in, unit 512-d descriptors out.
+    ``spinning``: onnxruntime's threads busy-wait for work between runs; turn it off where
+    the teacher shares the cores with other work (training's batch thread)."""
 
-    def __init__(self, onnx_path: str | Path, threads: int = 2, flip: bool = True):
+    def __init__(self, onnx_path: str | Path, threads: int = 2, flip: bool = True, spinning: bool = True):
         try:
             import onnxruntime
         except ImportError:
             raise ImportError("the EdgeFace teacher needs onnxruntime: pip install 'facenet-edge[teacher]'") from None
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self._session = onnxruntime.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         self.flip = flip
 

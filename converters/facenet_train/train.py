@@ -481,7 +481,9 @@ def view_teacher(config: Config, space: StudentSpace) -> ViewTeacher:
     if held != "edgeface":
         raise ConfigError(f"data.teacher_onnx is an EdgeFace export, but {config.data.cache} holds "
                           f"{held}'s descriptors, which fix the student's space")
-    teacher = EdgeFaceTeacher(config.data.teacher_onnx, flip=False)
+    # It runs in the batch thread beside the training step, on the same cores: one thread that
+    # does not spin made a step 5 % faster than two spinning ones (5.54 / 5.83 s, 2-core AMD EPYC).
+    teacher = EdgeFaceTeacher(config.data.teacher_onnx, threads=1, flip=False, spinning=False)
     return lambda views: space.targets(teacher.describe(views))
 
 

@@ -49,9 +49,11 @@ from facenet_edge import (
     card_distribution,
     open_source,
 )
+from facenet_edge.arguments import positive_int
 from facenet_edge.camera import redact
 from facenet_edge.detect import DEFAULT_DETECTOR, DETECTORS
 from facenet_edge.gallery import validate_name
+from facenet_edge.pipeline import DEFAULT_DETECT_WIDTH
 
 log = logging.getLogger("door_access")
 
@@ -449,6 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for the models")
     parser.add_argument(
+        "--detect-width",
+        type=positive_int,
+        default=DEFAULT_DETECT_WIDTH,
+        metavar="W",
+        help="wider frames are shrunk to W pixels before YuNet looks for faces: smaller is faster and misses "
+        "far faces (default: %(default)s)",
+    )
+    parser.add_argument(
         "--gallery",
         type=Path,
         metavar="FILE",
@@ -614,7 +624,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with ExitStack() as stack:
             pipeline = stack.enter_context(
-                FacePipeline(model_path=args.model, detector=args.detector, num_threads=args.threads)
+                FacePipeline(
+                    model_path=args.model,
+                    detector=args.detector,
+                    num_threads=args.threads,
+                    detect_width=args.detect_width,
+                )
             )
             if args.enroll is not None or args.enroll_folder is not None:
                 enroll(args, pipeline, stack)

@@ -35,8 +35,10 @@ import cv2
 import numpy as np
 
 from facenet_edge import FacePipeline, FacenetEdgeError, Frame, open_source
+from facenet_edge.arguments import positive_int
 from facenet_edge.detect import DEFAULT_DETECTOR, DETECTORS
 from facenet_edge.files import private_file
+from facenet_edge.pipeline import DEFAULT_DETECT_WIDTH
 
 log = logging.getLogger("stream_embed")
 
@@ -294,6 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for the models")
     parser.add_argument(
+        "--detect-width",
+        type=positive_int,
+        default=DEFAULT_DETECT_WIDTH,
+        metavar="W",
+        help="wider frames are shrunk to W pixels before YuNet looks for faces: smaller is faster and misses "
+        "far faces (default: %(default)s)",
+    )
+    parser.add_argument(
         "--source",
         default="0",
         help="camera index, 'picamera2', video file, RTSP/HTTP URL or a folder of images (default: 0)",
@@ -337,7 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with ExitStack() as stack:
             pipeline = stack.enter_context(
-                FacePipeline(model_path=args.model, detector=args.detector, num_threads=args.threads)
+                FacePipeline(
+                    model_path=args.model,
+                    detector=args.detector,
+                    num_threads=args.threads,
+                    detect_width=args.detect_width,
+                )
             )
             # The output first: a bad --out fails before the camera is opened.
             writer = NpzChunkWriter(args.out, args.chunk) if args.out.endswith(".npz") else JsonLinesWriter(args.out)

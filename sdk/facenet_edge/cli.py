@@ -47,7 +47,7 @@ from .fpir import DEFAULT_FPIR, card_distribution, check_fpir
 from .gallery import Gallery, Match, validate_name
 from .interpreter import NATIVE_LOG_ENV
 from .io import read_image
-from .pipeline import Face, FacePipeline, Vote
+from .pipeline import DEFAULT_DETECT_WIDTH, Face, FacePipeline, Vote
 from .tracker import Tracker
 
 
@@ -133,7 +133,9 @@ def _model_path(args: argparse.Namespace) -> Path:
 
 
 def _pipeline(args: argparse.Namespace) -> FacePipeline:
-    return FacePipeline(model_path=_model_path(args), detector=args.detector, num_threads=args.threads)
+    return FacePipeline(
+        model_path=_model_path(args), detector=args.detector, num_threads=args.threads, detect_width=args.detect_width
+    )
 
 
 def _faces_per_image(
@@ -699,6 +701,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     running.add_argument(
         "--detector", choices=sorted(DETECTORS), default=DEFAULT_DETECTOR, help="face detector (default: %(default)s)"
+    )
+    running.add_argument(
+        "--detect-width",
+        type=positive_int,
+        default=DEFAULT_DETECT_WIDTH,
+        metavar="W",
+        help="wider images are shrunk to W pixels before YuNet or Haar look for faces: smaller is faster and "
+        "misses small, far faces (default: %(default)s)",
     )
     quiet = argparse.ArgumentParser(add_help=False)
     quiet.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

@@ -19,6 +19,10 @@ from .detect import DEFAULT_DETECTOR, Detection, check_image, create_detector
 from .embed import Embedder, default_model_path
 from .io import read_image
 
+# Frames wider than this are shrunk before detectors that work at the image's own resolution:
+# a 640 x 480 camera frame is detected whole, so YuNet still finds faces 3 m away.
+DEFAULT_DETECT_WIDTH = 640
+
 if TYPE_CHECKING:  # gallery imports sqlite3, camera capture code; the pipeline only needs their types for hints
     from .camera import Frame
     from .gallery import Match
@@ -57,7 +61,7 @@ class PipelineOptions:
     num_threads: int | None = None
     max_faces: int | None = None
     min_face_size: int = 20
-    detect_width: int = 640
+    detect_width: int = DEFAULT_DETECT_WIDTH
 
 
 class FacePipeline:
@@ -77,8 +81,10 @@ class FacePipeline:
         num_threads: int | None = None,
         max_faces: int | None = None,
         min_face_size: int = 20,
-        detect_width: int = 640,
+        detect_width: int = DEFAULT_DETECT_WIDTH,
     ) -> None:
+        if detect_width < 1:
+            raise ValueError(f"detect_width must be at least 1 pixel, got {detect_width}")
         self.options = PipelineOptions(
             model_path=None if model_path is None else str(model_path),
             detector=detector,
@@ -124,7 +130,7 @@ class FacePipeline:
         check_image(image_rgb)
         width = image_rgb.shape[1]
         limit = self.options.detect_width
-        if self.detector.input_size is None and limit and width > limit:
+        if self.detector.input_size is None and width > limit:
             factor = width / limit
             small = cv2.resize(image_rgb, (limit, round(image_rgb.shape[0] / factor)), interpolation=cv2.INTER_AREA)
             detections = [d.scaled(factor) for d in self.detector.detect(small)]
