@@ -139,6 +139,27 @@ def test_yunet_follows_the_frame_size_from_call_to_call(astronaut):
     np.testing.assert_allclose(again.landmarks, first.landmarks)  # the same size again: the same answer
 
 
+def test_yunet_drops_rows_that_are_not_finite(astronaut):
+    class WithABrokenRow:  # OpenCV's detector, plus a row with a NaN width
+        def __init__(self, net):
+            self.net = net
+
+        def setInputSize(self, size):  # noqa: N802 (OpenCV's name)
+            self.net.setInputSize(size)
+
+        def detect(self, image):
+            status, rows = self.net.detect(image)
+            broken = rows[:1].copy()
+            broken[0, 2] = np.nan
+            return status, np.vstack([rows, broken])
+
+    with YuNetDetector() as detector:
+        (face,) = detector.detect(astronaut)
+        detector._net = WithABrokenRow(detector._net)
+        (again,) = detector.detect(astronaut)
+    np.testing.assert_array_equal(again.box, face.box)
+
+
 def test_yunet_points_move_down_the_face_by_eye_distances():
     upright = np.array([[0.0, 0.0], [10.0, 0.0], [5.0, 5.0], [5.0, 10.0]])
     shift = np.array([0.1, 0.1, 0.2, 0.5])

@@ -433,6 +433,9 @@ class YuNetDetector(_ContextManager):
         _, rows = self._net.detect(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
         if rows is None:
             return []
+        # On a frame a few dozen pixels across, OpenCV has returned a row that is not finite
+        # (once, at 24 x 24): that is no face.
+        rows = rows[np.isfinite(rows).all(axis=1)]
         detections = []
         # Row layout: box x, y, w, h; right eye, left eye, nose tip, right and left mouth
         # corners (the subject's: image-left first in an unmirrored image); score.
