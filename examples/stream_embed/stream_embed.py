@@ -35,10 +35,9 @@ import cv2
 import numpy as np
 
 from facenet_edge import FacePipeline, FacenetEdgeError, Frame, open_source
-from facenet_edge.arguments import positive_int
+from facenet_edge.arguments import add_detect_width
 from facenet_edge.detect import DEFAULT_DETECTOR, DETECTORS
 from facenet_edge.files import private_file
-from facenet_edge.pipeline import DEFAULT_DETECT_WIDTH
 
 log = logging.getLogger("stream_embed")
 
@@ -295,14 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--detector", default=DEFAULT_DETECTOR, choices=sorted(DETECTORS), help="(default: %(default)s)"
     )
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for the models")
-    parser.add_argument(
-        "--detect-width",
-        type=positive_int,
-        default=DEFAULT_DETECT_WIDTH,
-        metavar="W",
-        help="wider frames are shrunk to W pixels before YuNet looks for faces: smaller is faster and misses "
-        "far faces (default: %(default)s)",
-    )
+    add_detect_width(parser)
     parser.add_argument(
         "--source",
         default="0",

@@ -1,10 +1,12 @@
-"""Argument types the ``facenet-edge`` commands share (``argparse`` ``type=`` callables):
-a bad value is a usage error naming the value."""
+"""Arguments the ``facenet-edge`` commands and the examples share: ``argparse`` ``type=``
+callables (a bad value is a usage error naming the value) and options they all take."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Sequence
+
+from .pipeline import DEFAULT_DETECT_WIDTH
 
 
 def positive_int(text: str) -> int:
@@ -40,3 +42,15 @@ def name_list(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
         return names
 
     return parse
+
+
+def add_detect_width(parser: argparse.ArgumentParser) -> None:
+    """``--detect-width W``, the pipeline's ``detect_width``."""
+    parser.add_argument(
+        "--detect-width",
+        type=positive_int,
+        default=DEFAULT_DETECT_WIDTH,
+        metavar="W",
+        help="wider images are shrunk to W pixels before YuNet or Haar look for faces: smaller is faster and "
+        "misses small, far faces (default: %(default)s)",
+    )

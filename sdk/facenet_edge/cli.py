@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import card_summary
-from .arguments import positive_int
+from .arguments import add_detect_width, positive_int
 from .card import CardError, ModelCard, card_path_for
 from .detect import DEFAULT_DETECTOR, DETECTORS, main_face
 from .embed import Embedder, default_model_path
@@ -47,7 +47,7 @@ from .fpir import DEFAULT_FPIR, card_distribution, check_fpir
 from .gallery import Gallery, Match, validate_name
 from .interpreter import NATIVE_LOG_ENV
 from .io import read_image
-from .pipeline import DEFAULT_DETECT_WIDTH, Face, FacePipeline, Vote
+from .pipeline import Face, FacePipeline, Vote
 from .tracker import Tracker
 
 
@@ -702,14 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     running.add_argument(
         "--detector", choices=sorted(DETECTORS), default=DEFAULT_DETECTOR, help="face detector (default: %(default)s)"
     )
-    running.add_argument(
-        "--detect-width",
-        type=positive_int,
-        default=DEFAULT_DETECT_WIDTH,
-        metavar="W",
-        help="wider images are shrunk to W pixels before YuNet or Haar look for faces: smaller is faster and "
-        "misses small, far faces (default: %(default)s)",
-    )
+    add_detect_width(running)
     quiet = argparse.ArgumentParser(add_help=False)
     quiet.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     as_json = argparse.ArgumentParser(add_help=False)
