@@ -434,7 +434,8 @@ class ViewColours:
         assert not flip, "training views are flipped at random already"
         assert threads == 1 and not spinning, "the view teacher shares the cores with the training step"
 
-    def describe(self, views: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def describe(views: np.ndarray) -> np.ndarray:
         colours = views.reshape(len(views), -1, 3).mean(axis=1)
         return np.hstack([colours * (i + 1) for i in range(DIM // 3 + 1)])[:, :DIM].astype(np.float32)
 
@@ -467,7 +468,7 @@ def test_a_view_teacher_describes_each_view_before_its_tight_cut(synthetic_cache
     images = cut_tight(views, config.augment, rng)
     np.testing.assert_array_equal(batch["images"].reshape(images.shape), images)
     assert not np.array_equal(images, views)  # every view was cut
-    expected = space.targets(ViewColours(None, threads=1, flip=False, spinning=False).describe(views))
+    expected = space.targets(ViewColours.describe(views))
     np.testing.assert_allclose(batch["teacher"].reshape(expected.shape), expected, rtol=1e-6)
     assert batch["has_teacher"].all()  # the face without a cached descriptor gets one from its view
     # The cached descriptors still fix the space, and a run trains on the views' targets.
@@ -499,7 +500,7 @@ def test_mixup_blends_the_unlabeled_views_and_the_teacher_describes_the_blends(s
     unlabeled = np.arange(labeled, len(views))
     blended = mix_faces(views, unlabeled[mix_rng.random(len(unlabeled)) < 1.0], mix_rng)
     np.testing.assert_array_equal(batches["mixed"]["images"].reshape(blended.shape), blended)
-    expected = space.targets(ViewColours(None, threads=1, flip=False, spinning=False).describe(blended))
+    expected = space.targets(ViewColours.describe(blended))
     np.testing.assert_allclose(batches["mixed"]["teacher"].reshape(expected.shape), expected, rtol=1e-6)
     result = train.train(mixed, tmp_path / "trained")
     assert np.isfinite(result.metrics["distillation"])
