@@ -180,12 +180,14 @@ def test_lfw_cache_embeds_each_image_once(common, tmp_path):
 
     small, large = common.load_lfw(LFW, pairs=20), common.load_lfw(LFW, pairs=40)
     with common.LfwFaces("haar") as faces:
-        first, outcomes = common.lfw_embeddings(small, faces, "fake", describe, tmp_path)
+        # A key with a folder in it, as accuracy.py's labels of same-named models have.
+        first, outcomes = common.lfw_embeddings(small, faces, "new/fake", describe, tmp_path)
         assert len(described) == len(small.images) == len(first) == len(outcomes)
-        again, _ = common.lfw_embeddings(small, faces, "fake", describe, tmp_path)
+        again, _ = common.lfw_embeddings(small, faces, "new/fake", describe, tmp_path)
         assert len(described) == len(small.images) and np.array_equal(first, again)
-        common.lfw_embeddings(large, faces, "fake", describe, tmp_path)
+        common.lfw_embeddings(large, faces, "new/fake", describe, tmp_path)
     assert len(described) == len(set(small.images) | set(large.images))
+    assert [p.name for p in tmp_path.iterdir()] == ["lfw-new_fake-haar.npz"]
 
 
 # ---------------------------------------------------------------- the scripts

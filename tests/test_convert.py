@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +22,13 @@ from facenet_edge.align import align  # noqa: E402
 from facenet_edge.card import ModelCard, card_path_for  # noqa: E402
 from facenet_edge.detect import DEFAULT_DETECTOR, BlazeFaceDetector  # noqa: E402
 from facenet_edge.embed import Embedder, normalise  # noqa: E402
-from facenet_train import cli, conversion, convert, edgetpu, verify  # noqa: E402
+from facenet_train import cli, conversion, convert, edgetpu, ranges, verify  # noqa: E402
 from facenet_train.checkpoint import load_keras_model, run_config  # noqa: E402
+from facenet_train.evaluation import keras_embeddings  # noqa: E402
 from facenet_train.faces import load_faces, spread_across_identities  # noqa: E402
 from facenet_train.models import L2Normalize  # noqa: E402
 from facenet_train.lfw import load_lfw  # noqa: E402
-from facenet_train.tflite_graph import embed_metadata, read_graph, read_metadata  # noqa: E402
+from facenet_train.tflite_graph import activation_ranges, embed_metadata, read_graph, read_metadata  # noqa: E402
 
 SIZE = 96
 BORDER = 8
@@ -308,9 +310,57 @@ def test_runtime_embedder_loads_the_int8_model(cli_int8, work):
 
 
 def test_layer_errors_are_ranked(batch_one, calibration):
-    rows = verify.layer_errors(conversion.make_converter(batch_one, "int8", calibration), calibration[:4], count=3)
+    debug_model = conversion.quantize(conversion.calibrate(batch_one, calibration), debug=True)
+    rows = verify.layer_errors(debug_model, calibration[:4], count=3)
     assert len(rows) == 3
     assert rows[0].rmse_over_scale >= rows[1].rmse_over_scale >= rows[2].rmse_over_scale > 0
+
+
+def test_mse_ranges_narrow_activations_and_keep_input_and_output(batch_one, calibration):
+    minmax = conversion.calibrate(batch_one, calibration, "minmax")
+    mse = conversion.calibrate(batch_one, calibration, "mse")
+    before, after = activation_ranges(minmax), activation_ranges(mse)
+    graph = read_graph(minmax)
+    kept = {graph.inputs[0].index, graph.outputs[0].index}
+    assert before.keys() == after.keys() and kept <= before.keys()
+    for i in kept:
+        assert after[i] == before[i]
+    narrowed = [i for i in before if after[i] != before[i]]
+    assert narrowed
+    for i in narrowed:  # inside the min/max range, a ReLU's lower end still 0
+        (lo, hi), (new_lo, new_hi) = before[i], after[i]
+        assert lo <= new_lo <= new_hi <= hi and (new_lo == 0) == (lo == 0)
+
+
+def test_mse_ranges_keep_the_model_close_to_float(work, batch_one, calibration):
+    faces = load_faces(work / "faces", (SIZE, SIZE), 24)
+    card = ModelCard("t", "0", "tiny", SIZE, SIZE)
+    model = conversion.convert_model(batch_one, "int8", calibration, "mse")
+    path = work / "mse" / "tiny_int8.tflite"
+    path.parent.mkdir()
+    conversion.save_model(path, model, replace(card, quantization=conversion.quantization_params(
+        model, "int8", faces, "mse")))
+    with Embedder.from_path(path) as embedder:
+        int8 = embedder.embed(faces.crops)
+    cosine = np.sum(int8 * keras_embeddings(batch_one, faces.crops, card), axis=1)
+    assert np.median(cosine) > TINY_MEDIAN_COSINE
+
+
+def test_unknown_ranges_are_refused(batch_one, calibration):
+    with pytest.raises(conversion.ConversionError, match="unknown activation ranges 'p99'"):
+        conversion.calibrate(batch_one, calibration, "p99")
+
+
+def test_histogram_clip_cuts_a_long_tail_and_keeps_a_uniform_range():
+    rng = np.random.default_rng(0)
+    values = rng.exponential(1.0, 200_000)  # a ReLU-like tail: its maximum (11.7) is rare (clip: 10.5)
+    tail = ranges.Histogram(0.0, float(values.max()), np.zeros(ranges.BINS, np.int64))
+    tail.add(np.concatenate([values, np.zeros(1000)]))
+    low, high = tail.mse_range()
+    assert low == 0.0 and 0.8 * values.max() < high < 0.95 * values.max()
+    uniform = ranges.Histogram(-1.0, 1.0, np.zeros(ranges.BINS, np.int64))
+    uniform.add(rng.uniform(-1.0, 1.0, 200_000))
+    assert uniform.mse_range() == (-1.0, 1.0)
 
 
 def test_misses_trigger_for_int8_only():

@@ -6,7 +6,11 @@ Targets:
 - ``float16``: weights stored as float16 (half the file), computed in float32 on the CPU.
 - ``int8``: full-integer: per-channel int8 weights, int8 activations, int8 input and
   output, calibrated on aligned faces preprocessed exactly like the runtime does. The
-  fast one on a Raspberry Pi CPU and the only one the Coral Edge TPU runs.
+  fast one on a Raspberry Pi CPU and the only one the Coral Edge TPU runs. Made in two
+  steps, so the activation ranges can be narrowed in between (``ranges``): TFLite's
+  calibrator records each tensor's min/max (``calibrate``), then its MLIR quantizer turns
+  the calibrated model into the int8 one (``quantize``), as ``TFLiteConverter.convert``
+  does in one call.
 
 Dynamic-range quantization (int8 weights, float activations) is refused: tflite-runtime
 2.14 (that package's last release, still what many Pi setups install) cannot load those
@@ -41,6 +45,7 @@ import numpy as np
 from facenet_edge.card import ModelCard, card_path_for
 
 from .faces import FaceSet
+from .ranges import DEFAULT_RANGES, RANGES, narrowed_ranges
 from .tflite_graph import embed_metadata, read_graph, read_metadata
 
 TARGETS = ("float32", "float16", "int8")
@@ -116,17 +121,43 @@ def check_full_integer(model: bytes) -> None:
         )
 
 
-def convert_model(model, target: str, calibration: np.ndarray | None = None) -> bytes:
-    """Convert a batch-1 Keras model; int8 models are checked to be full-integer."""
-    if target in DYNAMIC_RANGE_NAMES:
-        raise ConversionError(DYNAMIC_RANGE_REFUSAL)
-    tflite = run_converter(make_converter(model, target, calibration))
-    if target == "int8":
+def calibrate(model, calibration: np.ndarray | None, ranges: str = DEFAULT_RANGES) -> bytes:
+    """The batch-1 Keras model as a float TFLite model carrying each tensor's int8 range:
+    the calibrator's min/max over ``calibration`` (normalised faces), narrowed with
+    ``ranges="mse"`` (see ``ranges``)."""
+    if ranges not in RANGES:
+        raise ConversionError(f"unknown activation ranges {ranges!r}: choose {', '.join(RANGES)}")
+    converter = make_converter(model, "int8", calibration)
+    converter._experimental_calibrate_only = True  # what QuantizationDebugger uses to get the same model
+    calibrated = run_converter(converter)
+    return narrowed_ranges(calibrated, calibration) if ranges == "mse" else calibrated
+
+
+def quantize(calibrated: bytes, debug: bool = False) -> bytes:
+    """The full-integer model (int8 input and output) from a ``calibrate``d one, checked to
+    be full-integer. ``debug``: with QuantizationDebugger's NumericVerify ops instead (the
+    float result of each quantized op kept beside it), for ``verify.layer_errors``."""
+    import tensorflow as tf
+    from tensorflow.lite.python import convert  # the quantizer TFLiteConverter and QuantizationDebugger call
+
+    tflite = convert.mlir_quantize(calibrated, input_data_type=tf.int8, output_data_type=tf.int8,
+                                   enable_numeric_verify=debug)
+    if not debug:
         check_full_integer(tflite)
     return tflite
 
 
-def quantization_params(model: bytes, target: str, calibration: FaceSet | None) -> dict[str, Any]:
+def convert_model(model, target: str, calibration: np.ndarray | None = None, ranges: str = DEFAULT_RANGES) -> bytes:
+    """Convert a batch-1 Keras model; int8 models are checked to be full-integer."""
+    if target in DYNAMIC_RANGE_NAMES:
+        raise ConversionError(DYNAMIC_RANGE_REFUSAL)
+    if target == "int8":
+        return quantize(calibrate(model, calibration, ranges))
+    return run_converter(make_converter(model, target, calibration))
+
+
+def quantization_params(model: bytes, target: str, calibration: FaceSet | None,
+                        ranges: str = DEFAULT_RANGES) -> dict[str, Any]:
     """The card's ``quantization`` entry: what the target is and the I/O tensors' parameters."""
     graph = read_graph(model)
 
@@ -140,6 +171,7 @@ def quantization_params(model: bytes, target: str, calibration: FaceSet | None) 
     if target == "int8":
         params["weights"] = "int8, per channel"
         params["activations"] = "int8"
+        params["activation_ranges"] = ranges
         if calibration is not None:
             params["calibration"] = {
                 "faces": len(calibration),

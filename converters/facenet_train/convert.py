@@ -32,9 +32,10 @@ from .conversion import (
     DYNAMIC_RANGE_REFUSAL,
     TARGETS,
     ConversionError,
+    calibrate,
     convert_model,
-    make_converter,
     quantization_params,
+    quantize,
     save_model,
     with_batch_one,
 )
@@ -43,6 +44,7 @@ from .faces import FaceSet, load_faces
 from .openset_lfw import impostor_distribution
 from .flops import count_flops
 from .preprocess import CropOptions, build_lfw_cache
+from .ranges import DEFAULT_RANGES, RANGES
 from .teacher import TEACHERS
 
 DEFAULT_CALIBRATION_FACES = 300
@@ -122,6 +124,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-faces", type=int, default=DEFAULT_CALIBRATION_FACES,
                         help="faces for int8 calibration, spread across identities "
                              f"(default {DEFAULT_CALIBRATION_FACES})")
+    parser.add_argument("--ranges", choices=RANGES, default=DEFAULT_RANGES,
+                        help="int8 activation ranges: the calibrator's min/max, or narrowed to each tensor's "
+                             f"MSE-optimal clip over the calibration faces (default {DEFAULT_RANGES})")
     parser.add_argument("--verify-faces", type=int, default=DEFAULT_VERIFY_FACES,
                         help=f"other faces to compare Keras and TFLite embeddings on (default {DEFAULT_VERIFY_FACES})")
     parser.add_argument("--lfw", type=Path, help="LFW folder (pairs.txt): 10-fold accuracy and thresholds for the card")
@@ -232,8 +237,9 @@ def _run(args: argparse.Namespace) -> int:
 
     print(f"converting {args.checkpoint} to {args.target} ...")
     calibration_inputs = normalise(calibration.crops.astype(np.float32), card) if calibration is not None else None
-    tflite = convert_model(model, args.target, calibration_inputs)
-    card = replace(card, quantization=quantization_params(tflite, args.target, calibration))
+    calibrated = calibrate(model, calibration_inputs, args.ranges) if args.target == "int8" else None
+    tflite = quantize(calibrated) if calibrated is not None else convert_model(model, args.target)
+    card = replace(card, quantization=quantization_params(tflite, args.target, calibration, args.ranges))
     # Written now so the runtime's Embedder can load it for verification; written again
     # below with what verification and the Edge TPU tools add to the card.
     tflite, card = save_model(out, tflite, card, args.embed_card)
@@ -246,8 +252,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             result = verify.verify_model(
                 out, card, keras_model, verification, lfw=args.lfw, lfw_cache=lfw_cache,
-                converter=(lambda: make_converter(model, "int8", calibration_inputs))
-                if args.target == "int8" else None,
+                debug_model=(lambda: quantize(calibrated, debug=True)) if calibrated is not None else None,
             )  # fmt: skip
         except (ValueError, FileNotFoundError) as exc:  # an unusable LFW folder or cache
             raise ConversionError(f"verification of {out}: {exc}") from None

@@ -216,7 +216,8 @@ def lfw_embeddings(
     """(descriptor per image of ``lfw.images``, detection outcome per image). Each image is
     described once per (model ``key``, detector): results are kept in
     ``cache_dir/lfw-KEY-DETECTOR.npz`` and only images missing from it are computed."""
-    cache = cache_dir / f"lfw-{key}-{faces.name}.npz"
+    # A key may name a model's folder ("v014/m_int8 v0.14.0"): the cache stays one flat file.
+    cache = cache_dir / f"lfw-{key.replace('/', '_').replace(os.sep, '_')}-{faces.name}.npz"
     known: dict[str, tuple[np.ndarray, int]] = {}
     if cache.is_file():
         with np.load(cache) as data:

@@ -175,3 +175,27 @@ def embed_metadata(model: bytes, name: str, data: bytes) -> bytes:
     builder = flatbuffers.Builder(len(model) + len(data) + 1024)
     builder.Finish(obj.Pack(builder), file_identifier=FILE_IDENTIFIER)
     return bytes(builder.Output())
+
+
+def activation_ranges(model: bytes) -> dict[int, tuple[float, float]]:
+    """Each main-subgraph tensor's recorded (min, max), by tensor index: what TFLite's
+    calibrator writes into a calibrated float model, before it is quantized."""
+    obj = schema.ModelT.InitFromObj(_root(model))
+    ranges = {}
+    for i, tensor in enumerate(obj.subgraphs[0].tensors):
+        q = tensor.quantization
+        if q is not None and q.min is not None and q.max is not None and len(q.min) == len(q.max) == 1:
+            ranges[i] = (float(q.min[0]), float(q.max[0]))
+    return ranges
+
+
+def with_activation_ranges(model: bytes, ranges: dict[int, tuple[float, float]]) -> bytes:
+    """A copy of a calibrated model with the recorded (min, max) of the tensors in ``ranges`` replaced."""
+    obj = schema.ModelT.InitFromObj(_root(model))
+    tensors = obj.subgraphs[0].tensors
+    for i, (low, high) in ranges.items():
+        tensors[i].quantization.min = np.array([low], np.float32)
+        tensors[i].quantization.max = np.array([high], np.float32)
+    builder = flatbuffers.Builder(len(model) + 1024)
+    builder.Finish(obj.Pack(builder), file_identifier=FILE_IDENTIFIER)
+    return bytes(builder.Output())

@@ -123,8 +123,9 @@ class VerifyReport:
         return out
 
 
-def layer_errors(converter, inputs: np.ndarray, count: int = WORST_LAYERS) -> list[LayerError]:
-    """The ``count`` quantized tensors with the largest RMSE / scale."""
+def layer_errors(debug_model: bytes, inputs: np.ndarray, count: int = WORST_LAYERS) -> list[LayerError]:
+    """The ``count`` quantized tensors with the largest RMSE / scale, from the int8 model in
+    debug mode (``conversion.quantize(..., debug=True)``) run on ``inputs``."""
     import tensorflow as tf
 
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -133,7 +134,7 @@ def layer_errors(converter, inputs: np.ndarray, count: int = WORST_LAYERS) -> li
         # endpoints; none of it matters here.
         warnings.simplefilter("ignore", UserWarning)
         debugger = tf.lite.experimental.QuantizationDebugger(
-            converter=converter, debug_dataset=lambda: ([x[None]] for x in inputs)
+            quant_debug_model_content=debug_model, debug_dataset=lambda: ([x[None]] for x in inputs)
         )
         debugger.run()
     dump = io.StringIO()
@@ -155,12 +156,12 @@ def verify_model(
     faces: FaceSet | None,
     lfw: Path | None = None,
     lfw_cache: Path | None = None,
-    converter: Callable[[], Any] | None = None,
+    debug_model: Callable[[], bytes] | None = None,
 ) -> VerifyReport:
     """Compare the TFLite model at ``model_path`` with ``keras_model`` (a float model with
     a free batch size) on ``faces`` and, with ``lfw`` (the LFW folder) and ``lfw_cache``
-    (its ``preprocess-lfw`` crops), on LFW. ``converter``: makes the int8 converter again,
-    for the layer-wise debugger when a target is missed."""
+    (its ``preprocess-lfw`` crops), on LFW. ``debug_model``: makes the int8 model in debug
+    mode, for the layer-wise errors when a target is missed."""
     target = card.quantization.get("target", "")
     notes = []
     cosine = None
@@ -182,8 +183,8 @@ def verify_model(
             pairs=len(pairs.issame),
         )
     report = VerifyReport(str(model_path), target, cosine, comparison, notes=notes)
-    if report.misses and converter is not None and faces is not None:
-        worst = layer_errors(converter(), normalise(faces.crops[:DEBUG_FACES].astype(np.float32), card))
+    if report.misses and debug_model is not None and faces is not None:
+        worst = layer_errors(debug_model(), normalise(faces.crops[:DEBUG_FACES].astype(np.float32), card))
         report = VerifyReport(report.model, target, cosine, comparison, worst, notes)
     return report
 
