@@ -6,7 +6,7 @@ extreme value (one position of one face) sets the step for every face. ``mse`` n
 each range to the clip that minimises the tensor's expected squared error over the same
 faces (rounding error of the values kept inside, plus the distance clipped off the values
 outside), from a histogram of what the float model computes; the standard remedy for
-min/max calibration (PyTorch's HistogramObserver and TensorRT's percentile/MSE calibrators
+min/max calibration (PyTorch's HistogramObserver and NVIDIA's pytorch-quantization MSE calibrator
 do the same). Measured on two trained models (docs/model.md, "int8 ranges"): 18–22 % less
 error energy (1 − cosine to the float model on held-out training faces).
 
