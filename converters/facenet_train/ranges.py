@@ -17,7 +17,7 @@ lower end at 0; a signed tensor shrinks both ends by the same factor.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
@@ -39,7 +39,7 @@ class Histogram:
 
     low: float
     high: float
-    counts: np.ndarray
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(BINS, np.int64))
 
     def add(self, values: np.ndarray) -> None:
         values = values[values != 0]
@@ -75,8 +75,7 @@ def narrowed_ranges(calibrated: bytes, inputs: np.ndarray) -> bytes:
     interpreter.allocate_tensors()
     (model_input,) = interpreter.get_input_details()
     io = {model_input["index"], *(o["index"] for o in interpreter.get_output_details())}
-    histograms = {i: Histogram(lo, hi, np.zeros(BINS, np.int64))
-                  for i, (lo, hi) in calibrated_ranges.items() if i not in io and hi > lo}
+    histograms = {i: Histogram(lo, hi) for i, (lo, hi) in calibrated_ranges.items() if i not in io and hi > lo}
     for face in inputs:
         interpreter.set_tensor(model_input["index"], face[None].astype(np.float32))
         interpreter.invoke()

@@ -172,9 +172,7 @@ def embed_metadata(model: bytes, name: str, data: bytes) -> bytes:
         entry.name = name.encode()
         entry.buffer = len(obj.buffers) - 1
         obj.metadata = [*(obj.metadata or []), entry]
-    builder = flatbuffers.Builder(len(model) + len(data) + 1024)
-    builder.Finish(obj.Pack(builder), file_identifier=FILE_IDENTIFIER)
-    return bytes(builder.Output())
+    return _pack(obj, len(model) + len(data))
 
 
 def activation_ranges(model: bytes) -> dict[int, tuple[float, float]]:
@@ -196,6 +194,11 @@ def with_activation_ranges(model: bytes, ranges: dict[int, tuple[float, float]])
     for i, (low, high) in ranges.items():
         tensors[i].quantization.min = np.array([low], np.float32)
         tensors[i].quantization.max = np.array([high], np.float32)
-    builder = flatbuffers.Builder(len(model) + 1024)
+    return _pack(obj, len(model))
+
+
+def _pack(obj: schema.ModelT, size: int) -> bytes:
+    """The model object as a .tflite file; ``size``: about how many bytes it will take."""
+    builder = flatbuffers.Builder(size + 1024)
     builder.Finish(obj.Pack(builder), file_identifier=FILE_IDENTIFIER)
     return bytes(builder.Output())
