@@ -18,6 +18,7 @@ from facenet_train.losses import (
     mirror_consistency_loss,
     relational_distillation_loss,
     harmonic_triplet_loss,
+    hint_loss,
     pairwise_squared_distances,
     prototype_cosface_loss,
     semihard_triplets,
@@ -461,8 +462,8 @@ def test_what_a_config_needs_follows_the_loss_terms(monkeypatch):
     # A term that declares it needs teacher targets makes the config name them.
     monkeypatch.setitem(LOSS_TERMS, "harmonic", LossTerm(LOSS_TERMS["harmonic"].compute, teacher=True))
     assert "loss.harmonic > 0 needs data.teacher = true" in error({"loss": {"harmonic": 1.0}})
-    assert ("only the distillation, relational, memory_relational, prototype or harmonic loss uses: "
-            "set loss.distillation, loss.relational, loss.memory_relational, loss.prototype or loss.harmonic"
+    assert ("only the distillation, relational, memory_relational, prototype, hint or harmonic loss uses: "
+            "set loss.distillation, loss.relational, loss.memory_relational, loss.prototype, loss.hint or loss.harmonic"
             ) in error({"data": {"teacher": True}})
     # The memory must hold a whole batch (30 x 4 labelled + 30 unlabeled faces here).
     assert "loss.memory_size 100 must hold at least one batch (150 faces)" in error(
@@ -472,8 +473,21 @@ def test_what_a_config_needs_follows_the_loss_terms(monkeypatch):
         {"loss": {"mirror": 1.0, "mirror_views": 0}})
 
 
-
 @pytest.mark.parametrize("loss", [{"prototype_scale": 0.0}, {"prototype_margin": 1.0}, {"prototype_margin": -0.1}])
 def test_prototype_scale_and_margin_are_checked(loss):
     with pytest.raises(ConfigError, match="loss.prototype_scale .* loss.prototype_margin"):
         config_from_dict({"loss": loss})
+
+
+def test_hint_loss_is_the_mean_squared_map_difference_over_rows_with_a_teacher():
+    rng = np.random.default_rng(0)
+    teacher = rng.normal(size=(3, 2, 2, 4)).astype(np.float32)
+    student = teacher + np.array([0.0, 1.0, 3.0], np.float32)[:, None, None, None]
+    has_teacher = tf.constant([True, True, False])
+    assert float(hint_loss(tf.constant(teacher), tf.constant(teacher), has_teacher)) == 0
+    # Row 2 has no teacher map: only rows 0 and 1 count, (0 + 1) / 2.
+    assert float(hint_loss(tf.constant(student), tf.constant(teacher), has_teacher)) == pytest.approx(0.5)
+    # A zero map leaves all of standardised maps' variance unexplained.
+    standard = (teacher - teacher.mean(axis=(0, 1, 2))) / teacher.std(axis=(0, 1, 2))
+    zero = tf.zeros_like(standard)
+    assert float(hint_loss(zero, tf.constant(standard), tf.constant([True] * 3))) == pytest.approx(1, abs=1e-5)

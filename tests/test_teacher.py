@@ -43,6 +43,18 @@ def stand_in(tmp_path_factory) -> tuple[str, np.ndarray]:
     return str(path), weight
 
 
+@pytest.fixture(scope="module")
+def stand_in_with_features(stand_in, tmp_path_factory) -> str:
+    """The stand-in plus a second output, as the export has: 16 x 16 average pools, a 7 x 7 x 3 map."""
+    model = onnx.load(stand_in[0])
+    model.graph.node.append(helper.make_node("AveragePool", ["input"], ["features"], kernel_shape=[16, 16],
+                                             strides=[16, 16]))
+    model.graph.output.append(helper.make_tensor_value_info("features", TensorProto.FLOAT, ["n", 3, 7, 7]))
+    path = tmp_path_factory.mktemp("teacher") / "with_features.onnx"
+    onnx.save(model, path)
+    return str(path)
+
+
 def expected(crops: np.ndarray, weight: np.ndarray, flip: bool) -> np.ndarray:
     """What the teacher must give: 96 px crops resized to 112, scaled to [-1, 1], NCHW."""
     x = np.stack([cv2.resize(c, (112, 112), interpolation=cv2.INTER_LINEAR) for c in crops]).astype(np.float32)
@@ -65,6 +77,18 @@ def test_describe_preprocesses_like_the_teacher_and_averages_the_mirror(stand_in
     # The stand-in is not mirror-symmetric: the average differs from the crop's own vector.
     plain = edgeface.EdgeFaceTeacher(path, threads=1, flip=False).describe(crops)
     assert not np.allclose(plain, edgeface.EdgeFaceTeacher(path, threads=1).describe(crops), atol=1e-3)
+
+
+def test_describe_with_features_gives_the_maps_of_the_crops_themselves(stand_in, stand_in_with_features, astronaut):
+    crops = np.stack([astronaut[y:y + 112, y:y + 112] for y in (0, 40, 90)])
+    descriptors, maps = edgeface.EdgeFaceTeacher(stand_in_with_features, threads=1, flip=False
+                                                 ).describe_with_features(crops)
+    assert np.allclose(descriptors, expected(crops, stand_in[1], flip=False), atol=1e-4)
+    x = (crops.astype(np.float32) / 255.0 - 0.5) / 0.5
+    assert maps.shape == (3, 7, 7, 3)  # channels last, as the student's maps
+    assert np.allclose(maps, x.reshape(3, 7, 16, 7, 16, 3).mean(axis=(2, 4)), atol=1e-5)
+    with pytest.raises(ValueError, match="no 'features' output: export it again"):
+        edgeface.EdgeFaceTeacher(stand_in[0], threads=1).describe_with_features(crops)
 
 
 def write_crop_cache(root, astronaut, count: int = 7, shard_size: int = 4):

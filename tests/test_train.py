@@ -452,7 +452,8 @@ def view_teacher_trainer(config, run_dir: Path):
     cache = train.load_training_cache(config)
     run_dir.mkdir()
     space = train.student_space(cache.teacher, config, run_dir, resume=False)
-    return cache, space, train.Trainer(config, run_dir, cache, view_teacher=train.view_teacher(config, space))
+    online = train.view_teacher(config, space, cache, run_dir)
+    return cache, space, train.Trainer(config, run_dir, cache, view_teacher=online)
 
 
 def test_a_view_teacher_describes_each_view_before_its_tight_cut(synthetic_cache, tmp_path, monkeypatch):
@@ -524,6 +525,66 @@ def test_a_view_teacher_needs_its_own_descriptors_in_the_cache(synthetic_cache, 
         train.train(config, tmp_path / "run")
     with pytest.raises(ConfigError, match="data.teacher_onnx needs data.teacher = true"):
         make_config(synthetic_cache, data={"teacher_onnx": "t.onnx"})
+
+
+class ViewMaps(ViewColours):
+    """ViewColours with feature maps: each view's mean colour over a 6 x 6 grid (the tiny
+    model's pool2 grid at 96 px), and two products of those colours."""
+
+    @staticmethod
+    def describe_with_features(views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n, size = len(views), views.shape[1]
+        blocks = views.reshape(n, 6, size // 6, 6, size // 6, 3).mean(axis=(2, 4)) / 255
+        maps = np.concatenate([blocks, blocks[..., :2] * blocks[..., 1:]], axis=-1).astype(np.float32)
+        return ViewColours.describe(views), maps
+
+
+def hint_config(synthetic_cache, tmp_path, **loss):
+    return make_config(edgeface_cache(synthetic_cache, tmp_path), data={"teacher": True, "teacher_onnx": "t.onnx"},
+                       batch={"unlabeled": 4}, loss={"distillation": 1.0, "hint": 1.0, "hint_layer": "pool2", **loss},
+                       train={"steps": 3, "log_every": 1, "checkpoint_every": 1, "jit_compile": True})
+
+
+def test_the_hint_term_regresses_the_trunk_map_on_the_teachers(synthetic_cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "EdgeFaceTeacher", ViewMaps)
+    config = hint_config(synthetic_cache, tmp_path)
+    cache, space, trainer = view_teacher_trainer(config, tmp_path / "run")
+    # Each teacher channel is standardised by its mean and spread over centre crops of the cache's faces.
+    faces = np.linspace(0, len(cache) - 1, min(train.FEATURE_SCALE_FACES, len(cache))).astype(int)
+    maps = ViewMaps.describe_with_features(centre_crop(cache.crops[faces], 96))[1]
+    mean, std = np.load(tmp_path / "run" / train.TEACHER_FEATURES_SCALE)
+    np.testing.assert_allclose(mean, maps.mean(axis=(0, 1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(std, maps.std(axis=(0, 1, 2)) + 1e-6, rtol=1e-5)
+    batch = trainer.batches(1)
+    index = trainer.batches.sampler.batch(1)
+    rng = np.random.default_rng([config.train.seed, 1, 1])
+    views = augment_views(cache.crops[index.ravel()], 96, config.augment, rng)
+    expected = (ViewMaps.describe_with_features(views)[1] - mean) / std
+    np.testing.assert_allclose(batch["teacher_features"].reshape(expected.shape), expected, rtol=1e-5, atol=1e-6)
+    # The adapter starts at the least-squares map: the teacher maps are colours of the view,
+    # which the model's pool2 map explains in part.
+    unexplained = trainer.fit_adapter(steps=2)
+    assert 0 < unexplained < 1
+    _, metrics, _ = trainer._losses(tf.constant(batch["images"][0]), tf.constant(batch["labels"][0]),
+                                    tf.constant(batch["teacher"][0]), tf.constant(batch["has_teacher"][0]), None,
+                                    tf.constant(batch["teacher_features"][0]))
+    assert 0 < float(metrics["hint"]) < 1.5
+    # Under XLA, and resumed with the adapter it had.
+    result = train.train(config, tmp_path / "trained")
+    assert result.step == 3 and np.isfinite(result.metrics["hint"])
+    longer = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=4))
+    assert train.train(longer, tmp_path / "trained", resume=True).step == 4
+
+
+def test_the_hint_layer_must_lie_on_the_teachers_grid(synthetic_cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "EdgeFaceTeacher", ViewMaps)
+    with pytest.raises(ConfigError, match="pool1 is a 24x24 map, the teacher's 6x6"):
+        view_teacher_trainer(hint_config(synthetic_cache, tmp_path / "a", hint_layer="pool1"), tmp_path / "a" / "run")
+    with pytest.raises(ConfigError, match="loss.hint_layer 'inception_4a_concat' is not a layer of tiny"):
+        view_teacher_trainer(hint_config(synthetic_cache, tmp_path / "b", hint_layer="inception_4a_concat"),
+                             tmp_path / "b" / "run")
+    with pytest.raises(ConfigError, match=r"loss.hint > 0 needs data.teacher_onnx"):
+        make_config(synthetic_cache, data={"teacher": True}, loss={"hint": 1.0})
 
 
 def test_mixed_bfloat16_keeps_the_embedding_float32(synthetic_cache, tmp_path):

@@ -126,6 +126,9 @@ class LossConfig:
     ``mirror``: the first ``mirror_views`` views of each replica's batch are embedded mirrored
     as well, and each pair pulled together (``2 - 2 cos``): the teacher describes a face and
     its mirror image alike, the student far less so (docs/model.md).
+    ``hint``: the student's ``hint_layer`` map, through a training-only 1x1 convolution, regressed
+    on the view teacher's feature map of the same grid (FitNets; each teacher channel
+    standardised): the trunk, not only the embedding, learns from the teacher.
     ``harmonic``: mixed old/new triplets (needs ``[harmonic] old_model``)."""
 
     triplet: float = 1.0
@@ -141,6 +144,8 @@ class LossConfig:
     prototype_margin: float = PROTOTYPE_MARGIN
     mirror: float = 0.0
     mirror_views: int = 32
+    hint: float = 0.0
+    hint_layer: str = "inception_4a_concat"
     harmonic: float = 0.0
 
     def weights(self) -> dict[str, float]:
@@ -166,6 +171,11 @@ class LossConfig:
     def needs_mirrors(self) -> bool:
         """Whether a term trained with needs the embeddings of mirrored views."""
         return any(LOSS_TERMS[name].mirrored for name in self.weights())
+
+    @property
+    def needs_features(self) -> bool:
+        """Whether a term trained with needs the view teacher's feature maps."""
+        return any(LOSS_TERMS[name].features for name in self.weights())
 
     @property
     def needs_old_model(self) -> bool:
@@ -251,6 +261,9 @@ class Config:
              "set batch.unlabeled > 0 and data.teacher_onnx"),
             (not loss.needs_memory or loss.memory_size >= self.batch.faces,
              f"loss.memory_size {loss.memory_size} must hold at least one batch ({self.batch.faces} faces)"),
+            *((bool(d.teacher_onnx) or not LOSS_TERMS[name].features,
+               f"loss.{name} > 0 needs data.teacher_onnx (the teacher's feature maps of each view)")
+              for name in weights),
             (not loss.needs_mirrors or 0 < loss.mirror_views <= self.batch.faces,
              f"loss.mirror_views {loss.mirror_views} must be between 1 and the batch's {self.batch.faces} faces"),
             *((bool(self.harmonic.old_model) or not LOSS_TERMS[name].old_model,

@@ -36,6 +36,10 @@ INPUT_SIZE = 112
 EMBEDDING_SIZE = 512
 TRUNK = "edgenext_x_small"
 BATCH = 64
+# The export's second output, for the hint loss (``loss.hint``): the trunk's stride-16 stage, a
+# 7 x 7 x 100 map at 112 px, the same grid as the student's inception 4a.
+FEATURE_STAGE = 2
+OUTPUTS = ("embedding", "features")
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path) -> float:
@@ -56,7 +60,12 @@ def export_onnx(checkpoint: str | Path, out: str | Path) -> float:
             self.model.reset_classifier(EMBEDDING_SIZE)
 
         def forward(self, x):
-            return self.model(x)
+            x = self.model.stem(x)
+            for index, stage in enumerate(self.model.stages):
+                x = stage(x)
+                if index == FEATURE_STAGE:
+                    features = x
+            return self.model.forward_head(self.model.norm_pre(x)), features
 
     stored = torch.ao.quantization.quantize_dynamic(EdgeFace(), qconfig_spec={nn.Linear}, dtype=torch.qint8)
     stored.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False))
@@ -73,9 +82,9 @@ def export_onnx(checkpoint: str | Path, out: str | Path) -> float:
     stored.eval()
     probe = torch.randn(8, 3, INPUT_SIZE, INPUT_SIZE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        cosine = float(nn.functional.cosine_similarity(stored(probe), model(probe)).min())
+        cosine = float(nn.functional.cosine_similarity(stored(probe)[0], model(probe)[0]).min())
     torch.onnx.export(model, torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE), str(out), input_names=["input"],
-                      output_names=["embedding"], dynamic_axes={"input": {0: "n"}, "embedding": {0: "n"}},
+                      output_names=list(OUTPUTS), dynamic_axes={name: {0: "n"} for name in ("input", *OUTPUTS)},
                       opset_version=17, dynamo=False)
     return cosine
 
@@ -101,18 +110,39 @@ class EdgeFaceTeacher:
         with ``flip``, the mean of the crop's and its mirror's (the student trains on both)."""
         out = []
         for start in range(0, len(crops), BATCH):
-            x = np.stack([cv2.resize(c, (INPUT_SIZE, INPUT_SIZE), interpolation=cv2.INTER_LINEAR)
-                          for c in crops[start:start + BATCH]]).astype(np.float32)
-            x = ((x / 255.0 - 0.5) / 0.5).transpose(0, 3, 1, 2)
+            x = _inputs(crops[start:start + BATCH])
             e = self._run(x)
             if self.flip:
                 e = e + self._run(np.ascontiguousarray(x[..., ::-1]))
             out.append(e / np.linalg.norm(e, axis=1, keepdims=True))
         return np.concatenate(out) if out else np.zeros((0, EMBEDDING_SIZE), np.float32)
 
+    def describe_with_features(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(unit descriptors without the mirror, (N, H, W, C) maps of ``FEATURE_STAGE``) of
+        (N, S, S, 3) crops; the export must carry the ``features`` output (``teacher-export``)."""
+        if "features" not in self._outputs:
+            raise ValueError("this EdgeFace export has no 'features' output: export it again with "
+                             "`facenet-train teacher-export`")
+        descriptors, features = [], []
+        for start in range(0, len(crops), BATCH):
+            e, f = self._session.run(list(OUTPUTS), {"input": _inputs(crops[start:start + BATCH])})
+            descriptors.append(e / np.linalg.norm(e, axis=1, keepdims=True))
+            features.append(f.transpose(0, 2, 3, 1))
+        return np.concatenate(descriptors), np.concatenate(features)
+
+    @property
+    def _outputs(self) -> list[str]:
+        return [output.name for output in self._session.get_outputs()]
+
     def _run(self, x: np.ndarray) -> np.ndarray:
-        e = self._session.run(None, {"input": x})[0]
+        e = self._session.run(["embedding"], {"input": x})[0]
         return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+
+def _inputs(crops: np.ndarray) -> np.ndarray:
+    """The teacher's input of template crops: resized to 112, scaled to [-1, 1], NCHW."""
+    x = np.stack([cv2.resize(c, (INPUT_SIZE, INPUT_SIZE), interpolation=cv2.INTER_LINEAR) for c in crops])
+    return ((x.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(0, 3, 1, 2)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

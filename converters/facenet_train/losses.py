@@ -1,4 +1,5 @@
-"""Triplet, distillation (vector and relational), prototype, mirror and harmonic losses as pure TensorFlow functions.
+"""Triplet, distillation (vector, relational and feature-map hints), prototype, mirror and harmonic losses
+as pure TensorFlow functions.
 
 Every distance is a squared L2 distance (the FaceNet paper's convention), so no square root is
 ever taken and the gradient stays finite when two embeddings coincide. The functions work eagerly
@@ -166,6 +167,16 @@ def mirror_consistency_loss(embeddings: tf.Tensor, mirror_embeddings: tf.Tensor)
     return tf.reduce_mean(tf.reduce_sum(tf.square(a - b), axis=1))
 
 
+def hint_loss(student_features: tf.Tensor, teacher_features: tf.Tensor, has_teacher: tf.Tensor) -> tf.Tensor:
+    """Mean squared difference of (N, H, W, C) maps over the rows with a teacher (FitNets,
+    Romero et al. 2015): with standardised teacher channels, the share of the teacher's
+    feature variance the student's adapted map leaves unexplained (1: none explained by a
+    zero map)."""
+    per_row = tf.reduce_mean(tf.square(tf.cast(student_features, tf.float32) - teacher_features), axis=[1, 2, 3])
+    weights = tf.cast(has_teacher, tf.float32)
+    return tf.reduce_sum(per_row * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
+
+
 def _pair_mse(diff: tf.Tensor, pairs: tf.Tensor) -> tf.Tensor:
     """The mean of ``diff**2`` over the ``pairs`` that are True (0 when none is)."""
     weight = tf.cast(pairs, tf.float32)
@@ -266,6 +277,9 @@ class LossInputs:
     prototype_margin: float = PROTOTYPE_MARGIN
     memory: MemoryRows | None = None  # past batches' rows (memory_relational_loss)
     mirror_embeddings: tf.Tensor | None = None  # of the first rows' mirror images, in row order
+    # Every row's hint-layer map through the adapter, and the teacher's standardised map of its view.
+    student_features: tf.Tensor | None = None
+    teacher_features: tf.Tensor | None = None
 
     def labeled(self, rows: tf.Tensor) -> tf.Tensor:
         """The labelled rows of ``rows`` (a static slice when the batch shape is static, as under XLA)."""
@@ -291,6 +305,7 @@ class LossTerm:
     prototypes: bool = False  # needs LossInputs.prototypes (from the teacher's cached targets)
     memory: bool = False  # needs LossInputs.memory (past batches' rows, kept by the trainer)
     mirrored: bool = False  # needs LossInputs.mirror_embeddings (the trainer embeds the mirror images too)
+    features: bool = False  # needs LossInputs.student_features / teacher_features (data.teacher_onnx)
 
 
 def _triplet(inputs: LossInputs) -> TermValue:
@@ -326,6 +341,10 @@ def _mirror(inputs: LossInputs) -> TermValue:
     return TermValue(mirror_consistency_loss(inputs.embeddings[: tf.shape(mirrors)[0]], mirrors), {})
 
 
+def _hint(inputs: LossInputs) -> TermValue:
+    return TermValue(hint_loss(inputs.student_features, inputs.teacher_features, inputs.has_teacher), {})
+
+
 def _harmonic(inputs: LossInputs) -> TermValue:
     harmonic = harmonic_triplet_loss(inputs.labels, inputs.labeled(inputs.embeddings),
                                      inputs.labeled(inputs.old_embeddings), inputs.margin)
@@ -340,6 +359,7 @@ LOSS_TERMS: dict[str, LossTerm] = {
     "memory_relational": LossTerm(_memory_relational, teacher=True, memory=True),
     "prototype": LossTerm(_prototype, teacher=True, prototypes=True),
     "mirror": LossTerm(_mirror, mirrored=True),
+    "hint": LossTerm(_hint, teacher=True, features=True),
     "harmonic": LossTerm(_harmonic, old_model=True),
 }
 

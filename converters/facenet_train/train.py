@@ -29,7 +29,7 @@ from facenet_edge.embed import normalise
 from tensorflow.core.framework import summary_pb2
 
 from . import data, losses
-from .augment import augment_views, cut_tight, mix_faces
+from .augment import augment_views, centre_crop, cut_tight, mix_faces
 from .checkpoint import (
     CHECKPOINTS,
     CONFIG_JSON,
@@ -49,8 +49,42 @@ from .memory import BatchMemory
 from .models import build_model, input_shape
 from .teacher import cached_teacher
 
-# (N, S, S, 3) uint8 training views -> (N, D) distillation targets in the student's space.
-ViewTeacher = Callable[[np.ndarray], np.ndarray]
+# A run's per-channel mean and standard deviation of the teacher's feature maps (loss.hint).
+TEACHER_FEATURES_SCALE = "teacher_features_scale.npy"
+# Faces whose centre crops fix that scale, and training batches the hint adapter is first fitted on.
+FEATURE_SCALE_FACES, ADAPTER_FIT_STEPS = 512, 4
+
+
+@dataclass(frozen=True)
+class ViewTargets:
+    """What the view teacher says of a batch's views: (N, D) targets in the student's space
+    and, for the hint term, (N, H, W, C) feature maps with each channel standardised."""
+
+    targets: np.ndarray
+    features: np.ndarray | None = None
+
+
+class ViewTeacher:
+    """``data.teacher_onnx`` describing training views, without its mirror (the views are
+    flipped at random already): targets in the student's space and, with a ``feature_scale``
+    ((2, C): each channel's mean and standard deviation), standardised feature maps."""
+
+    def __init__(self, teacher: EdgeFaceTeacher, space: StudentSpace, size: int,
+                 feature_scale: np.ndarray | None = None):
+        self.teacher, self.space, self.feature_scale = teacher, space, feature_scale
+        self.feature_shape: tuple[int, ...] = ()
+        if feature_scale is not None:
+            self.feature_shape = teacher.describe_with_features(np.zeros((1, size, size, 3), np.uint8))[1].shape[1:]
+            if self.feature_shape[-1] != feature_scale.shape[1]:
+                raise ConfigError(f"the teacher's maps have {self.feature_shape[-1]} channels, the run's "
+                                  f"{TEACHER_FEATURES_SCALE} {feature_scale.shape[1]}")
+
+    def __call__(self, views: np.ndarray) -> ViewTargets:
+        if self.feature_scale is None:
+            return ViewTargets(self.space.targets(self.teacher.describe(views)))
+        descriptors, features = self.teacher.describe_with_features(views)
+        mean, std = self.feature_scale
+        return ViewTargets(self.space.targets(descriptors), ((features - mean) / std).astype(np.float32))
 
 
 # ---------------------------------------------------------------- data feeding
@@ -66,6 +100,7 @@ class FeedSpec:
     labeled: int
     size: int
     teacher_dim: int  # 0: no distillation targets fed
+    feature_shape: tuple[int, ...] = ()  # (H, W, C) of the teacher's maps; (): none fed
 
 
 class Batches:
@@ -98,7 +133,10 @@ class Batches:
             if self.view_teacher is None:
                 teacher = self.cache.teacher[index]
             else:
-                teacher = self.view_teacher(views).reshape(*index.shape, spec.teacher_dim)
+                said = self.view_teacher(views)
+                teacher = said.targets.reshape(*index.shape, spec.teacher_dim)
+                if spec.feature_shape:
+                    batch["teacher_features"] = said.features.reshape(*index.shape, *spec.feature_shape)
             batch["has_teacher"] = ~np.isnan(teacher).any(axis=-1)
             batch["teacher"] = np.nan_to_num(teacher).astype(np.float32)
         return batch
@@ -113,6 +151,9 @@ class Batches:
         if spec.teacher_dim:
             signature["teacher"] = tf.TensorSpec((spec.replicas, spec.per_replica, spec.teacher_dim), tf.float32)
             signature["has_teacher"] = tf.TensorSpec((spec.replicas, spec.per_replica), tf.bool)
+        if spec.feature_shape:
+            signature["teacher_features"] = tf.TensorSpec((spec.replicas, spec.per_replica, *spec.feature_shape),
+                                                          tf.float32)
         steps = lambda: (self(step) for step in range(start, stop))  # noqa: E731
         return tf.data.Dataset.from_generator(steps, output_signature=signature).prefetch(2)
 
@@ -257,7 +298,11 @@ class Trainer:
         if teacher_dim and teacher_dim != config.model.embedding_size:
             raise ConfigError(f"the teacher's descriptors are {teacher_dim}-d; "
                               f"its targets need model.embedding_size = {teacher_dim}")
-        self.spec = FeedSpec(replicas, sampler.batch_size // replicas, b.p * b.k // replicas, size, teacher_dim)
+        if config.loss.needs_features and (view_teacher is None or not view_teacher.feature_shape):
+            raise ConfigError("the hint term needs a view teacher with feature maps (data.teacher_onnx)")
+        feature_shape = view_teacher.feature_shape if config.loss.needs_features else ()
+        self.spec = FeedSpec(replicas, sampler.batch_size // replicas, b.p * b.k // replicas, size, teacher_dim,
+                             feature_shape)
         if config.loss.needs_mirrors and config.loss.mirror_views > self.spec.per_replica:
             raise ConfigError(f"loss.mirror_views {config.loss.mirror_views} exceeds the {self.spec.per_replica} "
                               f"faces of each of the {replicas} replicas' batches")
@@ -270,39 +315,95 @@ class Trainer:
             self.model = build_model(m.name, embedding_size=m.embedding_size, input_size=m.input_size)
             keras.mixed_precision.set_global_policy("float32")
             self.card = default_card(self.model)  # its preprocessing is the model's input, as on the device
+            self.features_model, self.adapter = self._hint_parts(feature_shape)
+            # The adapter is training-only: the weights saved are the model's.
+            self.variables = self.model.trainable_variables + (self.adapter.trainable_variables if self.adapter else [])
             self.old_model = load_old_model(config) if config.loss.needs_old_model else None
             self.memory = (BatchMemory(config.loss.memory_size, m.embedding_size, teacher_dim)
                            if config.loss.needs_memory else None)
             self.optimizer = make_optimizer(config)
-            self.optimizer.build(self.model.trainable_variables)  # slots exist before a restore
+            self.optimizer.build(self.variables)  # slots exist before a restore
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-            self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step)
+            parts = {"adapter": self.adapter} if self.adapter else {}
+            self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step, **parts)
         self.manager = tf.train.CheckpointManager(self.checkpoint, run_dir / CHECKPOINTS,
                                                   max_to_keep=config.train.keep_checkpoints)
         self._losses_fn = tf.function(self._losses, jit_compile=config.train.jit_compile)
         self._step_fn = tf.function(self._distributed_step)
 
+    def _hint_parts(self, feature_shape: tuple[int, ...]) -> tuple[keras.Model | None, keras.layers.Layer | None]:
+        """For the hint term: the model with its hint layer's map as a second output, and the
+        1x1 convolution taking that map to the teacher's channels; else (None, None)."""
+        if not feature_shape:
+            return None, None
+        name = self.config.loss.hint_layer
+        try:
+            layer = self.model.get_layer(name)
+        except ValueError:
+            raise ConfigError(f"loss.hint_layer {name!r} is not a layer of {self.config.model.name}") from None
+        grid = tuple(layer.output.shape[1:3])
+        if grid != tuple(feature_shape[:2]):
+            raise ConfigError(f"loss.hint_layer {name} is a {grid[0]}x{grid[1]} map, the teacher's "
+                              f"{feature_shape[0]}x{feature_shape[1]}: choose a layer of the teacher's grid")
+        adapter = keras.layers.Conv2D(feature_shape[2], 1, name="hint_adapter")
+        adapter.build(layer.output.shape)
+        return keras.Model(self.model.inputs, [self.model.output, layer.output]), adapter
+
+    def _forward(self, x: tf.Tensor, training: bool) -> tuple[tf.Tensor, tf.Tensor | None]:
+        """Embeddings of ``x`` and, for the hint term, its hint-layer maps through the adapter."""
+        if self.features_model is None:
+            return self.model(x, training=training), None
+        embeddings, features = self.features_model(x, training=training)
+        return embeddings, self.adapter(features)
+
     def _losses(self, images: tf.Tensor, labels: tf.Tensor, teacher: tf.Tensor | None,
-                has_teacher: tf.Tensor | None, memory: losses.MemoryRows | None
+                has_teacher: tf.Tensor | None, memory: losses.MemoryRows | None,
+                teacher_features: tf.Tensor | None = None
                 ) -> tuple[list[tf.Tensor], dict[str, tf.Tensor], tf.Tensor]:
         """(gradients, metrics, embeddings) of one replica's batch; XLA-compiled when configured."""
         cfg = self.config.loss
         x = normalise(tf.cast(images, tf.float32), self.card)
+        rows = tf.shape(x)[0]
         with tf.GradientTape() as tape:
             if cfg.needs_mirrors:
                 # The mirror images join the same forward pass (one batch-norm batch with their originals).
-                both = self.model(tf.concat([x, tf.reverse(x[: cfg.mirror_views], axis=[2])], axis=0), training=True)
-                embeddings, mirror_embeddings = both[: tf.shape(x)[0]], both[tf.shape(x)[0]:]
+                both, features = self._forward(tf.concat([x, tf.reverse(x[: cfg.mirror_views], axis=[2])], axis=0),
+                                               training=True)
+                embeddings, mirror_embeddings = both[:rows], both[rows:]
+                features = None if features is None else features[:rows]
             else:
-                embeddings, mirror_embeddings = self.model(x, training=True), None
+                (embeddings, features), mirror_embeddings = self._forward(x, training=True), None
             old = None if self.old_model is None else self.old_model(x, training=False)
             inputs = losses.LossInputs(embeddings, labels[: self.spec.labeled], cfg.margin, cfg.mining,
                                        teacher, has_teacher, old, self.prototypes, cfg.prototype_scale,
-                                       cfg.prototype_margin, memory, mirror_embeddings)
+                                       cfg.prototype_margin, memory, mirror_embeddings, features, teacher_features)
             total, metrics = losses.total_loss(cfg.weights(), inputs)
             # Gradients are summed over replicas: scale so the update is the mean.
             scaled = total / self.strategy.num_replicas_in_sync
-        return tape.gradient(scaled, self.model.trainable_variables), metrics, embeddings
+        return tape.gradient(scaled, self.variables), metrics, embeddings
+
+    def fit_adapter(self, steps: int = ADAPTER_FIT_STEPS) -> float:
+        """Start the hint adapter at the least-squares map from the model's hint-layer maps to
+        the teacher's, over the batches of the first ``steps`` steps (a random adapter's
+        gradients would first pull the trunk towards noise); returns the share of the teacher
+        maps' variance it leaves unexplained there."""
+        student, teacher = [], []
+        for step in range(steps):
+            batch = self.batches(step)
+            images = batch["images"].reshape(-1, *batch["images"].shape[2:])
+            # In training mode, as the loss sees the maps (batch statistics; moving averages move as in a step).
+            _, features = self.features_model(normalise(tf.cast(images, tf.float32), self.card), training=True)
+            student.append(features.numpy().reshape(-1, features.shape[-1]))
+            teacher.append(batch["teacher_features"].reshape(-1, self.spec.feature_shape[-1]))
+        x = np.concatenate(student).astype(np.float64)
+        x = np.hstack([x, np.ones((len(x), 1))])
+        y = np.concatenate(teacher).astype(np.float64)
+        gram = x.T @ x
+        ridge = 1e-3 * np.trace(gram) / len(gram)
+        solution = np.linalg.solve(gram + ridge * np.eye(len(gram)), x.T @ y)
+        kernel, bias = solution[:-1], solution[-1]
+        self.adapter.set_weights([kernel[None, None].astype(np.float32), bias.astype(np.float32)])
+        return float(np.mean((x @ solution - y) ** 2) / np.mean(y.var(axis=0)))
 
     def _replica_step(self, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
@@ -310,8 +411,8 @@ class Trainer:
         mine = {k: tf.gather(v, replica) for k, v in batch.items()}
         memory = None if self.memory is None else self.memory.rows()
         gradients, metrics, embeddings = self._losses_fn(mine["images"], mine["labels"], mine.get("teacher"),
-                                                         mine.get("has_teacher"), memory)
-        self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
+                                                         mine.get("has_teacher"), memory, mine.get("teacher_features"))
+        self.optimizer.apply_gradients(zip(gradients, self.variables))
         if self.memory is not None:
             self.memory.push(embeddings, mine["teacher"], mine["has_teacher"])
         return metrics
@@ -474,9 +575,10 @@ def _space_of(run: Path, name: str) -> np.ndarray:
     return np.load(path)
 
 
-def view_teacher(config: Config, space: StudentSpace) -> ViewTeacher:
-    """``data.teacher_onnx`` describing training views, without its mirror (the views are
-    flipped at random already), in the student's space."""
+def view_teacher(config: Config, space: StudentSpace, cache: data.FaceCache, run_dir: Path,
+                 resume: bool = False) -> ViewTeacher:
+    """The view teacher of ``data.teacher_onnx``; with the hint term, its feature maps'
+    scale is fixed at the run's start from the centre crops of faces spread over ``cache``."""
     held = cached_teacher(Path(config.data.cache))
     if held != "edgeface":
         raise ConfigError(f"data.teacher_onnx is an EdgeFace export, but {config.data.cache} holds "
@@ -484,7 +586,17 @@ def view_teacher(config: Config, space: StudentSpace) -> ViewTeacher:
     # It runs in the batch thread beside the training step, on the same cores: one thread that
     # does not spin made a step 5 % faster than two spinning ones (5.54 / 5.83 s, 2-core AMD EPYC).
     teacher = EdgeFaceTeacher(config.data.teacher_onnx, threads=1, flip=False, spinning=False)
-    return lambda views: space.targets(teacher.describe(views))
+    size = cache.manifest.crop_size
+    scale = None
+    if config.loss.needs_features:
+        faces = np.linspace(0, len(cache) - 1, min(FEATURE_SCALE_FACES, len(cache))).astype(int)
+
+        def measure() -> np.ndarray:
+            features = teacher.describe_with_features(centre_crop(cache.crops[faces], size))[1]
+            return np.stack([features.mean(axis=(0, 1, 2)), features.std(axis=(0, 1, 2)) + 1e-6])
+
+        scale = _fixed_for_run(run_dir / TEACHER_FEATURES_SCALE, resume, measure)
+    return ViewTeacher(teacher, space, size, scale)
 
 
 def train(config: Config, run_dir: str | Path, resume: bool = False, config_file: str | Path | None = None,
@@ -497,7 +609,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, config_file
     if config.loss.needs_teacher:
         space = student_space(cache.teacher, config, run_dir, resume)
         cache.teacher = space.targets(cache.teacher)
-        online = view_teacher(config, space) if config.data.teacher_onnx else None
+        online = view_teacher(config, space, cache, run_dir, resume) if config.data.teacher_onnx else None
     trainer = Trainer(config, run_dir, cache, strategy, online)
     if config.model.init_weights and not trainer.manager.latest_checkpoint:
         if note := replayed_views(config):
@@ -507,6 +619,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, config_file
         else:
             trainer.model.load_weights(config.model.init_weights)
     start = trainer.restore() if resume else 0
+    if trainer.adapter is not None and not start:
+        print(f"hint adapter fitted: {trainer.fit_adapter():.3f} of the teacher maps' variance left unexplained")
     print(f"{len(cache)} faces, {trainer.identities} identities with 2+ faces; {trainer.spec.replicas} replica(s); "
           f"from step {start} to {config.train.steps}")
     evaluate = None
