@@ -547,7 +547,8 @@ def hint_config(synthetic_cache, tmp_path, **loss):
 
 def test_the_hint_term_regresses_the_trunk_map_on_the_teachers(synthetic_cache, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "EdgeFaceTeacher", ViewMaps)
-    config = hint_config(synthetic_cache, tmp_path)
+    # With mirrored views in the same pass, as the probe ran: only the views' own maps meet the teacher's.
+    config = hint_config(synthetic_cache, tmp_path, mirror=1.0, mirror_views=3)
     cache, space, trainer = view_teacher_trainer(config, tmp_path / "run")
     # Each teacher channel is standardised by its mean and spread over centre crops of the cache's faces.
     faces = np.linspace(0, len(cache) - 1, min(train.FEATURE_SCALE_FACES, len(cache))).astype(int)

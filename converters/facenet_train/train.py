@@ -350,11 +350,11 @@ class Trainer:
         return keras.Model(self.model.inputs, [self.model.output, layer.output]), adapter
 
     def _forward(self, x: tf.Tensor, training: bool) -> tuple[tf.Tensor, tf.Tensor | None]:
-        """Embeddings of ``x`` and, for the hint term, its hint-layer maps through the adapter."""
+        """Embeddings of ``x`` and, for the hint term, its hint-layer maps."""
         if self.features_model is None:
             return self.model(x, training=training), None
         embeddings, features = self.features_model(x, training=training)
-        return embeddings, self.adapter(features)
+        return embeddings, features
 
     def _losses(self, images: tf.Tensor, labels: tf.Tensor, teacher: tf.Tensor | None,
                 has_teacher: tf.Tensor | None, memory: losses.MemoryRows | None,
@@ -370,9 +370,10 @@ class Trainer:
                 both, features = self._forward(tf.concat([x, tf.reverse(x[: cfg.mirror_views], axis=[2])], axis=0),
                                                training=True)
                 embeddings, mirror_embeddings = both[:rows], both[rows:]
-                features = None if features is None else features[:rows]
             else:
                 (embeddings, features), mirror_embeddings = self._forward(x, training=True), None
+            # Only the views' own maps meet the teacher's: the mirrored rows skip the adapter.
+            features = None if features is None else self.adapter(features[:rows])
             old = None if self.old_model is None else self.old_model(x, training=False)
             inputs = losses.LossInputs(embeddings, labels[: self.spec.labeled], cfg.margin, cfg.mining,
                                        teacher, has_teacher, old, self.prototypes, cfg.prototype_scale,
