@@ -401,6 +401,7 @@ def test_terms_name_what_the_model_was_made_from():
                                              "these are licensed for non-commercial research")
     distilled = convert.terms(datasets, "edgeface")
     assert "distilled from EdgeFace-XS" in distilled and distilled.startswith("non-commercial research only")
+    assert "distilled from InsightFace's MobileFaceNet" in convert.terms(datasets, "insightface_mobilefacenet")
     assert "unrecorded datasets" in convert.terms([], None)
 
 

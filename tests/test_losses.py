@@ -445,6 +445,22 @@ def test_the_mirror_term_pulls_the_first_rows_and_their_mirrors_together():
     assert float(mirror_consistency_loss(embeddings[:2], 3.0 * embeddings[:2])) == pytest.approx(0, abs=1e-6)
 
 
+def test_old_distillation_pulls_every_row_onto_the_old_models_embedding():
+    rng = np.random.default_rng(1)
+    embeddings = tf.constant(rng.normal(size=(6, 4)).astype(np.float32))
+    old = tf.constant(rng.normal(size=(6, 4)).astype(np.float32))
+    with tf.GradientTape() as tape:
+        tape.watch([embeddings, old])
+        # Two labelled rows, four unlabeled: the term sees all six.
+        total, metrics = total_loss({"old_distillation": 2.0},
+                                    LossInputs(embeddings, tf.zeros(2, tf.int32), 0.2, "semihard", old_embeddings=old))
+    assert float(metrics["old_distillation"]) == pytest.approx(float(distillation_loss(embeddings, old)), rel=1e-6)
+    assert float(total) == pytest.approx(2 * float(metrics["old_distillation"]), rel=1e-6)
+    gradients = tape.gradient(total, [embeddings, old])
+    assert np.all(np.any(gradients[0].numpy() != 0, axis=1)) and gradients[1] is None
+    assert LOSS_TERMS["old_distillation"].unlabeled and LOSS_TERMS["old_distillation"].old_model
+
+
 def test_every_loss_term_has_a_weight_in_the_config():
     hints = get_type_hints(LossConfig)
     assert all(hints.get(name) is float for name in LOSS_TERMS)
@@ -471,6 +487,11 @@ def test_what_a_config_needs_follows_the_loss_terms(monkeypatch):
          "loss": {"memory_relational": 1.0, "memory_size": 100}})
     assert "loss.mirror_views 0 must be between 1 and the batch's 120 faces" in error(
         {"loss": {"mirror": 1.0, "mirror_views": 0}})
+    # Unlabeled faces feed the teacher's terms and the old model's distillation, nothing else.
+    assert "batch.unlabeled > 0 only feeds the distillation" in error({"batch": {"unlabeled": 4}})
+    assert "or old_distillation loss: set" in error({"batch": {"unlabeled": 4}})
+    config_from_dict({"batch": {"unlabeled": 4}, "loss": {"triplet": 0.0, "old_distillation": 1.0},
+                      "harmonic": {"old_model": "old.npz"}})
 
 
 @pytest.mark.parametrize("loss", [{"prototype_scale": 0.0}, {"prototype_margin": 1.0}, {"prototype_margin": -0.1}])

@@ -66,7 +66,8 @@ def test_nn4_matches_openface_nn4_and_the_paper_flops(reports):
 
 @pytest.mark.parametrize(
     "name, params_rel, macs_rel",
-    [("nn2", 0.01, 0.01), ("nns1", 0.02, 0.02), ("nns2", 0.02, 0.06)],  # measured: see docs/models.md
+    # measured: see docs/models.md; mobilefacenet 995k / 224.2M against the paper's 0.99M / 221M
+    [("nn2", 0.01, 0.01), ("nns1", 0.02, 0.02), ("nns2", 0.02, 0.06), ("mobilefacenet", 0.02, 0.02)],
 )
 def test_totals_near_the_paper(reports, name, params_rel, macs_rel):
     report, paper = reports[name], MODELS[name].paper
@@ -124,10 +125,22 @@ def test_counts_of_a_hand_computed_model():
     assert report.input_shape == (16, 16, 3)
 
 
+def test_counts_of_depthwise_padding_and_residual_layers():
+    inputs = keras.Input((8, 8, 4))
+    x = keras.layers.ZeroPadding2D(1, name="pad")(inputs)  # 10x10x4
+    x = keras.layers.DepthwiseConv2D(3, name="dw")(x)  # 8x8x4, bias
+    x = keras.layers.Add(name="add")([inputs, x])
+    report = count_flops(keras.Model(inputs, x, name="tiny_dw"))
+    got = {layer.name: (layer.output_shape, layer.params, layer.macs, layer.flops) for layer in report.layers}
+    assert got["pad"] == ((10, 10, 4), 0, 0, 0)
+    assert got["dw"] == ((8, 8, 4), 9 * 4 + 4, 256 * (9 + 1), 2 * 256 * 9 + 256)
+    assert got["add"] == ((8, 8, 4), 0, 0, 256)
+
+
 def test_unknown_layer_kind_is_refused():
     inputs = keras.Input((8, 8, 3))
-    model = keras.Model(inputs, keras.layers.DepthwiseConv2D(3, name="dw")(inputs))
-    with pytest.raises(ValueError, match="'dw' of type DepthwiseConv2D"):
+    model = keras.Model(inputs, keras.layers.LayerNormalization(name="ln")(inputs))
+    with pytest.raises(ValueError, match="'ln' of type LayerNormalization"):
         count_flops(model)
 
 
@@ -198,6 +211,29 @@ def test_int8_conversion_uses_only_edge_tpu_ops():
     assert set(ops) <= allowed, ops
     assert ops["L2_NORMALIZATION"] == 1
     assert ops["CONV_2D"] == 37
+
+
+def test_mobilefacenet_int8_has_no_prelu_and_pads_its_strided_convolutions_on_every_side():
+    model = build_model("mobilefacenet")
+    # conv_1 and the three stride-2 depthwise convolutions pad one pixel all round (MXNet's
+    # geometry, which imported weights expect); "same" would pad the bottom and right only.
+    pads = [layer.name for layer in model.layers if isinstance(layer, keras.layers.ZeroPadding2D)]
+    assert pads == ["conv_1_pad", "dconv_23_conv_dw_pad", "dconv_34_conv_dw_pad", "dconv_45_conv_dw_pad"]
+    assert [model.get_layer(name).padding for name in ("conv_1", "dconv_23_conv_dw")] == ["valid", "valid"]
+    assert not any(isinstance(layer, keras.layers.PReLU) for layer in model.layers)
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    rng = np.random.default_rng(3)
+    converter.representative_dataset = lambda: ([rng.random((1, 112, 112, 3), dtype=np.float32)] for _ in range(4))
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.uint8
+    from ai_edge_litert.interpreter import Interpreter  # the runtime's interpreter
+
+    interpreter = Interpreter(model_content=converter.convert())
+    ops = collections.Counter(op["op_name"] for op in interpreter._get_ops_details())
+    assert set(ops) <= {"QUANTIZE", "PAD", "CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "RESHAPE",
+                        "FULLY_CONNECTED", "L2_NORMALIZATION", "DEQUANTIZE"}, ops  # fmt: skip
+    assert (ops["DEPTHWISE_CONV_2D"], ops["ADD"], ops["PAD"]) == (17, 12, 4)
 
 
 def test_a_factorized_kernel_composes_back_to_the_original_at_full_rank():

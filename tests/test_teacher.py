@@ -127,6 +127,9 @@ def test_compute_teacher_labels_the_centre_crop_of_every_face_once(stand_in, ast
     write_crop_cache(fresh, astronaut)
     with pytest.raises(ValueError, match="needs its ONNX file"):
         teacher.compute_teacher(fresh, teacher.TeacherOptions("edgeface", workers=1))
+    # The MobileFaceNet teaches inside the training step (harmonic.old_model), not through a cache.
+    with pytest.raises(ValueError, match="'insightface_mobilefacenet' labels no cache; choose one of"):
+        teacher.compute_teacher(fresh, teacher.TeacherOptions("insightface_mobilefacenet", workers=1))
     assert teacher.cached_teacher(fresh) is None  # a teacher that could not start claims nothing
 
 

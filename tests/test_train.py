@@ -360,6 +360,17 @@ def test_distillation_and_harmonic(synthetic_cache, trained_run, tmp_path):
     assert logged(tmp_path / "run", "learning_rate")[0] == pytest.approx(0.01)
 
 
+def test_old_distillation_learns_the_old_models_function_without_labels(synthetic_cache, trained_run, tmp_path):
+    old = {"old_model": str(trained_run / checkpoint.WEIGHTS), "old_name": "tiny", "old_embedding_size": DIM}
+    config = make_config(synthetic_cache, batch={"unlabeled": 4}, loss={"triplet": 0.0, "old_distillation": 1.0},
+                         harmonic=old, train={"steps": 20, "log_every": 1, "jit_compile": False})
+    result = train.train(config, tmp_path / "run")
+    assert set(result.metrics) >= {"loss", "old_distillation"} and "triplet" not in result.metrics
+    # From fresh weights, the new model moves towards the old one's embeddings.
+    values = logged(tmp_path / "run", "old_distillation")
+    assert len(values) == 20 and np.mean(values[-5:]) < 0.8 * np.mean(values[:5])
+
+
 def test_the_mirror_term_compares_each_view_with_its_left_right_mirror(synthetic_cache, trained_run, tmp_path):
     config = make_config(synthetic_cache, loss={"mirror": 1.0, "mirror_views": 5},
                          model={"init_weights": str(trained_run / checkpoint.WEIGHTS)})

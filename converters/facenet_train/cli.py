@@ -33,6 +33,8 @@ COMMANDS: dict[str, Command] = {
                             "refit a trained model's embedding layer to the teacher (a distillation start)"),
     "factorize": Command("facenet_train.factorize",
                          "carry trained weights into a layout with factorized convolutions (nn4_small2_sep)"),
+    "import-mobilefacenet": Command("facenet_train.mobilefacenet_import",
+                                    "load InsightFace's MobileFaceNet (ncnn files) into the mobilefacenet layout"),
     "widen": Command("facenet_train.widen",
                      "carry trained weights into a wider layout, computing the same (nn4_small2_wide)"),
     "train": Command("facenet_train.train", "train an embedding model from a config file"),

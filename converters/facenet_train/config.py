@@ -129,7 +129,11 @@ class LossConfig:
     ``hint``: the student's ``hint_layer`` map, through a training-only 1x1 convolution, regressed
     on the view teacher's feature map of the same grid (FitNets; each teacher channel
     standardised): the trunk, not only the embedding, learns from the teacher.
-    ``harmonic``: mixed old/new triplets (needs ``[harmonic] old_model``)."""
+    ``harmonic``: mixed old/new triplets (needs ``[harmonic] old_model``).
+    ``old_distillation``: every view's embedding pulled onto the frozen old model's embedding
+    of the same view (``2 - 2 cos``, needs ``[harmonic] old_model``): the new model learns the
+    old one's function, as a ReLU MobileFaceNet learns its PReLU original's
+    (configs/mobilefacenet_relu.toml)."""
 
     triplet: float = 1.0
     mining: str = "semihard"
@@ -147,6 +151,7 @@ class LossConfig:
     hint: float = 0.0
     hint_layer: str = "inception_4a_concat"
     harmonic: float = 0.0
+    old_distillation: float = 0.0
 
     def weights(self) -> dict[str, float]:
         """The terms a run trains with: ``LOSS_TERMS`` name -> weight, for the weights not 0."""
@@ -236,6 +241,9 @@ class Config:
         # What a term needs is declared by its LOSS_TERMS entry; these checks follow from it.
         with_teacher = [name for name, term in LOSS_TERMS.items() if term.teacher]
         teacher_losses, teacher_weights = _one_of(with_teacher), _one_of([f"loss.{n}" for n in with_teacher])
+        with_unlabeled = [name for name, term in LOSS_TERMS.items() if term.teacher or term.unlabeled]
+        unlabeled_losses = _one_of(with_unlabeled)
+        unlabeled_weights = _one_of([f"loss.{n}" for n in with_unlabeled])
         checks = [
             (self.model.input_size >= 0,
              f"model.input_size {self.model.input_size}: pixels on a side, or 0 for the model's own size"),
@@ -253,8 +261,8 @@ class Config:
             (d.teacher or not d.teacher_space, "data.teacher_space needs data.teacher = true"),
             (not d.teacher or loss.needs_teacher,
              f"data.teacher = true loads targets only the {teacher_losses} loss uses: set {teacher_weights}"),
-            (self.batch.unlabeled == 0 or loss.needs_teacher,
-             f"batch.unlabeled > 0 only feeds the {teacher_losses} loss: set {teacher_weights}"),
+            (self.batch.unlabeled == 0 or any(name in weights for name in with_unlabeled),
+             f"batch.unlabeled > 0 only feeds the {unlabeled_losses} loss: set {unlabeled_weights}"),
             (0.0 <= self.batch.mixup <= 1.0, f"batch.mixup {self.batch.mixup}: a probability in [0, 1]"),
             (self.batch.mixup == 0 or (self.batch.unlabeled > 0 and bool(d.teacher_onnx)),
              "batch.mixup > 0 blends unlabeled faces for a teacher to describe: "

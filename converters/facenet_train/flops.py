@@ -7,8 +7,8 @@ Two counts per layer (docs/models.md):
   element (its scale and shift); at conversion it folds into the preceding convolution, so
   conv + BN counts exactly what the paper's conv-with-bias counts.
 - ``flops``: floating-point operations: 2 per multiply-add, 1 per bias add, and the layers without
-  multiply-adds: pooling ``k*k`` per output element (as TensorFlow's profiler counts it), ReLU 1 per
-  element, L2 normalisation 3 per element.
+  multiply-adds: pooling ``k*k`` per output element (as TensorFlow's profiler counts it), ReLU and a residual
+  addition 1 per element, PReLU 2, L2 normalisation 3 per element.
 
 ``facenet-train describe MODEL`` prints the report of a model in the registry.
 """
@@ -24,7 +24,8 @@ import keras
 from .models import L2Normalize, StaticFlatten, build_model
 
 # Layers that only move data.
-_FREE = (keras.layers.InputLayer, keras.layers.Concatenate, StaticFlatten, keras.layers.Flatten, keras.layers.Reshape)
+_FREE = (keras.layers.InputLayer, keras.layers.Concatenate, StaticFlatten, keras.layers.Flatten, keras.layers.Reshape,
+         keras.layers.ZeroPadding2D)
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,11 @@ def count_flops(model: keras.Model) -> FlopReport:
 
 def _layer_cost(layer, out: int) -> tuple[int, int]:
     """(multiply-adds, FLOPs) of one layer with ``out`` output elements."""
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        # Kernel is (kh, kw, channels, 1): each output element sees one channel's kh x kw window.
+        fan_in = math.prod(layer.kernel.shape[:2])
+        bias = out if layer.use_bias else 0
+        return out * fan_in + bias, 2 * out * fan_in + bias
     if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
         # Kernel is (kh, kw, in_channels / groups, filters) or (inputs, units): all but the last axis fan in.
         fan_in = math.prod(layer.kernel.shape[:-1])
@@ -88,8 +94,10 @@ def _layer_cost(layer, out: int) -> tuple[int, int]:
         return out, 2 * out
     if isinstance(layer, (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)):
         return 0, math.prod(layer.pool_size) * out
-    if isinstance(layer, keras.layers.ReLU):
+    if isinstance(layer, (keras.layers.ReLU, keras.layers.Add)):
         return 0, out
+    if isinstance(layer, keras.layers.PReLU):
+        return 0, 2 * out  # a comparison, and a multiplication by the slope
     if isinstance(layer, L2Normalize):
         return 0, 3 * out
     if isinstance(layer, _FREE):

@@ -299,9 +299,10 @@ class LossTerm:
     and what a config must name (``config.Config.validate``)."""
 
     compute: Callable[[LossInputs], TermValue]
-    # Needs LossInputs.teacher (data.teacher); such terms are the only ones unlabeled faces feed.
+    # Needs LossInputs.teacher (data.teacher); such terms feed on unlabeled faces too.
     teacher: bool = False
     old_model: bool = False  # needs LossInputs.old_embeddings (harmonic.old_model)
+    unlabeled: bool = False  # feeds on unlabeled faces without a teacher (batch.unlabeled)
     prototypes: bool = False  # needs LossInputs.prototypes (from the teacher's cached targets)
     memory: bool = False  # needs LossInputs.memory (past batches' rows, kept by the trainer)
     mirrored: bool = False  # needs LossInputs.mirror_embeddings (the trainer embeds the mirror images too)
@@ -345,6 +346,10 @@ def _hint(inputs: LossInputs) -> TermValue:
     return TermValue(hint_loss(inputs.student_features, inputs.teacher_features, inputs.has_teacher), {})
 
 
+def _old_distillation(inputs: LossInputs) -> TermValue:
+    return TermValue(distillation_loss(inputs.embeddings, inputs.old_embeddings), {})
+
+
 def _harmonic(inputs: LossInputs) -> TermValue:
     harmonic = harmonic_triplet_loss(inputs.labels, inputs.labeled(inputs.embeddings),
                                      inputs.labeled(inputs.old_embeddings), inputs.margin)
@@ -361,6 +366,7 @@ LOSS_TERMS: dict[str, LossTerm] = {
     "mirror": LossTerm(_mirror, mirrored=True),
     "hint": LossTerm(_hint, teacher=True, features=True),
     "harmonic": LossTerm(_harmonic, old_model=True),
+    "old_distillation": LossTerm(_old_distillation, old_model=True, unlabeled=True),
 }
 
 

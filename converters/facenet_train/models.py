@@ -1,17 +1,24 @@
-"""The FaceNet paper's Inception family as Keras 3 functional models.
+"""The FaceNet paper's Inception family, and MobileFaceNet, as Keras 3 functional models.
 
-Every model is ``image -> Inception trunk -> Dense(embedding_size) -> L2Normalize`` and uses only
-layers that quantize to int8 and map on the Edge TPU: Conv2D + BatchNormalization (folded into the
-convolution at conversion) + ReLU, MaxPooling2D, AveragePooling2D, Concatenate, Dense,
-:class:`StaticFlatten` (one RESHAPE) and :class:`L2Normalize`. Departures from the paper, each
-because of that constraint:
+Every model is ``image -> trunk -> Dense(embedding_size) -> L2Normalize`` and uses only
+layers that quantize to int8 and map on the Edge TPU: Conv2D or DepthwiseConv2D +
+BatchNormalization (folded into the convolution at conversion) + ReLU, MaxPooling2D,
+AveragePooling2D, Concatenate, Add, ZeroPadding2D, Dense, :class:`StaticFlatten` (one RESHAPE)
+and :class:`L2Normalize`. Departures from the FaceNet paper, each because of that constraint:
 
 - the paper's L2 pooling inside Inception blocks is average pooling here;
 - there is no local response normalisation (batch normalisation follows every convolution).
 
-All padding is ``"same"`` so every shape is static and blocks line up without cropping.
-Where the paper gives no layer table (``nns1``, ``nns2``) the layout is our reading of its text;
-docs/models.md states it.
+All padding is ``"same"`` so every shape is static and blocks line up without cropping, except
+in layouts with ``symmetric_padding`` (below). Where the paper gives no layer table (``nns1``,
+``nns2``) the layout is our reading of its text; docs/models.md states it.
+
+``mobilefacenet`` is Chen et al. 2018's layout as InsightFace trained it (depthwise-separable
+inverted residuals, a global depthwise read-out instead of average pooling), with ReLU where
+they use PReLU: an int8 PRELU op does not fuse into its convolution and took 3.65x the embed
+time on a 2-core EPYC (docs/model.md). ``mobilefacenet_prelu`` is the same with PReLU, to hold
+InsightFace's weights as they are (``facenet-train import-mobilefacenet``) as the frozen model
+the ReLU one is distilled from.
 """
 
 from __future__ import annotations
@@ -103,7 +110,29 @@ class Inception:
     stride: int = 1
 
 
-Stage = Conv | MaxPool | Inception
+@dataclass(frozen=True)
+class Depthwise:
+    """DepthwiseConv2D (no bias) + BatchNormalization + ReLU."""
+
+    name: str
+    kernel: int = 3
+    stride: int = 1
+
+
+@dataclass(frozen=True)
+class Bottleneck:
+    """MobileNetV2's inverted residual: a 1x1 convolution to ``expand`` channels
+    (``{name}_conv_sep``), a 3x3 depthwise one (``{name}_conv_dw``, ``stride``), then a linear
+    1x1 projection to ``filters`` (``{name}_conv_proj``); the input is added back
+    (``{name}_add``) where the shapes allow (stride 1, as many channels in as out)."""
+
+    name: str
+    expand: int
+    filters: int
+    stride: int = 1
+
+
+Stage = Conv | MaxPool | Inception | Depthwise | Bottleneck
 
 
 @dataclass(frozen=True)
@@ -125,6 +154,12 @@ class ModelSpec:
     ``fc_hidden == 0``: average pooling over the whole final map (NN2's top).
     ``fc_hidden > 0``: the final map is flattened into a fully connected ReLU layer of that width
     (NN1's top), which is where most of the parameters of nns1/nns2 sit.
+    ``global_depthwise``: instead, a linear depthwise convolution over the whole final map, then
+    batch normalisation (MobileFaceNet's "GDC"), which weighs each position of each channel.
+    ``prelu``: PReLU layers (``{conv}_prelu``) where the others have ReLU (``{conv}_relu``).
+    ``symmetric_padding``: strided convolutions pad (k - 1) / 2 on every side, as MXNet and
+    PyTorch do, rather than TensorFlow's "same", which pads an even input's bottom and right
+    only; imported weights expect it.
     """
 
     name: str
@@ -133,6 +168,9 @@ class ModelSpec:
     fc_hidden: int
     paper: PaperReference
     summary: str
+    global_depthwise: bool = False
+    symmetric_padding: bool = False
+    prelu: bool = False  # PReLU (one slope per channel) after each convolution instead of ReLU
 
 
 # NN2's stem, shared by nn2, nn4 and nn4_small2: conv 7x7/2, max pool, 1x1 then 3x3 conv, max pool.
@@ -163,6 +201,20 @@ _NN4_SMALL2_BLOCKS = _NN2_3 + (
     _NN2_4[-1],
     Inception("inception_5a", 256, 96, 384, 0, 0, "avg", 96),
     Inception("inception_5b", 256, 96, 384, 0, 0, "max", 96),
+)
+
+# MobileFaceNet (Chen et al. 2018, Table 1) with InsightFace's layer names: (t, c, n, s) =
+# (2, 64, 5, 2), (4, 128, 1, 2), (2, 128, 6, 1), (4, 128, 1, 2), (2, 128, 2, 1).
+_MOBILEFACENET: tuple[Stage, ...] = (
+    Conv("conv_1", 64, 3, 2),
+    Depthwise("conv_2_dw"),
+    Bottleneck("dconv_23", 128, 64, 2),
+    *(Bottleneck(f"res_3_block{i}", 128, 64) for i in range(4)),
+    Bottleneck("dconv_34", 256, 128, 2),
+    *(Bottleneck(f"res_4_block{i}", 256, 128) for i in range(6)),
+    Bottleneck("dconv_45", 512, 128, 2),
+    *(Bottleneck(f"res_5_block{i}", 256, 128) for i in range(2)),
+    Conv("conv_6sep", 512, 1),
 )
 
 MODELS: dict[str, ModelSpec] = {
@@ -268,6 +320,27 @@ MODELS: dict[str, ModelSpec] = {
             PaperReference(7_500_000, 1_600_000_000, "FaceNet paper, Table 2"),
             "FaceNet NN2: the paper's Table 2",
         ),
+        ModelSpec(
+            "mobilefacenet",
+            (112, 112, 3),
+            _MOBILEFACENET,
+            0,
+            PaperReference(990_000, 221_000_000, "Chen et al. 2018, MobileFaceNets, Table 2 (0.99M, 221M MAdds)"),
+            "MobileFaceNet (InsightFace's layout and names) with ReLU for PReLU",
+            global_depthwise=True,
+            symmetric_padding=True,
+        ),
+        ModelSpec(
+            "mobilefacenet_prelu",
+            (112, 112, 3),
+            _MOBILEFACENET,
+            0,
+            PaperReference(990_000, 221_000_000, "Chen et al. 2018, MobileFaceNets, Table 2 (0.99M, 221M MAdds)"),
+            "MobileFaceNet as InsightFace trained it, PReLU included (slow in int8: a distillation teacher)",
+            global_depthwise=True,
+            symmetric_padding=True,
+            prelu=True,
+        ),
     )
 }
 
@@ -289,18 +362,28 @@ def build_model(
     spec = MODELS[name]
     inputs = keras.Input(input_shape(name, input_size), name="image")
     x = inputs
+    symmetric, act = spec.symmetric_padding, _activation(spec)
     for stage in spec.stages:
         if isinstance(stage, Conv) and stage.rank:
             x = keras.layers.Conv2D(stage.rank, (stage.kernel, 1), (stage.stride, 1), padding="same",
                                     use_bias=False, name=f"{stage.name}_vertical")(x)
-            x = _conv_bn_relu(x, stage.name, stage.filters, (1, stage.kernel), (1, stage.stride))
+            x = _conv_bn_act(x, stage.name, stage.filters, (1, stage.kernel), (1, stage.stride))
         elif isinstance(stage, Conv):
-            x = _conv_bn_relu(x, stage.name, stage.filters, stage.kernel, stage.stride)
+            x = _conv_bn_act(x, stage.name, stage.filters, stage.kernel, stage.stride, symmetric, act)
+        elif isinstance(stage, Depthwise):
+            x = _conv_bn_act(x, stage.name, 0, stage.kernel, stage.stride, symmetric, act)
+        elif isinstance(stage, Bottleneck):
+            x = _bottleneck(x, stage, symmetric, act)
         elif isinstance(stage, MaxPool):
             x = keras.layers.MaxPooling2D(stage.size, stage.stride, padding="same", name=stage.name)(x)
         else:
             x = _inception(x, stage)
-    if spec.fc_hidden:
+    if spec.global_depthwise:
+        x = keras.layers.DepthwiseConv2D(tuple(x.shape[1:3]), use_bias=False, name="gdc",
+                                         depthwise_initializer=_depthwise_init(tuple(x.shape[1:3])))(x)
+        x = keras.layers.BatchNormalization(name="gdc_bn")(x)
+        x = StaticFlatten(name="flatten")(x)
+    elif spec.fc_hidden:
         x = StaticFlatten(name="flatten")(x)
         x = keras.layers.Dense(spec.fc_hidden, activation="relu", name="fc1")(x)
     else:
@@ -317,10 +400,12 @@ def build_model(
 def stage_outputs(name: str) -> list[tuple[str, str]]:
     """(stage, the layer of :func:`build_model` whose output ends it) for each stage of model
     ``name``, then ``("head", "embedding")``: where a model can be cut stage by stage."""
-    ends = []
+    ends, act = [], _activation(MODELS[name])
     for stage in MODELS[name].stages:
-        if isinstance(stage, Conv):
-            ends.append((stage.name, f"{stage.name}_relu"))
+        if isinstance(stage, Conv | Depthwise):
+            ends.append((stage.name, f"{stage.name}_{act}"))
+        elif isinstance(stage, Bottleneck):
+            ends.append((stage.name, f"{stage.name}_add" if _residual(stage, None) else f"{stage.name}_conv_proj_bn"))
         elif isinstance(stage, MaxPool):
             ends.append((stage.name, stage.name))
         else:
@@ -339,28 +424,65 @@ def input_size_of(model: keras.Model) -> int:
     return 0 if shape == MODELS[model.name].input_shape else shape[0]
 
 
-def _conv_bn_relu(x, name: str, filters: int, kernel: int | tuple[int, int] = 1,
-                  stride: int | tuple[int, int] = 1):
+def _activation(spec: ModelSpec) -> str:
+    return "prelu" if spec.prelu else "relu"
+
+
+def _conv_bn_act(x, name: str, filters: int, kernel: int | tuple[int, int] = 1,
+                  stride: int | tuple[int, int] = 1, symmetric: bool = False, activation: str = "relu"):
+    """``filters == 0``: a depthwise convolution; ``activation``: "relu", "prelu" or "" (linear)."""
+    padding = "same"
+    if symmetric and stride != 1 and kernel != 1:
+        x = keras.layers.ZeroPadding2D(kernel // 2, name=f"{name}_pad")(x)
+        padding = "valid"
     # No conv bias: batch normalisation's shift replaces it, and both fold into one bias at conversion.
-    x = keras.layers.Conv2D(filters, kernel, stride, padding="same", use_bias=False, name=name)(x)
+    if filters:
+        x = keras.layers.Conv2D(filters, kernel, stride, padding=padding, use_bias=False, name=name)(x)
+    else:
+        x = keras.layers.DepthwiseConv2D(kernel, stride, padding=padding, use_bias=False, name=name,
+                                         depthwise_initializer=_depthwise_init(kernel))(x)
     x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
-    return keras.layers.ReLU(name=f"{name}_relu")(x)
+    if activation == "prelu":
+        return keras.layers.PReLU(shared_axes=[1, 2], name=f"{name}_prelu")(x)
+    return keras.layers.ReLU(name=f"{name}_relu")(x) if activation else x
+
+
+def _depthwise_init(kernel: int | tuple[int, int]) -> keras.initializers.Initializer:
+    """He initialisation for a depthwise kernel. Keras counts its fan-in as window x channels,
+    though each output sees one channel's window: with its default, activations shrink about
+    30-fold at each of MobileFaceNet's 17 depthwise layers and vanish before the embedding."""
+    window = math.prod(kernel) if isinstance(kernel, tuple) else kernel * kernel
+    return keras.initializers.RandomNormal(stddev=math.sqrt(2.0 / window))
+
+
+def _residual(block: Bottleneck, channels_in: int | None) -> bool:
+    """Whether ``block`` adds its input back; ``None``: as in :data:`MODELS`, where every
+    stride-1 bottleneck keeps its width."""
+    return block.stride == 1 and channels_in in (None, block.filters)
+
+
+def _bottleneck(x, block: Bottleneck, symmetric: bool, activation: str):
+    name = block.name
+    y = _conv_bn_act(x, f"{name}_conv_sep", block.expand, activation=activation)
+    y = _conv_bn_act(y, f"{name}_conv_dw", 0, 3, block.stride, symmetric, activation)
+    y = _conv_bn_act(y, f"{name}_conv_proj", block.filters, activation="")
+    return keras.layers.Add(name=f"{name}_add")([x, y]) if _residual(block, x.shape[-1]) else y
 
 
 def _inception(x, block: Inception):
     name, stride = block.name, block.stride
     branches = []
     if block.n1x1:
-        branches.append(_conv_bn_relu(x, f"{name}_1x1", block.n1x1))
+        branches.append(_conv_bn_act(x, f"{name}_1x1", block.n1x1))
     if block.n3x3:
-        y = _conv_bn_relu(x, f"{name}_3x3_reduce", block.n3x3_reduce)
-        branches.append(_conv_bn_relu(y, f"{name}_3x3", block.n3x3, 3, stride))
+        y = _conv_bn_act(x, f"{name}_3x3_reduce", block.n3x3_reduce)
+        branches.append(_conv_bn_act(y, f"{name}_3x3", block.n3x3, 3, stride))
     if block.n5x5:
-        y = _conv_bn_relu(x, f"{name}_5x5_reduce", block.n5x5_reduce)
-        branches.append(_conv_bn_relu(y, f"{name}_5x5", block.n5x5, 5, stride))
+        y = _conv_bn_act(x, f"{name}_5x5_reduce", block.n5x5_reduce)
+        branches.append(_conv_bn_act(y, f"{name}_5x5", block.n5x5, 5, stride))
     pool_layer = {"max": keras.layers.MaxPooling2D, "avg": keras.layers.AveragePooling2D}[block.pool]
     y = pool_layer(3, stride, padding="same", name=f"{name}_pool")(x)
     if block.pool_proj:
-        y = _conv_bn_relu(y, f"{name}_pool_proj", block.pool_proj)
+        y = _conv_bn_act(y, f"{name}_pool_proj", block.pool_proj)
     branches.append(y)
     return keras.layers.Concatenate(name=f"{name}_concat")(branches)

@@ -118,10 +118,11 @@ def _edgeface_labeller(options: TeacherOptions, manifest: data.CacheManifest) ->
 
 @dataclass(frozen=True)
 class Teacher:
-    """A teacher: ``labeller`` opens it for a cache; ``terms`` names it (and the terms of
-    its weights) in the card of a model distilled from it."""
+    """A teacher: ``labeller`` opens it for a cache (None: it teaches inside the training
+    step, as ``harmonic.old_model``, and labels no cache); ``terms`` names it (and the terms
+    of its weights) in the card of a model distilled from it."""
 
-    labeller: Callable[[TeacherOptions, data.CacheManifest], AbstractContextManager[ShardLabeller]]
+    labeller: Callable[[TeacherOptions, data.CacheManifest], AbstractContextManager[ShardLabeller]] | None
     terms: str
 
 
@@ -130,7 +131,12 @@ TEACHERS: dict[str, Teacher] = {
     "edgeface": Teacher(_edgeface_labeller,
                         "EdgeFace-XS (Idiap; code BSD-3, weights published for non-commercial research)"),
     "dlib": Teacher(_dlib_labeller, "dlib's ResNet face descriptor"),
+    # configs/mobilefacenet_relu.toml: the imported PReLU model, frozen, teaches its ReLU twin.
+    "insightface_mobilefacenet": Teacher(
+        None, "InsightFace's MobileFaceNet (weights published for non-commercial research only), "
+              "whose weights it also starts from"),
 }
+LABELLERS = [name for name, teacher in TEACHERS.items() if teacher.labeller is not None]
 TEACHER_JSON = "teacher.json"
 
 
@@ -150,8 +156,8 @@ def compute_teacher(cache_dir: str | Path, options: TeacherOptions = TeacherOpti
     manifest = data.CacheManifest.load(cache_dir)
     if not manifest.complete:
         raise ValueError(f"crop cache {cache_dir} is incomplete; finish `facenet-train preprocess` first")
-    if options.name not in TEACHERS:
-        raise ValueError(f"unknown teacher {options.name!r}; choose one of {sorted(TEACHERS)}")
+    if options.name not in LABELLERS:
+        raise ValueError(f"teacher {options.name!r} labels no cache; choose one of {LABELLERS}")
     held = cached_teacher(cache_dir)
     if held not in (None, options.name):
         raise ValueError(f"{cache_dir} holds {held}'s descriptors; label a copy of the cache with {options.name}")
@@ -182,7 +188,7 @@ def _save(path: Path, rows: list[np.ndarray]) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", required=True, type=Path, help="a `facenet-train preprocess` folder")
-    parser.add_argument("--teacher", choices=list(TEACHERS), default="edgeface",
+    parser.add_argument("--teacher", choices=LABELLERS, default="edgeface",
                         help="which teacher (default edgeface)")
     parser.add_argument("--onnx", type=Path, help="with --teacher edgeface: the `facenet-train teacher-export` file")
     parser.add_argument("--workers", type=int, default=2, help="processes for dlib, threads for edgeface (default 2)")

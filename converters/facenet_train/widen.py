@@ -80,7 +80,7 @@ class _Carry:
         return np.arange(filters)
 
     def conv(self, name: str, channels: np.ndarray) -> np.ndarray:
-        """``_conv_bn_relu``'s layers: the kernel, then each batch-normalisation vector."""
+        """``_conv_bn_act``'s layers: the kernel, then each batch-normalisation vector."""
         filters = self.kernel(name, channels)
         weights = self.target.get_layer(f"{name}_bn").get_weights()
         for fresh, old in zip(weights, self.source.get_layer(f"{name}_bn").get_weights(), strict=True):
