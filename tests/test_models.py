@@ -11,7 +11,7 @@ from facenet_train import cli
 from facenet_train.checkpoint import save_compact
 from facenet_train.factorize import factorize_kernel, factorized_model
 from facenet_train.flops import count_flops, format_report
-from facenet_train.models import MODELS, build_model, input_size_of, stage_outputs
+from facenet_train.models import MODELS, build_model, fold_read_out, input_size_of, stage_outputs
 from facenet_train.widen import check_wider, widened_model
 
 
@@ -234,6 +234,23 @@ def test_mobilefacenet_int8_has_no_prelu_and_pads_its_strided_convolutions_on_ev
     assert set(ops) <= {"QUANTIZE", "PAD", "CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "RESHAPE",
                         "FULLY_CONNECTED", "L2_NORMALIZATION", "DEQUANTIZE"}, ops  # fmt: skip
     assert (ops["DEPTHWISE_CONV_2D"], ops["ADD"], ops["PAD"]) == (17, 12, 4)
+
+
+def test_folding_the_read_out_for_conversion_computes_the_same():
+    model = build_model("mobilefacenet")
+    rng = np.random.default_rng(4)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = len(layer.get_weights()[0])
+            layer.set_weights([rng.uniform(0.2, 3.0, n), rng.normal(0, 1.0, n), rng.normal(0, 0.1, n),
+                               rng.uniform(0.5, 2.0, n)])
+    folded = fold_read_out(model)
+    assert "gdc_bn" not in [layer.name for layer in folded.layers] and folded.get_layer("gdc").use_bias
+    images = rng.normal(0, 1, (2, 112, 112, 3)).astype(np.float32)
+    np.testing.assert_allclose(folded(images, training=False).numpy(), model(images, training=False).numpy(),
+                               atol=1e-5)
+    nn4 = build_model("nn4_small2")
+    assert fold_read_out(nn4) is nn4
 
 
 def test_a_factorized_kernel_composes_back_to_the_original_at_full_rank():

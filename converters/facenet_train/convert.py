@@ -43,6 +43,7 @@ from .evaluation import evaluate_runtime_path
 from .faces import FaceSet, load_faces
 from .openset_lfw import impostor_distribution
 from .flops import count_flops
+from .models import fold_read_out
 from .preprocess import CropOptions, build_lfw_cache
 from .ranges import DEFAULT_RANGES, RANGES
 from .teacher import TEACHERS
@@ -229,7 +230,7 @@ def _run(args: argparse.Namespace) -> int:
         keras_model = load_keras_model(args.checkpoint)
     except (FileNotFoundError, ValueError) as exc:
         raise ConversionError(f"cannot load {args.checkpoint}: {exc}") from None
-    model = with_batch_one(keras_model)
+    model = with_batch_one(fold_read_out(keras_model))
     card = _base_card(args, keras_model)
     out = args.out or default_output(args.checkpoint, card.name, args.target)
     height, width = card.input_size

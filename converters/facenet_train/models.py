@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 DEFAULT_MODEL = "nn4_small2"
@@ -349,13 +350,15 @@ def build_model(
     name: str = DEFAULT_MODEL,
     embedding_size: int = 128,
     input_size: int = 0,
+    folded_read_out: bool = False,
 ) -> keras.Model:
     """Builds model ``name`` (a key of :data:`MODELS`) with unit-norm ``embedding_size`` outputs.
 
     ``input_size``: the side of a square input in pixels instead of the model's native size
     (0). Models that average-pool their whole final map (the NN4 family) keep their
     variables at any size, so their weights load at another one. Input scaling is not part
-    of the model; it is done by the caller's preprocessing.
+    of the model; it is done by the caller's preprocessing. ``folded_read_out``: the global
+    depthwise read-out with a bias instead of its batch normalisation (:func:`fold_read_out`).
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
@@ -379,9 +382,10 @@ def build_model(
         else:
             x = _inception(x, stage)
     if spec.global_depthwise:
-        x = keras.layers.DepthwiseConv2D(tuple(x.shape[1:3]), use_bias=False, name="gdc",
+        x = keras.layers.DepthwiseConv2D(tuple(x.shape[1:3]), use_bias=folded_read_out, name="gdc",
                                          depthwise_initializer=_depthwise_init(tuple(x.shape[1:3])))(x)
-        x = keras.layers.BatchNormalization(name="gdc_bn")(x)
+        if not folded_read_out:
+            x = keras.layers.BatchNormalization(name="gdc_bn")(x)
         x = StaticFlatten(name="flatten")(x)
     elif spec.fc_hidden:
         x = StaticFlatten(name="flatten")(x)
@@ -395,6 +399,40 @@ def build_model(
     x = keras.layers.Dense(embedding_size, name="embedding_dense", dtype="float32")(x)
     outputs = L2Normalize(name="embedding", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+def fold_read_out(model: keras.Model) -> keras.Model:
+    """For conversion: ``model`` computing the same with the batch normalisation after its
+    global depthwise read-out folded into that convolution (a per-channel scale of its
+    kernel, and a bias). Left to the TFLite converter, it is folded into the Dense layer
+    after it instead, so the int8 tensor between them holds the read-out before
+    normalisation, where the channels it would amplify keep a step or two of resolution
+    (measured on mobilefacenet: cosine 0.66 to the float embedding at that layer, docs/model.md).
+    A model without such a read-out is returned as it is."""
+    if not MODELS[model.name].global_depthwise:
+        return model
+    folded = build_model(model.name, int(model.output_shape[-1]), input_size_of(model), folded_read_out=True)
+    for layer in folded.layers:
+        if layer.weights and layer.name != "gdc":
+            layer.set_weights(model.get_layer(layer.name).get_weights())
+    norm = model.get_layer("gdc_bn")
+    gamma, beta, mean, variance = norm.get_weights()
+    scale = gamma / np.sqrt(variance + norm.epsilon)
+    kernel = model.get_layer("gdc").get_weights()[0]  # (h, w, channels, 1)
+    # Cross-layer equalisation (Nagel et al. 2019) of the map the read-out weighs: its
+    # channels' ranges differ up to 27-fold, so int8 left most of them a few steps. Each
+    # channel c of the last convolution, after its normalisation about N(beta_c, gamma_c^2),
+    # is divided by s_c (ReLU commutes with that) and the read-out's kernel for it multiplied
+    # by s_c: the same function, every channel with the same range, and no cost to the
+    # depthwise kernel, which int8 quantizes channel by channel.
+    last = MODELS[model.name].stages[-1].name
+    norm_last = model.get_layer(f"{last}_bn")
+    g, b, m, v = norm_last.get_weights()
+    spread = np.maximum(b + 3 * np.abs(g), 1e-3)
+    s = spread / np.median(spread)
+    folded.get_layer(f"{last}_bn").set_weights([g / s, b / s, m, v])
+    folded.get_layer("gdc").set_weights([kernel * (scale * s)[None, None, :, None], beta - mean * scale])
+    return folded
 
 
 def stage_outputs(name: str) -> list[tuple[str, str]]:
