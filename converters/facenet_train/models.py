@@ -408,8 +408,9 @@ def fold_read_out(model: keras.Model) -> keras.Model:
     after it instead, so the int8 tensor between them holds the read-out before
     normalisation, where the channels it would amplify keep a step or two of resolution
     (measured on mobilefacenet: cosine 0.66 to the float embedding at that layer, docs/model.md).
-    A model without such a read-out is returned as it is."""
-    if not MODELS[model.name].global_depthwise:
+    A model without such a read-out (or not of the registry) is returned as it is."""
+    spec = MODELS.get(model.name)
+    if spec is None or not spec.global_depthwise:
         return model
     folded = build_model(model.name, int(model.output_shape[-1]), input_size_of(model), folded_read_out=True)
     for layer in folded.layers:
