@@ -194,18 +194,23 @@ def test_keras_file_round_trip_keeps_outputs(tmp_path):
     np.testing.assert_array_equal(reloaded(images, training=False).numpy(), model(images, training=False).numpy())
 
 
-def test_int8_conversion_uses_only_edge_tpu_ops():
-    model = build_model("nn4_small2")
+def _int8_ops(model: keras.Model, seed: int) -> collections.Counter:
+    """The ops of ``model`` converted to full-integer int8 (calibrated on 4 random images), by kind."""
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    rng = np.random.default_rng(2)
-    converter.representative_dataset = lambda: ([rng.random((1, 96, 96, 3), dtype=np.float32)] for _ in range(4))
+    rng = np.random.default_rng(seed)
+    shape = (1, *model.input_shape[1:])
+    converter.representative_dataset = lambda: ([rng.random(shape, dtype=np.float32)] for _ in range(4))
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter.inference_input_type = tf.uint8
     from ai_edge_litert.interpreter import Interpreter  # the runtime's interpreter
 
     interpreter = Interpreter(model_content=converter.convert())
-    ops = collections.Counter(op["op_name"] for op in interpreter._get_ops_details())
+    return collections.Counter(op["op_name"] for op in interpreter._get_ops_details())
+
+
+def test_int8_conversion_uses_only_edge_tpu_ops():
+    ops = _int8_ops(build_model("nn4_small2"), seed=2)
     allowed = {"QUANTIZE", "CONV_2D", "MAX_POOL_2D", "AVERAGE_POOL_2D", "CONCATENATION", "RESHAPE",
                "FULLY_CONNECTED", "L2_NORMALIZATION", "DEQUANTIZE"}  # fmt: skip
     assert set(ops) <= allowed, ops
@@ -221,16 +226,7 @@ def test_mobilefacenet_int8_has_no_prelu_and_pads_its_strided_convolutions_on_ev
     assert pads == ["conv_1_pad", "dconv_23_conv_dw_pad", "dconv_34_conv_dw_pad", "dconv_45_conv_dw_pad"]
     assert [model.get_layer(name).padding for name in ("conv_1", "dconv_23_conv_dw")] == ["valid", "valid"]
     assert not any(isinstance(layer, keras.layers.PReLU) for layer in model.layers)
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    rng = np.random.default_rng(3)
-    converter.representative_dataset = lambda: ([rng.random((1, 112, 112, 3), dtype=np.float32)] for _ in range(4))
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.uint8
-    from ai_edge_litert.interpreter import Interpreter  # the runtime's interpreter
-
-    interpreter = Interpreter(model_content=converter.convert())
-    ops = collections.Counter(op["op_name"] for op in interpreter._get_ops_details())
+    ops = _int8_ops(model, seed=3)
     assert set(ops) <= {"QUANTIZE", "PAD", "CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "RESHAPE",
                         "FULLY_CONNECTED", "L2_NORMALIZATION", "DEQUANTIZE"}, ops  # fmt: skip
     assert (ops["DEPTHWISE_CONV_2D"], ops["ADD"], ops["PAD"]) == (17, 12, 4)

@@ -24,7 +24,7 @@ the ReLU one is distilled from.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import keras
 import numpy as np
@@ -218,6 +218,17 @@ _MOBILEFACENET: tuple[Stage, ...] = (
     Conv("conv_6sep", 512, 1),
 )
 
+_MOBILEFACENET_SPEC = ModelSpec(
+    "mobilefacenet",
+    (112, 112, 3),
+    _MOBILEFACENET,
+    0,
+    PaperReference(990_000, 221_000_000, "Chen et al. 2018, MobileFaceNets, Table 2 (0.99M, 221M MAdds)"),
+    "MobileFaceNet (InsightFace's layout and names) with ReLU for PReLU",
+    global_depthwise=True,
+    symmetric_padding=True,
+)
+
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
@@ -321,27 +332,9 @@ MODELS: dict[str, ModelSpec] = {
             PaperReference(7_500_000, 1_600_000_000, "FaceNet paper, Table 2"),
             "FaceNet NN2: the paper's Table 2",
         ),
-        ModelSpec(
-            "mobilefacenet",
-            (112, 112, 3),
-            _MOBILEFACENET,
-            0,
-            PaperReference(990_000, 221_000_000, "Chen et al. 2018, MobileFaceNets, Table 2 (0.99M, 221M MAdds)"),
-            "MobileFaceNet (InsightFace's layout and names) with ReLU for PReLU",
-            global_depthwise=True,
-            symmetric_padding=True,
-        ),
-        ModelSpec(
-            "mobilefacenet_prelu",
-            (112, 112, 3),
-            _MOBILEFACENET,
-            0,
-            PaperReference(990_000, 221_000_000, "Chen et al. 2018, MobileFaceNets, Table 2 (0.99M, 221M MAdds)"),
-            "MobileFaceNet as InsightFace trained it, PReLU included (slow in int8: a distillation teacher)",
-            global_depthwise=True,
-            symmetric_padding=True,
-            prelu=True,
-        ),
+        _MOBILEFACENET_SPEC,
+        replace(_MOBILEFACENET_SPEC, name="mobilefacenet_prelu", prelu=True,
+                summary="MobileFaceNet as InsightFace trained it, PReLU included (slow in int8: a teacher)"),
     )
 }
 
@@ -426,7 +419,7 @@ def fold_read_out(model: keras.Model) -> keras.Model:
     # is divided by s_c (ReLU commutes with that) and the read-out's kernel for it multiplied
     # by s_c: the same function, every channel with the same range, and no cost to the
     # depthwise kernel, which int8 quantizes channel by channel.
-    last = MODELS[model.name].stages[-1].name
+    last = spec.stages[-1].name
     norm_last = model.get_layer(f"{last}_bn")
     g, b, m, v = norm_last.get_weights()
     spread = np.maximum(b + 3 * np.abs(g), 1e-3)
@@ -468,7 +461,7 @@ def _activation(spec: ModelSpec) -> str:
 
 
 def _conv_bn_act(x, name: str, filters: int, kernel: int | tuple[int, int] = 1,
-                  stride: int | tuple[int, int] = 1, symmetric: bool = False, activation: str = "relu"):
+                 stride: int | tuple[int, int] = 1, symmetric: bool = False, activation: str = "relu"):
     """``filters == 0``: a depthwise convolution; ``activation``: "relu", "prelu" or "" (linear)."""
     padding = "same"
     if symmetric and stride != 1 and kernel != 1:
